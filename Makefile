@@ -1,0 +1,32 @@
+# Single entry point.  `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+OUT    ?= outputs
+# The full data sets, when they sit beside the project; otherwise the demo uses
+# $KMEANS_DASK_DATA, Debian's package, the bundled test splits or a download.
+SHARED ?= ../shared/datasets
+SOURCE ?= $(if $(wildcard $(SHARED)/mnist),$(SHARED),)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py --out $(OUT) $(if $(SOURCE),--source $(SOURCE),)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_kmeans.py --source $(SHARED)
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,7 @@
+"""kmeans-dask: distributed K-Means on Dask arrays for MNIST and Fashion-MNIST."""
+
+from .errors import KMeansDaskError
+
+__version__ = "0.1.0"
+
+__all__ = ["KMeansDaskError", "__version__"]

@@ -1,0 +1,239 @@
+"""Where a job runs: ``cluster.yaml`` as typed configuration, and a Client for it.
+
+The file has two sections; ``mode`` picks one::
+
+    mode: local            # or: remote
+    local:
+      n_workers: 2
+      threads_per_worker: 1
+      memory_limit: auto   # per worker: "auto", bytes, or "4GiB"
+      dashboard_address: 127.0.0.1:8787
+    remote:
+      address: tcp://127.0.0.1:8786   # or tls://...
+      timeout: 10                     # seconds to wait for the scheduler
+      tls:                            # required for tls:// addresses
+        ca_file: ca.pem
+        cert_file: client-cert.pem
+        key_file: client-key.pem
+
+A ``--scheduler ADDRESS`` given to a job overrides the file and selects remote
+mode.  Every key is checked on load; an unknown key or a value of the wrong
+type is a :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from .errors import ClusterError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """An embedded :class:`distributed.LocalCluster` of worker processes on loopback."""
+
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str | int = "auto"
+    dashboard_address: str = "127.0.0.1:8787"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate paths for a ``tls://`` scheduler."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """An existing ``distributed`` scheduler to connect to."""
+
+    address: str
+    timeout: float = 10.0
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    mode: str = "local"
+    local: LocalConfig = field(default_factory=LocalConfig)
+    remote: RemoteConfig | None = None
+
+
+def _typed(section: str, cls, raw, types: dict):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown key (expected one of {sorted(known)})")
+        want = types.get(key)
+        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise ConfigError(f"{section}.{key}: expected {names}, got {value!r}")
+    return raw
+
+
+def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
+    """Build a :class:`ClusterConfig` from parsed YAML, checking every key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    for key in raw:
+        if key not in ("mode", "local", "remote"):
+            raise ConfigError(f"{origin}: unknown key {key!r} (expected mode, local, remote)")
+    mode = raw.get("mode", "local")
+    if mode not in ("local", "remote"):
+        raise ConfigError(f"{origin}: mode: expected 'local' or 'remote', got {mode!r}")
+    loc = _typed(f"{origin}: local", LocalConfig, raw.get("local"), {
+        "n_workers": int, "threads_per_worker": int, "memory_limit": (str, int),
+        "dashboard_address": str,
+    })
+    local = LocalConfig(**loc)
+    if local.n_workers < 1 or local.threads_per_worker < 1:
+        raise ConfigError(f"{origin}: local.n_workers and local.threads_per_worker must be >= 1")
+    remote = None
+    if raw.get("remote") is not None:
+        rem = dict(_typed(f"{origin}: remote", RemoteConfig, raw["remote"], {
+            "address": str, "timeout": (int, float), "tls": dict,
+        }))
+        if "address" not in rem:
+            raise ConfigError(f"{origin}: remote.address is required")
+        if rem.get("tls") is not None:
+            tls = _typed(f"{origin}: remote.tls", TLSConfig, rem["tls"], {
+                "ca_file": str, "cert_file": str, "key_file": str,
+            })
+            missing = [f.name for f in fields(TLSConfig) if f.name not in tls]
+            if missing:
+                raise ConfigError(f"{origin}: remote.tls lacks {missing}")
+            rem["tls"] = TLSConfig(**tls)
+        remote = RemoteConfig(**rem)
+        _check_address(remote, origin)
+    if mode == "remote" and remote is None:
+        raise ConfigError(f"{origin}: mode is 'remote' but there is no remote section")
+    return ClusterConfig(mode=mode, local=local, remote=remote)
+
+
+def _check_address(remote: RemoteConfig, origin: str) -> None:
+    if not remote.address.startswith(("tcp://", "tls://")):
+        raise ConfigError(
+            f"{origin}: remote.address: expected tcp://HOST:PORT or tls://HOST:PORT, "
+            f"got {remote.address!r}"
+        )
+    if remote.address.startswith("tls://") and remote.tls is None:
+        raise ConfigError(f"{origin}: remote.address is tls:// but remote.tls is not set")
+
+
+def load_config(path=None, scheduler: str | None = None) -> ClusterConfig:
+    """Read ``cluster.yaml`` (if ``path`` is given) and apply a ``--scheduler`` override.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable or malformed file, unknown key, wrong type or bad address.
+    """
+    config = ClusterConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: cluster configuration not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: malformed YAML: {exc}") from exc
+        config = parse_config(raw, str(path))
+    if scheduler:
+        tls = config.remote.tls if config.remote else None
+        timeout = config.remote.timeout if config.remote else 10.0
+        remote = RemoteConfig(address=scheduler, timeout=timeout, tls=tls)
+        _check_address(remote, "--scheduler")
+        config = replace(config, mode="remote", remote=remote)
+    return config
+
+
+def security_for(tls: TLSConfig | None):
+    """A :class:`distributed.security.Security` for ``tls`` (None for plain TCP)."""
+    if tls is None:
+        return None
+    from distributed.security import Security
+
+    for name in ("ca_file", "cert_file", "key_file"):
+        if not Path(getattr(tls, name)).is_file():
+            raise ConfigError(f"remote.tls.{name}: {getattr(tls, name)} does not exist")
+    return Security(
+        tls_ca_file=tls.ca_file,
+        tls_client_cert=tls.cert_file,
+        tls_client_key=tls.key_file,
+        require_encryption=True,
+    )
+
+
+@contextlib.contextmanager
+def connect(config: ClusterConfig):
+    """Yield a :class:`distributed.Client` for ``config``, closed on exit.
+
+    In local mode a LocalCluster of worker processes is started on 127.0.0.1
+    (scheduler, workers and dashboard on loopback) and shut down afterwards.
+    In remote mode the client only connects; it never starts a cluster.
+
+    Raises
+    ------
+    ClusterError
+        The scheduler could not be reached within ``remote.timeout`` seconds.
+    """
+    from distributed import Client, LocalCluster
+
+    if config.mode == "remote":
+        remote = config.remote
+        try:
+            client = Client(remote.address, timeout=remote.timeout,
+                            security=security_for(remote.tls))
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"could not reach the scheduler at {remote.address} within "
+                f"{remote.timeout:g} s: {exc}"
+            ) from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    local = config.local
+    with LocalCluster(
+        n_workers=local.n_workers,
+        threads_per_worker=local.threads_per_worker,
+        memory_limit=local.memory_limit,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=local.dashboard_address,
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def describe(client) -> str:
+    """One line saying where the client is connected and where the dashboard is."""
+    info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
+    workers = info.get("workers", {})
+    threads = sum(w.get("nthreads", 0) for w in workers.values())
+    link = client.dashboard_link or "(no dashboard)"
+    return (f"scheduler {client.scheduler.address}: {len(workers)} workers, {threads} threads; "
+            f"dashboard {link}")
+
+
+def _takes_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
