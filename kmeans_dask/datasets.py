@@ -168,6 +168,7 @@ class IDXHeader:
     kind: str
     shape: tuple[int, ...]
     offset: int
+    sha256: str = ""  # of the whole decompressed file, when it was read through
 
     @property
     def payload_size(self) -> int:
@@ -314,15 +315,21 @@ def decompress_idx(path, kind: str, dst=None, expected: IDXFile | None = None) -
         if out is not None:
             out.close()
     header = parse_header(head, total, str(path), kind)
+    header = IDXHeader(header.kind, header.shape, header.offset, digest.hexdigest())
     if expected is not None:
-        sha = digest.hexdigest()
-        if total != expected.raw_size or sha != expected.raw_sha256:
-            raise ChecksumError(
-                f"{path}: decompressed payload does not match the published {expected.name}: "
-                f"SHA-256 {sha} ({total} bytes), expected {expected.raw_sha256} "
-                f"({expected.raw_size} bytes)"
-            )
+        verify_checksum(path, header, expected)
     return header
+
+
+def verify_checksum(path, header: IDXHeader, expected: IDXFile) -> None:
+    """Raise :class:`ChecksumError` unless ``header``'s payload is ``expected``'s."""
+    size = header.offset + header.payload_size
+    if size != expected.raw_size or header.sha256 != expected.raw_sha256:
+        raise ChecksumError(
+            f"{path}: decompressed payload does not match the published {expected.name}: "
+            f"SHA-256 {header.sha256} ({size} bytes), expected {expected.raw_sha256} "
+            f"({expected.raw_size} bytes)"
+        )
 
 
 def read_idx(path, kind: str, expected: IDXFile | None = None) -> np.ndarray:

@@ -288,14 +288,16 @@ def ingest(
             files = spec.files[split]
             raw = {k: Path(raw_dir) / f"{split}-{k}.idx" for k in files}
             log.info("checking %s %s from %s", dataset, split, src.describe())
-            hdr_img = datasets.decompress_idx(src.images, "images", raw["images"], files["images"])
-            hdr_lab = datasets.decompress_idx(src.labels, "labels", raw["labels"], files["labels"])
+            hdr_img = datasets.decompress_idx(src.images, "images", raw["images"])
+            hdr_lab = datasets.decompress_idx(src.labels, "labels", raw["labels"])
             n = hdr_img.shape[0]
             if hdr_lab.shape[0] != n:
                 raise IDXFormatError(
                     f"{src.images} holds {n} images but {src.labels} holds "
                     f"{hdr_lab.shape[0]} labels"
                 )
+            datasets.verify_checksum(src.images, hdr_img, files["images"])
+            datasets.verify_checksum(src.labels, hdr_lab, files["labels"])
             group = root.create_group(split)
             group.attrs.update(
                 split=split,
