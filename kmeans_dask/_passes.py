@@ -1,0 +1,193 @@
+"""Passes over the distributed rows: one task per chunk, a fixed-order tree on top.
+
+A :class:`ChunkedRows` wraps the rows (and optional weights) as Dask arrays
+chunked by rows.  Each method builds a small graph calling one kernel of
+:mod:`kmeans_dask._kernels` per chunk, combines the partial results with a
+tree of fan-in ``split_every`` whose shape depends only on the number of
+chunks (so results are bit-for-bit reproducible whatever the number of
+workers), and computes it with the active Dask scheduler: a
+``distributed.Client`` if one is set, else Dask's threads.
+
+The per-chunk Delayed handles are built once per fit; per pass only the few
+small task objects and the broadcast centres are new.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import dask
+import dask.array as da
+import numpy as np
+from dask import delayed
+
+from . import _kernels
+
+DEFAULT_SPLIT_EVERY = 8
+
+
+def tree_reduce(parts: list, combine, split_every: int, name: str):
+    """Combine ``parts`` in consecutive groups of ``split_every`` until one is left.
+
+    The grouping is by position only, so the order of additions is fixed by
+    the chunk index.
+    """
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            delayed(combine, pure=True)(*parts[i:i + split_every],
+                                        dask_key_name=(f"{name}-combine-{level}", i // split_every))
+            for i in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts[0]
+
+
+class ChunkedRows:
+    """Rows (n, d) and optional weights (n,) as Dask arrays with the same row chunks.
+
+    Parameters
+    ----------
+    X : dask.array.Array
+        Chunked by rows only.
+    weights : dask.array.Array or None
+    scale : float
+        Multiplier applied to rows inside the kernels.
+    block_rows : int
+        Rows per block inside a kernel.
+    split_every : int
+        Fan-in of the reduction tree.
+    """
+
+    def __init__(self, X: da.Array, weights, *, scale: float, block_rows: int,
+                 split_every: int = DEFAULT_SPLIT_EVERY):
+        self.X = X
+        self.weights = weights
+        self.scale = float(scale)
+        self.block_rows = int(block_rows)
+        self.split_every = int(split_every)
+        self.n, self.d = X.shape
+        self.row_chunks = X.chunks[0]
+        self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)]).astype(np.int64)
+        self._blocks = list(X.to_delayed().ravel())
+        self._wblocks = (list(weights.to_delayed().ravel()) if weights is not None
+                         else [None] * len(self._blocks))
+        self.chunk_sqnorm = None  # per-chunk sum w|x|^2, set by stats()
+
+    @property
+    def nchunks(self) -> int:
+        return len(self._blocks)
+
+    def _kw(self) -> dict:
+        return {"scale": self.scale, "block_rows": self.block_rows}
+
+    @staticmethod
+    def _broadcast(array: np.ndarray, name: str):
+        # One key for the centres: shipped once per worker, not once per task.
+        return delayed(np.asarray(array), name=f"{name}-centres", traverse=False)
+
+    # ------------------------------------------------------------------ passes
+
+    def stats(self) -> dict:
+        """One pass of :func:`_kernels.chunk_stats`; keeps each chunk's ``sqnorm``.
+
+        Returns the totals plus ``bad_chunk``/``negative_chunk``: the index of
+        the first chunk holding a non-finite value or a negative weight.
+        """
+        name = f"kmeans-stats-{uuid.uuid4().hex}"
+        tasks = [
+            delayed(_kernels.chunk_stats, pure=True)(b, w, dask_key_name=(name, i), **self._kw())
+            for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
+        ]
+        parts = dask.compute(*tasks)
+        self.chunk_sqnorm = [p["sqnorm"] for p in parts]
+        total = _kernels.add(*parts)
+        total["bad_chunk"] = next((i for i, p in enumerate(parts) if p["bad"]), None)
+        total["negative_chunk"] = next((i for i, p in enumerate(parts) if p["negative"]), None)
+        return total
+
+    def lloyd(self, centers: np.ndarray) -> dict:
+        """Assign every row to ``centers``; return summed ``sums``, ``counts``, ``inertia``."""
+        name = f"kmeans-lloyd-{uuid.uuid4().hex}"
+        c = self._broadcast(centers, name)
+        sq = self.chunk_sqnorm or [0.0] * self.nchunks
+        parts = [
+            delayed(_kernels.lloyd_chunk, pure=True)(b, c, w, sqnorm=sq[i],
+                                                      dask_key_name=(name, i), **self._kw())
+            for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
+        ]
+        return dask.compute(tree_reduce(parts, _kernels.add, self.split_every, name))[0]
+
+    def batch(self, centers: np.ndarray, rows: np.ndarray) -> dict:
+        """Like :meth:`lloyd`, on the global row indices ``rows`` only (a mini-batch).
+
+        Each chunk gathers its own sampled rows; only chunks holding some take part.
+        """
+        name = f"kmeans-batch-{uuid.uuid4().hex}"
+        c = self._broadcast(centers, name)
+        chunk_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        parts = []
+        for i in np.unique(chunk_of):
+            local = rows[chunk_of == i] - self.offsets[i]
+            parts.append(delayed(_kernels.batch_chunk, pure=True)(
+                self._blocks[i], local, c, self._wblocks[i], dask_key_name=(name, int(i)),
+                **self._kw()))
+        return dask.compute(tree_reduce(parts, _kernels.add, self.split_every, name))[0]
+
+    def farthest(self, centers: np.ndarray, n: int) -> dict:
+        """The ``n`` rows farthest from their nearest centre, over all chunks."""
+        name = f"kmeans-farthest-{uuid.uuid4().hex}"
+        c = self._broadcast(centers, name)
+        parts = [
+            delayed(_kernels.farthest_chunk, pure=True)(
+                b, c, n, w, offset=int(self.offsets[i]), dask_key_name=(name, i), **self._kw())
+            for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
+        ]
+
+        def merge(*p):
+            return _kernels.merge_farthest(*p, n=n)
+
+        return dask.compute(tree_reduce(parts, merge, self.split_every, name))[0]
+
+    def min_sqdist(self, centers: np.ndarray) -> da.Array:
+        """Lazy (n,) float64 squared distance of every row to its nearest centre."""
+        c = self._broadcast(centers, f"kmeans-mind-{uuid.uuid4().hex}")
+        return self.X.map_blocks(_kernels.min_sqdist_chunk, c, drop_axis=1, dtype=np.float64,
+                                 **self._kw())
+
+    def sample(self, min_dist: da.Array, factor: float, total: float, seed) -> np.ndarray:
+        """k-means|| oversampling over every chunk; returns the sampled rows (scaled)."""
+        name = f"kmeans-sample-{uuid.uuid4().hex}"
+        dblocks = list(min_dist.to_delayed().ravel())
+        parts = [
+            delayed(_kernels.sample_chunk, pure=True)(
+                b, dm, w, factor=factor, total=total, seed=(*seed, i), scale=self.scale,
+                dask_key_name=(name, i))
+            for i, (b, dm, w) in enumerate(zip(self._blocks, dblocks, self._wblocks))
+        ]
+        rows = dask.compute(*parts)
+        return np.concatenate(rows) if rows else np.empty((0, self.d))
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at global ``indices`` (scaled, float64), in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        got = self.X[indices[order]].compute()
+        out = np.empty((len(indices), self.d), dtype=np.float64)
+        out[order] = np.asarray(got, dtype=np.float64) * self.scale
+        return out
+
+    def predict(self, centers: np.ndarray) -> da.Array:
+        """Lazy int32 labels aligned with the row chunks."""
+        c = self._broadcast(centers, f"kmeans-predict-{uuid.uuid4().hex}")
+        return self.X.map_blocks(_kernels.predict_chunk, c, drop_axis=1, dtype=np.int32,
+                                 **self._kw())
+
+    def transform(self, centers: np.ndarray) -> da.Array:
+        """Lazy (n, k) distances to every centre."""
+        c = self._broadcast(centers, f"kmeans-transform-{uuid.uuid4().hex}")
+        k = centers.shape[0]
+        return self.X.map_blocks(_kernels.transform_chunk, c, chunks=(self.row_chunks, (k,)),
+                                 dtype=_kernels.compute_dtype(self.X.dtype), **self._kw())

@@ -1,0 +1,112 @@
+"""Initial centres: random rows, k-means++ on a sample, and k-means|| over all chunks.
+
+Each function takes a :class:`~kmeans_dask._passes.ChunkedRows`, the number of
+centres and a :class:`numpy.random.RandomState`, and returns a float64
+(k, d) array in scaled units.  Only sampled rows and k x d centres reach the
+client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import dask.array as da
+import numpy as np
+from sklearn.cluster import kmeans_plusplus
+
+from ._passes import ChunkedRows
+
+log = logging.getLogger(__name__)
+
+KMEANSPP_MIN_SAMPLE = 10_000
+
+
+def _weights_on_client(rows: ChunkedRows):
+    # n floats, not n x d: acceptable to gather for weighted sampling.
+    return None if rows.weights is None else np.asarray(rows.weights.compute(), dtype=np.float64)
+
+
+def _choice(n: int, size: int, rng, weights=None) -> np.ndarray:
+    if weights is None:
+        return rng.choice(n, size=size, replace=False)
+    positive = np.count_nonzero(weights > 0)
+    if positive < size:
+        raise ValueError(f"only {positive} rows have a positive sample_weight; {size} needed")
+    return rng.choice(n, size=size, replace=False, p=weights / weights.sum())
+
+
+def init_random(rows: ChunkedRows, k: int, rng) -> np.ndarray:
+    """``k`` distinct rows drawn uniformly (or in proportion to their weights)."""
+    idx = _choice(rows.n, k, rng, _weights_on_client(rows))
+    return rows.take(idx)
+
+
+def init_kmeanspp(rows: ChunkedRows, k: int, rng, sample_size: int | None = None) -> np.ndarray:
+    """Greedy k-means++ (scikit-learn's) on a uniform sample of the rows.
+
+    The sample has ``max(10000, 20 k)`` rows by default (all rows if fewer);
+    sample weights go with their rows.
+    """
+    m = sample_size or max(KMEANSPP_MIN_SAMPLE, 20 * k)
+    m = min(max(m, k), rows.n)
+    idx = np.sort(rng.choice(rows.n, size=m, replace=False)) if m < rows.n else np.arange(rows.n)
+    sample = rows.take(idx)
+    w = None if rows.weights is None else np.asarray(rows.weights[idx].compute(), np.float64)
+    centers, _ = kmeans_plusplus(sample, k, sample_weight=w,
+                                 random_state=rng.randint(np.iinfo(np.int32).max))
+    return centers
+
+
+def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor: float = 2.0,
+                         rounds: int = 5) -> np.ndarray:
+    """k-means|| (Bahmani et al., 2012).
+
+    One centre is drawn at random; then for ``rounds`` passes every row is
+    kept independently with probability ``min(1, l w d^2 / phi)``, where
+    ``l = oversampling_factor * k`` and ``phi`` is the current weighted cost.
+    The candidates are weighted by the weight of the rows nearest to each,
+    and reduced to ``k`` centres by weighted k-means++ followed by a weighted
+    Lloyd refinement on the candidates alone (both scikit-learn's).
+    """
+    from sklearn.cluster import KMeans as _LocalKMeans
+
+    weights = rows.weights
+    first = _choice(rows.n, 1, rng, _weights_on_client(rows))
+    candidates = rows.take(first)
+    min_dist = rows.min_sqdist(candidates).persist()
+    seed = int(rng.randint(np.iinfo(np.int32).max))
+    factor = oversampling_factor * k
+    for r in range(rounds):
+        cost = min_dist if weights is None else min_dist * weights
+        phi = float(cost.sum().compute())
+        if phi <= 0:
+            break
+        new = rows.sample(min_dist, factor, phi, (seed, r))
+        log.debug("k-means|| round %d: cost %.6g, %d new candidates", r, phi, len(new))
+        if len(new) == 0:
+            continue
+        candidates = np.vstack([candidates, new])
+        min_dist = da.minimum(min_dist, rows.min_sqdist(new)).persist()
+    labels = rows.predict(candidates)
+    cand_w = da.bincount(labels, weights=weights, minlength=len(candidates)).compute()
+    cand_w = np.asarray(cand_w, dtype=np.float64)
+    n_pos = int(np.count_nonzero(cand_w > 0))
+    if n_pos < k:
+        # Too few distinct candidates (tiny or degenerate data): top up with random rows.
+        extra = rows.take(rng.choice(rows.n, size=k - n_pos, replace=False))
+        keep = cand_w > 0
+        candidates = np.vstack([candidates[keep], extra])
+        cand_w = np.concatenate([cand_w[keep], np.ones(len(extra))])
+    log.info("k-means||: %d candidates after %d rounds", len(candidates), rounds)
+    local_seed = int(rng.randint(np.iinfo(np.int32).max))
+    centers, _ = kmeans_plusplus(candidates, k, sample_weight=cand_w, random_state=local_seed)
+    refined = _LocalKMeans(n_clusters=k, init=centers, n_init=1, random_state=local_seed)
+    refined.fit(candidates, sample_weight=cand_w)
+    return refined.cluster_centers_.astype(np.float64)
+
+
+INITS = {
+    "random": init_random,
+    "k-means++": init_kmeanspp,
+    "k-means||": init_kmeans_parallel,
+}

@@ -1,0 +1,495 @@
+"""The K-Means estimator: validation, the Lloyd and mini-batch loops.
+
+Follows scikit-learn's conventions: parameters stored unchanged in
+``__init__`` and checked in ``fit``; learned state in trailing-underscore
+attributes.  The work on the data is done by :mod:`kmeans_dask._passes`
+(graphs) and :mod:`kmeans_dask._kernels` (NumPy per chunk); this module only
+decides what to compute next from k x d numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.utils import check_random_state
+
+from . import _kernels
+from ._passes import DEFAULT_SPLIT_EVERY, ChunkedRows
+from .init import INITS
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("lloyd", "minibatch")
+DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))
+
+
+class KMeans(ClusterMixin, BaseEstimator):
+    """K-Means clustering of a Dask array of rows, computed where the chunks live.
+
+    Parameters
+    ----------
+    n_clusters : int, default=8
+        Number of centres.
+    init : {"k-means||", "k-means++", "random"} or array-like of shape (n_clusters, n_features), default="k-means||"
+        How to choose the initial centres: k-means|| over all chunks
+        (Bahmani et al. 2012), greedy k-means++ on a sample, distinct random
+        rows, or explicit centres in scaled units (see ``scale``).
+    n_init : int, default=1
+        Number of initialisations; the run with the lowest inertia is kept.
+    max_iter : int, default=300
+        Lloyd: maximum iterations.  Mini-batch: maximum passes over the data
+        (``max_iter * n_samples // batch_size`` steps), as scikit-learn's
+        MiniBatchKMeans.
+    tol : float, default=1e-4
+        Convergence tolerance on the sum of squared centre shifts, relative to
+        the mean per-feature variance of the data (scikit-learn's definition).
+        ``tol=0`` iterates until the centres stop moving.
+    algorithm : {"lloyd", "minibatch"}, default="lloyd"
+    batch_size : int, default=1024
+        Rows per mini-batch (mini-batch only).
+    max_no_improvement : int, default=10
+        Mini-batch early stopping: steps without improvement of the smoothed
+        batch inertia before stopping; None disables it.
+    reassignment_ratio : float, default=0.01
+        Mini-batch: centres whose accumulated weight falls below this
+        fraction of the largest are moved to random rows of the batch.
+    random_state : int, RandomState instance or None, default=None
+    scale : "auto" or float, default="auto"
+        Multiplier applied to rows inside the kernels: 1/255 for uint8 images
+        (so pixels are in [0, 1]), 1 for float input.
+    oversampling_factor : float, default=2.0
+        k-means||: expected candidates per round, as a multiple of n_clusters.
+    init_rounds : int, default=5
+        k-means||: oversampling rounds.
+    persist : {"auto", True, False}, default="auto"
+        Keep the rows in worker memory between passes ("auto": when they take
+        at most half the cluster's memory); otherwise every pass reads them
+        again from their source (for example a Zarr store).
+    block_rows : int, default=1024
+        Rows converted to float and multiplied at a time inside a task.
+    split_every : int, default=8
+        Fan-in of the tree that adds the per-chunk partial sums.
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features)
+        float32 for uint8 or float32 input, float64 for float64 input.
+    labels_ : dask.array.Array of shape (n_samples,)
+        int32 label of every row, lazy and chunked like ``X``.
+    inertia_ : float
+        Sum of (weighted) squared distances of the rows to their nearest
+        final centre.
+    n_iter_ : int
+        Lloyd iterations run (mini-batch: passes over the data, rounded up).
+    n_steps_ : int
+        Mini-batch steps run (equal to ``n_iter_`` for Lloyd).
+    history_ : list of dict
+        Per iteration (or mini-batch step): ``inertia`` (with the centres the
+        step started from; for mini-batch, of the batch), ``center_shift``,
+        ``seconds`` and ``relocated`` (empty clusters moved).
+    scale_ : float
+        The scale applied to rows.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[1, 1], [1.5, 2], [8, 8], [8, 9]], dtype=np.float64)
+    >>> km = KMeans(n_clusters=2, init="k-means++", random_state=0).fit(X)
+    >>> sorted(km.cluster_centers_[:, 0].tolist())
+    [1.25, 8.0]
+    >>> km.labels_.compute().tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
+    True
+    """
+
+    def __init__(self, n_clusters=8, *, init="k-means||", n_init=1, max_iter=300, tol=1e-4,
+                 algorithm="lloyd", batch_size=1024, max_no_improvement=10,
+                 reassignment_ratio=0.01, random_state=None, scale="auto",
+                 oversampling_factor=2.0, init_rounds=5, persist="auto", block_rows=1024,
+                 split_every=DEFAULT_SPLIT_EVERY):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.algorithm = algorithm
+        self.batch_size = batch_size
+        self.max_no_improvement = max_no_improvement
+        self.reassignment_ratio = reassignment_ratio
+        self.random_state = random_state
+        self.scale = scale
+        self.oversampling_factor = oversampling_factor
+        self.init_rounds = init_rounds
+        self.persist = persist
+        self.block_rows = block_rows
+        self.split_every = split_every
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate_params(self):
+        def integer(name, low, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def real(name, low, strict=False):
+            value = getattr(self, name)
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value)
+                    or value < low or (strict and value == low)):
+                op = ">" if strict else ">="
+                raise ValueError(f"{name} must be a number {op} {low}, got {value!r}")
+
+        integer("n_clusters", 1)
+        integer("n_init", 1)
+        integer("max_iter", 1)
+        integer("batch_size", 1)
+        integer("max_no_improvement", 0, allow_none=True)
+        integer("init_rounds", 0)
+        integer("block_rows", 1)
+        integer("split_every", 2)
+        real("tol", 0.0)
+        real("reassignment_ratio", 0.0)
+        real("oversampling_factor", 0.0, strict=True)
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if isinstance(self.init, str):
+            if self.init not in INITS:
+                raise ValueError(f"init must be one of {sorted(INITS)} or an array of shape "
+                                 f"(n_clusters, n_features), got {self.init!r}")
+        if self.scale != "auto":
+            real("scale", 0.0, strict=True)
+        if self.persist not in ("auto", True, False):
+            raise ValueError(f"persist must be 'auto', True or False, got {self.persist!r}")
+
+    def _check_X(self, X, *, fitting: bool) -> da.Array:
+        if isinstance(X, da.Array):
+            pass
+        elif hasattr(X, "__array__"):
+            X = np.asarray(X)
+            if X.ndim == 2 and X.size:
+                X = da.from_array(X, chunks=(_default_rows(X), -1))
+        else:
+            raise TypeError(f"X must be a dask or numpy array, got {type(X).__name__}")
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise ValueError(f"X is empty: shape {X.shape}")
+        if np.dtype(X.dtype) not in DTYPES:
+            raise ValueError(f"X has dtype {X.dtype}; expected uint8, float32 or float64")
+        if len(X.chunks[1]) != 1:
+            raise ValueError(
+                f"X is chunked along columns (column chunks {X.chunks[1]}); chunk it by rows "
+                f"only, e.g. X.rechunk({{1: -1}})")
+        if any(math.isnan(c) for c in X.chunks[0]):
+            raise ValueError("X has unknown chunk sizes; call X.compute_chunk_sizes() first")
+        if not fitting and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but this KMeans was fitted with "
+                             f"{self.n_features_in_}")
+        return X
+
+    def _check_weights(self, sample_weight, X: da.Array):
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, da.Array):
+            w = sample_weight
+        else:
+            w = np.asarray(sample_weight)
+            if w.ndim == 0:
+                w = np.full(X.shape[0], float(w))
+        if w.shape != (X.shape[0],):
+            raise ValueError(f"sample_weight must have shape ({X.shape[0]},), got {w.shape}")
+        if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+            raise ValueError(f"sample_weight must be numeric, got dtype {w.dtype}")
+        w = w.astype(np.float64)
+        if isinstance(w, da.Array):
+            return w.rechunk((X.chunks[0],))
+        return da.from_array(w, chunks=(X.chunks[0],))
+
+    def _effective_scale(self, dtype) -> float:
+        if self.scale == "auto":
+            return 1.0 / 255.0 if np.dtype(dtype) == np.uint8 else 1.0
+        return float(self.scale)
+
+    def _rows(self, X, w, scale) -> ChunkedRows:
+        return ChunkedRows(X, w, scale=scale, block_rows=self.block_rows,
+                           split_every=self.split_every)
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+        """Compute K-Means clustering.
+
+        Parameters
+        ----------
+        X : dask.array.Array or array-like of shape (n_samples, n_features)
+            Rows chunked by rows only; uint8, float32 or float64.
+        y : Ignored
+        sample_weight : array-like or dask array of shape (n_samples,), default=None
+            Non-negative weight of every row.
+        callback : callable, optional
+            Called with each entry of ``history_`` as it is recorded (for
+            progress bars and checkpoints).
+
+        Returns
+        -------
+        self : KMeans
+        """
+        self._validate_params()
+        X = self._check_X(X, fitting=True)
+        w = self._check_weights(sample_weight, X)
+        n, d = X.shape
+        if self.n_clusters > n:
+            raise ValueError(f"n_clusters={self.n_clusters} must be <= n_samples={n}")
+        init = self.init
+        if not isinstance(init, str):
+            init = np.asarray(init, dtype=np.float64)
+            if init.shape != (self.n_clusters, d):
+                raise ValueError(f"init array has shape {init.shape}, expected "
+                                 f"(n_clusters, n_features) = ({self.n_clusters}, {d})")
+            if not np.isfinite(init).all():
+                raise ValueError("init array contains NaN or infinity")
+        scale = self._effective_scale(X.dtype)
+        if self._should_persist(X):
+            X, w = _persist(X, w)
+        rows = self._rows(X, w, scale)
+        start = time.perf_counter()
+        stats = rows.stats()
+        _check_stats(stats, rows)
+        mean_var = float(np.mean(stats["sumsq"] / n - (stats["sum"] / n) ** 2))
+        self._tol = self.tol * mean_var
+        rng = check_random_state(self.random_state)
+        best = None
+        for run in range(self.n_init):
+            t0 = time.perf_counter()
+            centers = (init.copy() if not isinstance(init, str)
+                       else self._initial_centers(init, rows, rng))
+            log.info("init %s (run %d/%d): %.2f s", init if isinstance(init, str) else "array",
+                     run + 1, self.n_init, time.perf_counter() - t0)
+            loop = _lloyd if self.algorithm == "lloyd" else _minibatch
+            result = loop(self, rows, centers, rng, callback)
+            log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
+                     result["inertia"], result["n_iter"])
+            if best is None or result["inertia"] < best["inertia"]:
+                best = result
+        dtype = _kernels.compute_dtype(X.dtype)
+        self.cluster_centers_ = best["centers"].astype(dtype)
+        self.inertia_ = float(best["inertia"])
+        self.n_iter_ = best["n_iter"]
+        self.n_steps_ = best["n_steps"]
+        self.history_ = best["history"]
+        self.scale_ = scale
+        self.n_features_in_ = d
+        self.labels_ = rows.predict(self.cluster_centers_)
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def _initial_centers(self, init: str, rows: ChunkedRows, rng) -> np.ndarray:
+        if init == "k-means||":
+            return INITS[init](rows, self.n_clusters, rng,
+                               oversampling_factor=self.oversampling_factor,
+                               rounds=self.init_rounds)
+        return INITS[init](rows, self.n_clusters, rng)
+
+    def _should_persist(self, X: da.Array) -> bool:
+        if self.persist != "auto":
+            return bool(self.persist)
+        budget = _memory_budget()
+        return budget is None or X.nbytes <= 0.5 * budget
+
+    # ------------------------------------------------------------------ use
+
+    def _fitted_rows(self, X, sample_weight=None) -> ChunkedRows:
+        if not hasattr(self, "cluster_centers_"):
+            raise ValueError("this KMeans is not fitted yet; call fit first")
+        X = self._check_X(X, fitting=False)
+        w = self._check_weights(sample_weight, X)
+        return self._rows(X, w, self.scale_)
+
+    def predict(self, X):
+        """Index of the nearest centre of every row.
+
+        Returns a lazy Dask array chunked like ``X`` for Dask input, a NumPy
+        array for NumPy input.
+        """
+        out = self._fitted_rows(X).predict(self.cluster_centers_)
+        return out if isinstance(X, da.Array) else out.compute()
+
+    def transform(self, X):
+        """Euclidean distance of every row to every centre, shape (n_samples, n_clusters)."""
+        out = self._fitted_rows(X).transform(self.cluster_centers_)
+        return out if isinstance(X, da.Array) else out.compute()
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def fit_transform(self, X, y=None, sample_weight=None):
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    def score(self, X, y=None, sample_weight=None) -> float:
+        """Opposite of the inertia of ``X`` with the fitted centres."""
+        rows = self._fitted_rows(X, sample_weight)
+        _check_stats(rows.stats(), rows)
+        return -float(rows.lloyd(self.cluster_centers_)["inertia"])
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _default_rows(X: np.ndarray) -> int:
+    # About 8 MB per chunk, at least two chunks when there is enough data.
+    per_row = max(1, X.shape[1] * X.dtype.itemsize)
+    return max(1, min(max(1, 8_000_000 // per_row), math.ceil(X.shape[0] / 2)))
+
+
+def _memory_budget():
+    """Total memory limit of the current distributed cluster's workers, or None."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return None
+    workers = client.scheduler_info(**_all_workers(client))["workers"].values()
+    total = sum(w.get("memory_limit") or 0 for w in workers)
+    return total or None
+
+
+def _all_workers(client) -> dict:
+    import inspect
+
+    return {"n_workers": -1} if "n_workers" in inspect.signature(client.scheduler_info).parameters else {}
+
+
+def _persist(X, w):
+    if w is None:
+        return X.persist(), None
+    import dask
+
+    return dask.persist(X, w)
+
+
+def _check_stats(stats: dict, rows: ChunkedRows) -> None:
+    if stats["bad_chunk"] is not None:
+        i = stats["bad_chunk"]
+        raise ValueError(f"X contains NaN or infinity (first in rows {rows.offsets[i]}-"
+                         f"{rows.offsets[i + 1] - 1})")
+    if stats["negative_chunk"] is not None:
+        i = stats["negative_chunk"]
+        raise ValueError(f"sample_weight has negative or NaN values (first in rows "
+                         f"{rows.offsets[i]}-{rows.offsets[i + 1] - 1})")
+    if not stats["w"] > 0:
+        raise ValueError("sample_weight sums to zero: no row carries weight")
+
+
+def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
+    """Divide sums by weights after moving each empty cluster to a far row.
+
+    As in scikit-learn, an empty cluster takes one of the rows farthest from
+    their current centre, and that row's weight leaves its old cluster; a
+    centre never falls to the origin.
+    """
+    sums, counts = part["sums"].copy(), part["counts"].copy()
+    empty = np.flatnonzero(counts <= 0)
+    if empty.size:
+        far = rows.farthest(centers, empty.size)
+        for j, row, weight, old in zip(empty, far["rows"], far["weight"], far["label"]):
+            sums[old] -= weight * row
+            counts[old] -= weight
+            sums[j] = weight * row
+            counts[j] = weight
+        log.info("relocated %d empty cluster(s) %s to the farthest rows %s", empty.size,
+                 empty.tolist(), far["index"].tolist())
+    new = centers.copy()
+    keep = counts > 0
+    new[keep] = sums[keep] / counts[keep, None]
+    return new, int(empty.size)
+
+
+def _lloyd(est: KMeans, rows: ChunkedRows, centers, rng, callback) -> dict:
+    centers = np.asarray(centers, dtype=np.float64)
+    history = []
+    n_iter = 0
+    for n_iter in range(1, est.max_iter + 1):
+        t0 = time.perf_counter()
+        part = rows.lloyd(centers)
+        new, relocated = _new_centers(rows, centers, part)
+        shift = float(((new - centers) ** 2).sum())
+        record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
+                  "seconds": time.perf_counter() - t0, "relocated": relocated}
+        history.append(record)
+        log.debug("iteration %d: inertia %.6g, shift %.3g", n_iter, record["inertia"], shift)
+        if callback is not None:
+            callback(record)
+        centers = new
+        if shift <= est._tol:
+            break
+    # Inertia of the final centres, as scikit-learn reports it.
+    inertia = float(rows.lloyd(centers)["inertia"])
+    return {"centers": centers, "inertia": inertia, "n_iter": n_iter, "n_steps": n_iter,
+            "history": history}
+
+
+def _minibatch(est: KMeans, rows: ChunkedRows, centers, rng, callback) -> dict:
+    """Sculley's mini-batch K-Means with scikit-learn's per-centre learning rates."""
+    centers = np.asarray(centers, dtype=np.float64).copy()
+    n, k = rows.n, centers.shape[0]
+    batch = min(est.batch_size, n)
+    n_steps = max(1, (est.max_iter * n) // batch)
+    weight_sums = np.zeros(k)
+    alpha = min(1.0, 2.0 * batch / (n + 1))
+    ewa = None
+    ewa_min = np.inf
+    no_improvement = 0
+    since_reassign = 0
+    history = []
+    step = 0
+    for step in range(1, n_steps + 1):
+        t0 = time.perf_counter()
+        idx = rng.randint(0, n, batch)
+        part = rows.batch(centers, idx)
+        got = part["counts"] > 0
+        new = centers.copy()
+        total = weight_sums[got] + part["counts"][got]
+        new[got] = (centers[got] * weight_sums[got, None] + part["sums"][got]) / total[:, None]
+        weight_sums[got] = total
+        relocated = 0
+        since_reassign += batch
+        if est.reassignment_ratio > 0 and ((weight_sums == 0).any() or since_reassign >= 10 * k):
+            since_reassign = 0
+            low = np.flatnonzero(weight_sums < est.reassignment_ratio * weight_sums.max())
+            low = low[: batch // 2]
+            if low.size and step > 1:
+                new[low] = rows.take(rng.choice(idx, size=low.size, replace=False))
+                weight_sums[low] = weight_sums[np.setdiff1d(np.arange(k), low)].min(initial=1.0)
+                relocated = int(low.size)
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        batch_inertia = float(part["inertia"]) / batch
+        record = {"iteration": step, "inertia": batch_inertia, "center_shift": shift,
+                  "seconds": time.perf_counter() - t0, "relocated": relocated}
+        history.append(record)
+        if callback is not None:
+            callback(record)
+        if est._tol > 0 and shift <= est._tol:
+            log.info("mini-batch converged at step %d: centre shift %.3g", step, shift)
+            break
+        ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
+        if ewa < ewa_min:
+            no_improvement, ewa_min = 0, ewa
+        else:
+            no_improvement += 1
+        if est.max_no_improvement is not None and no_improvement >= est.max_no_improvement:
+            log.info("mini-batch stopped at step %d: no improvement of the smoothed inertia "
+                     "in %d steps", step, no_improvement)
+            break
+    inertia = float(rows.lloyd(centers)["inertia"])
+    return {"centers": centers, "inertia": inertia, "n_iter": math.ceil(step * batch / n),
+            "n_steps": step, "history": history}
