@@ -37,9 +37,9 @@ def compute_dtype(dtype) -> np.dtype:
 class _Blocks:
     """Row blocks of ``X`` converted to the compute dtype into one reused buffer."""
 
-    def __init__(self, X: np.ndarray, scale: float, block_rows: int):
+    def __init__(self, X: np.ndarray, scale: float, block_rows: int, dtype=None):
         self.X = X
-        self.dtype = compute_dtype(X.dtype)
+        self.dtype = compute_dtype(X.dtype) if dtype is None else np.dtype(dtype)
         self.scale = self.dtype.type(scale)
         self.block_rows = max(1, int(block_rows))
         # Float input at scale 1 is used in place; anything else is converted.
@@ -122,7 +122,8 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
         if out["bad"]:
             return out
     sq = np.empty((min(block_rows, m), d), dtype=np.float64)
-    for start, stop, x in _Blocks(X, scale, block_rows):
+    # float64 throughout: these sums must agree with the exact per-centre sums.
+    for start, stop, x in _Blocks(X, scale, block_rows, np.float64):
         s = sq[: stop - start]
         np.multiply(x, x, out=s, casting="unsafe")
         out["sum"] += x.sum(axis=0, dtype=np.float64)

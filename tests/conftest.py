@@ -64,3 +64,18 @@ def write_gz(path: Path, payload: bytes) -> Path:
 def leftovers(directory: Path) -> list[str]:
     """Everything in ``directory``: an aborted write must leave it empty."""
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+@pytest.fixture(scope="session")
+def fashion_rows(fashion_store):
+    """All 70,000 Fashion-MNIST images (train then test) as one uint8 Dask array."""
+    import dask.array as da
+
+    parts = [store.open_data(fashion_store, s).images for s in ("train", "test")]
+    return da.concatenate(parts)
+
+
+@pytest.fixture(scope="session")
+def fashion_float(fashion_rows):
+    """The same rows as float64 in [0, 1], in memory, for scikit-learn."""
+    return fashion_rows.compute() / 255.0

@@ -1,0 +1,143 @@
+"""The NumPy kernels on one block, checked against plain brute force (no Dask)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kmeans_dask import _kernels as K
+
+
+def brute(X, centers, weights, scale):
+    Xf = X.astype(np.float64) * scale
+    c = centers.astype(K.compute_dtype(X.dtype)).astype(np.float64)
+    d2 = ((Xf[:, None, :] - c[None]) ** 2).sum(-1)
+    labels = d2.argmin(1)
+    w = np.ones(len(X)) if weights is None else weights
+    sums = np.zeros_like(c)
+    np.add.at(sums, labels, Xf * w[:, None])
+    counts = np.bincount(labels, weights=w, minlength=len(c))
+    return labels, sums, counts, float((d2.min(1) * w).sum())
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(42)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("block_rows", [1, 7, 256, 10_000])
+def test_lloyd_chunk_matches_brute_force(rng, dtype, weighted, block_rows):
+    X = rng.integers(0, 256, (300, 20)).astype(dtype)
+    scale = 1 / 255 if dtype == np.uint8 else 1.0
+    centers = X[rng.choice(300, 6, replace=False)].astype(np.float64) * scale + 0.01
+    w = rng.random(300) * 3 if weighted else None
+    labels, sums, counts, inertia = brute(X, centers, w, scale)
+    sq = K.chunk_stats(X, w, scale=scale)["sqnorm"]
+    out = K.lloyd_chunk(X, centers, w, scale=scale, sqnorm=sq, block_rows=block_rows)
+    np.testing.assert_allclose(out["sums"], sums, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(out["counts"], counts, rtol=1e-12)
+    assert out["inertia"] == pytest.approx(inertia, rel=1e-9)
+    np.testing.assert_array_equal(K.predict_chunk(X, centers, scale=scale, block_rows=block_rows), labels)
+
+
+def test_unweighted_uint8_sums_are_exact(rng):
+    X = rng.integers(0, 256, (5000, 30), dtype=np.uint8)
+    centers = rng.random((4, 30))
+    out = K.lloyd_chunk(X, centers, scale=1.0)
+    labels = K.predict_chunk(X, centers)
+    for j in range(4):
+        assert np.array_equal(out["sums"][j], X[labels == j].sum(axis=0).astype(np.float64))
+
+
+def test_inertia_on_a_hand_computed_case():
+    X = np.array([[0, 0], [0, 2], [10, 10], [10, 12]], dtype=np.float64)
+    centers = np.array([[0.0, 1.0], [10.0, 11.0]])
+    sq = K.chunk_stats(X)["sqnorm"]
+    assert sq == 0 + 4 + 200 + 244
+    out = K.lloyd_chunk(X, centers, sqnorm=sq)
+    assert out["inertia"] == 4.0
+    assert out["counts"].tolist() == [2.0, 2.0]
+
+
+def test_empty_and_single_row_chunks():
+    centers = np.eye(3)
+    out = K.lloyd_chunk(np.empty((0, 3), np.uint8), centers)
+    assert out["sums"].shape == (3, 3) and out["counts"].sum() == 0 and out["inertia"] == 0
+    assert K.predict_chunk(np.empty((0, 3)), centers).shape == (0,)
+    one = K.lloyd_chunk(np.array([[0, 0, 1.0]]), centers, sqnorm=1.0)
+    assert one["counts"].tolist() == [0, 0, 1] and one["inertia"] == 0
+    assert K.chunk_stats(np.empty((0, 3)))["n"] == 0
+
+
+def test_chunk_stats(rng):
+    X = rng.integers(0, 256, (50, 8), dtype=np.uint8)
+    w = rng.random(50)
+    st = K.chunk_stats(X, w, scale=0.5, block_rows=7)
+    Xf = X * 0.5
+    np.testing.assert_allclose(st["sum"], Xf.sum(0))
+    np.testing.assert_allclose(st["sumsq"], (Xf ** 2).sum(0))
+    assert st["sqnorm"] == pytest.approx(float(((Xf ** 2).sum(1) * w).sum()))
+    assert st["w"] == pytest.approx(w.sum()) and st["bad"] == 0 and st["negative"] == 0
+
+
+def test_chunk_stats_counts_bad_values_and_negative_weights():
+    X = np.array([[1.0, np.nan], [np.inf, 2.0], [0.0, 0.0]])
+    st = K.chunk_stats(X, np.array([1.0, -1.0, np.nan]))
+    assert st["bad"] == 2 and st["negative"] == 2
+
+
+def test_transform_chunk(rng):
+    X = rng.random((40, 5))
+    centers = rng.random((3, 5))
+    d = np.sqrt(((X[:, None] - centers[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(K.transform_chunk(X, centers, block_rows=9), d, rtol=1e-10)
+
+
+def test_min_sqdist_chunk(rng):
+    X = rng.integers(0, 256, (40, 5), dtype=np.uint8)
+    centers = rng.random((3, 5))
+    _, _, _, _ = brute(X, centers, None, 1 / 255)
+    Xf = X / 255
+    c32 = centers.astype(np.float32).astype(np.float64)
+    want = ((Xf[:, None] - c32[None]) ** 2).sum(-1).min(1)
+    np.testing.assert_allclose(K.min_sqdist_chunk(X, centers, scale=1 / 255), want, rtol=1e-5, atol=1e-6)
+
+
+def test_farthest_rows_and_merge_break_ties_by_index():
+    X = np.array([[0.0], [5.0], [-5.0], [1.0]])
+    centers = np.array([[0.0]])
+    a = K.farthest_chunk(X[:2], centers, 2, offset=0)
+    b = K.farthest_chunk(X[2:], centers, 2, offset=2)
+    merged = K.merge_farthest(a, b, n=2)
+    assert merged["index"].tolist() == [1, 2]  # equal distances 25: lower index first
+    assert merged["dist"].tolist() == [25.0, 25.0]
+    np.testing.assert_array_equal(merged["rows"], [[5.0], [-5.0]])
+    zero_w = K.farthest_chunk(X, centers, 1, np.array([1.0, 0.0, 1.0, 1.0]))
+    assert zero_w["index"].tolist() == [2]  # a weightless row cannot seed a cluster
+
+
+def test_sample_chunk_is_seeded_and_respects_probability(rng):
+    X = rng.random((1000, 3))
+    d = rng.random(1000)
+    a = K.sample_chunk(X, d, None, factor=50, total=d.sum(), seed=(1, 2, 3))
+    b = K.sample_chunk(X, d, None, factor=50, total=d.sum(), seed=(1, 2, 3))
+    np.testing.assert_array_equal(a, b)
+    assert 20 < len(a) < 90
+    everything = K.sample_chunk(X, d, None, factor=1e9, total=d.sum(), seed=(0,))
+    assert len(everything) == 1000
+    assert len(K.sample_chunk(X, np.zeros(1000), None, factor=5, total=0.0, seed=(0,))) == 0
+
+
+def test_add_combines_in_order():
+    a = {"sums": np.ones((2, 2)), "counts": np.array([1.0, 2.0]), "inertia": 1.5}
+    b = {"sums": np.ones((2, 2)), "counts": np.array([3.0, 0.0]), "inertia": 2.0}
+    out = K.add(a, b, a)
+    assert out["counts"].tolist() == [5.0, 4.0] and out["inertia"] == 5.0
+    assert a["sums"][0, 0] == 1.0  # inputs untouched
+
+
+def test_chunk_with_wrong_weights_shape():
+    with pytest.raises(ValueError, match=r"weights of shape \(2,\) do not match 3 rows"):
+        K.lloyd_chunk(np.zeros((3, 2)), np.zeros((1, 2)), np.ones(2))

@@ -1,0 +1,209 @@
+"""The estimator on Dask's threaded scheduler: correctness against scikit-learn, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans as SKKMeans
+from sklearn.metrics import v_measure_score
+
+from kmeans_dask import KMeans
+
+
+def blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    X = np.vstack([rng.normal((1, 1), 1, (100, 2)), rng.normal((5, 5), 1, (100, 2))])
+    return X, np.repeat([0, 1], 100)
+
+
+@pytest.mark.parametrize("init", ["random", "k-means++", "k-means||"])
+@pytest.mark.parametrize("algorithm", ["lloyd", "minibatch"])
+def test_two_blobs_are_recovered(init, algorithm):
+    X, truth = blobs()
+    km = KMeans(2, init=init, algorithm=algorithm, batch_size=50, random_state=0)
+    km.fit(da.from_array(X, chunks=30))
+    centers = km.cluster_centers_[np.argsort(km.cluster_centers_[:, 0])]
+    np.testing.assert_allclose(centers, [[1, 1], [5, 5]], atol=0.35)
+    assert v_measure_score(truth, km.labels_.compute()) > 0.8
+    assert km.labels_.chunks == ((30,) * 6 + (20,),)
+
+
+def test_same_init_agrees_with_scikit_learn_on_fashion_mnist(fashion_rows, fashion_float):
+    rng = np.random.default_rng(1)
+    init = fashion_float[rng.choice(len(fashion_float), 10, replace=False)]
+    ours = KMeans(10, init=init, max_iter=20, tol=0).fit(fashion_rows)
+    ref = SKKMeans(10, init=init, n_init=1, max_iter=20, tol=0, algorithm="lloyd").fit(fashion_float)
+    agree = (ours.labels_.compute() == ref.labels_).mean()
+    assert agree >= 0.999, agree
+    assert ours.inertia_ == pytest.approx(ref.inertia_, rel=1e-5)
+    assert ours.n_iter_ == 20 and len(ours.history_) == 20
+    np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-3)
+    assert ours.cluster_centers_.dtype == np.float32
+
+
+@pytest.fixture(scope="module")
+def sklearn_best_k10(fashion_float):
+    """scikit-learn's best inertia of 3 k-means++ inits, run to convergence."""
+    return SKKMeans(10, n_init=3, random_state=0).fit(fashion_float).inertia_
+
+
+@pytest.mark.parametrize("init", ["random", "k-means++", "k-means||"])
+def test_every_init_converges_close_to_scikit_learn(fashion_rows, sklearn_best_k10, init):
+    km = KMeans(10, init=init, n_init=3, random_state=0).fit(fashion_rows)
+    assert km.inertia_ <= 1.02 * sklearn_best_k10, (km.inertia_, sklearn_best_k10)
+    assert km.n_iter_ < 300
+    assert len(np.unique(km.cluster_centers_, axis=0)) == 10
+
+
+def test_minibatch_on_fashion_mnist_is_close_to_lloyd(fashion_rows, sklearn_best_k10):
+    km = KMeans(10, algorithm="minibatch", batch_size=2048, random_state=0).fit(fashion_rows)
+    assert km.inertia_ <= 1.05 * sklearn_best_k10
+    assert km.n_steps_ == len(km.history_) and km.n_steps_ < 300 * 70000 // 2048
+    again = KMeans(10, algorithm="minibatch", batch_size=2048, random_state=0).fit(fashion_rows)
+    np.testing.assert_array_equal(km.cluster_centers_, again.cluster_centers_)
+
+
+def test_same_seed_same_result():
+    X, _ = blobs(3)
+    a = KMeans(3, random_state=7).fit(da.from_array(X, chunks=37))
+    b = KMeans(3, random_state=7).fit(da.from_array(X, chunks=37))
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.inertia_ == b.inertia_
+
+
+def test_inertia_is_squared_and_matches_predict_and_score():
+    X, _ = blobs(1)
+    dX = da.from_array(X, chunks=64)
+    km = KMeans(2, random_state=0, max_iter=2).fit(dX)  # stops at max_iter: inertia must still be right
+    labels = km.predict(X)
+    np.testing.assert_array_equal(labels, km.labels_.compute())
+    d2 = ((X - km.cluster_centers_[labels]) ** 2).sum()
+    assert km.inertia_ == pytest.approx(d2, rel=1e-12)
+    assert km.score(dX) == pytest.approx(-d2, rel=1e-12)
+    dist = km.transform(X)
+    assert dist.shape == (200, 2)
+    np.testing.assert_allclose(dist.min(1) ** 2, ((X - km.cluster_centers_[labels]) ** 2).sum(1))
+    assert isinstance(km.predict(dX), da.Array)
+
+
+def test_lloyd_history_never_increases_and_converges_by_tol():
+    X, _ = blobs(2)
+    km = KMeans(4, init="random", random_state=0, tol=1e-4).fit(X)
+    inertias = [h["inertia"] for h in km.history_]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(inertias, inertias[1:]))
+    assert km.history_[-1]["center_shift"] <= km._tol
+    assert set(km.history_[0]) == {"iteration", "inertia", "center_shift", "seconds", "relocated"}
+    exact = KMeans(4, init="random", random_state=0, tol=0, max_iter=3).fit(X)
+    assert exact.n_iter_ == 3
+
+
+def test_integer_weights_equal_repeated_rows():
+    X, _ = blobs(4)
+    w = np.random.default_rng(0).integers(0, 4, 200)
+    init = X[[0, 150, 30]]
+    weighted = KMeans(3, init=init, tol=0, max_iter=30).fit(da.from_array(X, chunks=50), sample_weight=w)
+    repeated = KMeans(3, init=init, tol=0, max_iter=30).fit(np.repeat(X, w, axis=0))
+    np.testing.assert_allclose(weighted.cluster_centers_, repeated.cluster_centers_, rtol=1e-10)
+    assert weighted.inertia_ == pytest.approx(repeated.inertia_, rel=1e-10)
+
+
+def test_weighted_inits_never_pick_weightless_rows():
+    X, _ = blobs(5)
+    w = np.zeros(200)
+    w[:100] = 1.0  # only the first blob carries weight
+    for init in ("random", "k-means++", "k-means||"):
+        km = KMeans(2, init=init, random_state=1, max_iter=1).fit(X, sample_weight=w)
+        assert np.all(km.cluster_centers_ < 4), init
+
+
+def test_empty_cluster_is_relocated_to_the_farthest_row(caplog):
+    X, _ = blobs(6)
+    init = np.array([[1.0, 1.0], [5.0, 5.0], [100.0, 100.0]])
+    with caplog.at_level(logging.INFO, logger="kmeans_dask"):
+        km = KMeans(3, init=init, max_iter=1, tol=0).fit(da.from_array(X, chunks=40))
+    assert km.history_[0]["relocated"] == 1
+    assert "relocated 1 empty cluster(s) [2]" in caplog.text
+    assert np.all(np.abs(km.cluster_centers_) < 20)
+    assert len(np.unique(km.cluster_centers_, axis=0)) == 3
+    assert np.bincount(km.labels_.compute(), minlength=3).min() > 0
+
+
+def test_empty_and_tiny_chunks_are_handled():
+    X, _ = blobs(7)
+    dX = da.concatenate([da.from_array(X[:1], chunks=(1, 2)), da.zeros((0, 2), chunks=((0,), (2,))),
+                         da.from_array(X[1:], chunks=(199, 2))])
+    km = KMeans(2, random_state=0).fit(dX)
+    assert km.labels_.shape == (200,)
+    ref = KMeans(2, random_state=0).fit(X)
+    assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-6)
+
+
+def test_uint8_input_is_scaled_and_float32_centres():
+    X = np.repeat(np.array([[0, 0], [255, 255]], dtype=np.uint8), 10, axis=0)
+    km = KMeans(2, random_state=0).fit(X)
+    assert km.scale_ == 1 / 255 and km.cluster_centers_.dtype == np.float32
+    assert sorted(km.cluster_centers_[:, 0].tolist()) == [0.0, 1.0]
+    assert KMeans(2, scale=1.0, random_state=0).fit(X).cluster_centers_.max() == 255
+
+
+def _bad(**kw):
+    X = da.from_array(np.random.default_rng(0).random((20, 3)), chunks=10)
+    return X, kw
+
+
+@pytest.mark.parametrize(
+    "params, X, weight, message",
+    [
+        ({"n_clusters": 0}, None, None, "n_clusters must be an integer >= 1, got 0"),
+        ({"n_clusters": 21}, None, None, "n_clusters=21 must be <= n_samples=20"),
+        ({"n_clusters": 2.5}, None, None, "n_clusters must be an integer >= 1, got 2.5"),
+        ({"init": "kmeans"}, None, None, "init must be one of ['k-means++', 'k-means||', 'random'] or an array"),
+        ({"init": np.zeros((2, 3))}, None, None, r"init array has shape (2, 3), expected (n_clusters, n_features) = (3, 3)"),
+        ({"algorithm": "elkan"}, None, None, "algorithm must be one of ('lloyd', 'minibatch'), got 'elkan'"),
+        ({"max_iter": 0}, None, None, "max_iter must be an integer >= 1, got 0"),
+        ({"tol": -1}, None, None, "tol must be a number >= 0.0, got -1"),
+        ({"batch_size": 0}, None, None, "batch_size must be an integer >= 1, got 0"),
+        ({"persist": "yes"}, None, None, "persist must be 'auto', True or False, got 'yes'"),
+        ({}, np.array([[1.0, np.nan, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-9)"),
+        ({}, np.array([[1.0, np.inf, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-9)"),
+        ({}, np.zeros((20, 3), dtype=np.int64), None, "X has dtype int64; expected uint8, float32 or float64"),
+        ({}, np.zeros((0, 3)), None, "X is empty: shape (0, 3)"),
+        ({}, np.zeros(20), None, "X must be 2-D (n_samples, n_features), got shape (20,)"),
+        ({}, da.zeros((20, 4), chunks=(10, 2)), None, "X is chunked along columns (column chunks (2, 2)); chunk it by rows only"),
+        ({}, None, -np.ones(20), "sample_weight has negative or NaN values (first in rows 0-9)"),
+        ({}, None, np.zeros(20), "sample_weight sums to zero: no row carries weight"),
+        ({}, None, np.ones(19), "sample_weight must have shape (20,), got (19,)"),
+    ],
+)
+def test_bad_parameters_and_data_raise_clear_errors(params, X, weight, message):
+    if X is None:
+        X = da.from_array(np.random.default_rng(0).random((20, 3)), chunks=10)
+    km = KMeans(**{"n_clusters": 3, "random_state": 0, **params})
+    with pytest.raises(ValueError) as err:
+        km.fit(X, sample_weight=weight)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_predict_before_fit_and_wrong_width():
+    with pytest.raises(ValueError, match="not fitted yet"):
+        KMeans(2).predict(np.zeros((3, 2)))
+    km = KMeans(2, random_state=0).fit(blobs()[0])
+    with pytest.raises(ValueError, match="X has 3 features, but this KMeans was fitted with 2"):
+        km.predict(np.zeros((3, 3)))
+
+
+def test_n_init_keeps_the_best_run():
+    X, _ = blobs(8)
+    X = np.vstack([X, X + [10, 0]])
+    single = KMeans(4, init="random", n_init=1, random_state=3).fit(X)
+    multi = KMeans(4, init="random", n_init=5, random_state=3).fit(X)
+    assert multi.inertia_ <= single.inertia_
+
+
+def test_get_params_round_trip():
+    km = KMeans(5, init="random", tol=0.1)
+    assert km.get_params()["n_clusters"] == 5 and km.get_params()["init"] == "random"
+    assert "n_clusters=5" in repr(km) and repr(km).startswith("KMeans(")
