@@ -14,6 +14,7 @@ small task objects and the broadcast centres are new.
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 import dask
@@ -26,23 +27,50 @@ from . import _kernels
 DEFAULT_SPLIT_EVERY = 8
 
 
-def tree_reduce(parts: list, combine, split_every: int, name: str):
-    """Combine ``parts`` in consecutive groups of ``split_every`` until one is left.
+def task(fn):
+    """A Delayed wrapper of ``fn`` named after it, made once.
+
+    ``delayed(fn)`` would tokenize ``fn`` (cloudpickling it) on every call:
+    measured at about 20 ms of client time per pass.
+    """
+    try:
+        return _TASKS[fn]
+    except KeyError:
+        name = f"{getattr(fn, '__module__', 'fn')}.{getattr(fn, '__qualname__', id(fn))}-{id(fn)}"
+        _TASKS[fn] = delayed(fn, pure=True, name=name)
+        return _TASKS[fn]
+
+
+_TASKS: dict = {}
+
+
+def tree_reduce(parts: list, combine, split_every: int, name: str) -> list:
+    """Combine ``parts`` in consecutive groups of ``split_every`` until at most
+    ``split_every`` remain, and return those.
 
     The grouping is by position only, so the order of additions is fixed by
-    the chunk index.
+    the chunk index.  The last level (at most ``split_every`` k x d partials)
+    is combined by :func:`reduce_on_client` after the gather, which saves a
+    task and a worker-to-worker transfer per pass; the arithmetic is the same
+    as a root task's.
     """
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
     level = 0
-    while len(parts) > 1:
+    while len(parts) > split_every:
         parts = [
-            delayed(combine, pure=True)(*parts[i:i + split_every],
-                                        dask_key_name=(f"{name}-combine-{level}", i // split_every))
+            task(combine)(*parts[i:i + split_every],
+                          dask_key_name=(f"{name}-combine-{level}", i // split_every))
             for i in range(0, len(parts), split_every)
         ]
         level += 1
-    return parts[0]
+    return parts
+
+
+def reduce_on_client(parts: list, combine, split_every: int, name: str):
+    """Compute the tree of :func:`tree_reduce` and combine its top level here."""
+    top = dask.compute(*tree_reduce(parts, combine, split_every, name))
+    return combine(*top)
 
 
 class ChunkedRows:
@@ -98,7 +126,7 @@ class ChunkedRows:
         """
         name = f"kmeans-stats-{uuid.uuid4().hex}"
         tasks = [
-            delayed(_kernels.chunk_stats, pure=True)(b, w, dask_key_name=(name, i), **self._kw())
+            task(_kernels.chunk_stats)(b, w, dask_key_name=(name, i), **self._kw())
             for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
         ]
         parts = dask.compute(*tasks)
@@ -108,17 +136,21 @@ class ChunkedRows:
         total["negative_chunk"] = next((i for i, p in enumerate(parts) if p["negative"]), None)
         return total
 
-    def lloyd(self, centers: np.ndarray) -> dict:
-        """Assign every row to ``centers``; return summed ``sums``, ``counts``, ``inertia``."""
+    def lloyd(self, centers: np.ndarray, kernel=_kernels.lloyd_chunk) -> dict:
+        """Assign every row to ``centers``; return summed ``sums``, ``counts``, ``inertia``.
+
+        ``kernel`` exists for the benchmark, which times the orchestration
+        alone by passing a kernel that does no work.
+        """
         name = f"kmeans-lloyd-{uuid.uuid4().hex}"
         c = self._broadcast(centers, name)
         sq = self.chunk_sqnorm or [0.0] * self.nchunks
         parts = [
-            delayed(_kernels.lloyd_chunk, pure=True)(b, c, w, sqnorm=sq[i],
+            task(kernel)(b, c, w, sqnorm=sq[i],
                                                       dask_key_name=(name, i), **self._kw())
             for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
         ]
-        return dask.compute(tree_reduce(parts, _kernels.add, self.split_every, name))[0]
+        return reduce_on_client(parts, _kernels.add, self.split_every, name)
 
     def batch(self, centers: np.ndarray, rows: np.ndarray) -> dict:
         """Like :meth:`lloyd`, on the global row indices ``rows`` only (a mini-batch).
@@ -131,25 +163,23 @@ class ChunkedRows:
         parts = []
         for i in np.unique(chunk_of):
             local = rows[chunk_of == i] - self.offsets[i]
-            parts.append(delayed(_kernels.batch_chunk, pure=True)(
+            parts.append(task(_kernels.batch_chunk)(
                 self._blocks[i], local, c, self._wblocks[i], dask_key_name=(name, int(i)),
                 **self._kw()))
-        return dask.compute(tree_reduce(parts, _kernels.add, self.split_every, name))[0]
+        return reduce_on_client(parts, _kernels.add, self.split_every, name)
 
     def farthest(self, centers: np.ndarray, n: int) -> dict:
         """The ``n`` rows farthest from their nearest centre, over all chunks."""
         name = f"kmeans-farthest-{uuid.uuid4().hex}"
         c = self._broadcast(centers, name)
         parts = [
-            delayed(_kernels.farthest_chunk, pure=True)(
+            task(_kernels.farthest_chunk)(
                 b, c, n, w, offset=int(self.offsets[i]), dask_key_name=(name, i), **self._kw())
             for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
         ]
 
-        def merge(*p):
-            return _kernels.merge_farthest(*p, n=n)
-
-        return dask.compute(tree_reduce(parts, merge, self.split_every, name))[0]
+        merge = functools.partial(_kernels.merge_farthest, n=n)
+        return reduce_on_client(parts, merge, self.split_every, name)
 
     def min_sqdist(self, centers: np.ndarray) -> da.Array:
         """Lazy (n,) float64 squared distance of every row to its nearest centre."""
@@ -162,7 +192,7 @@ class ChunkedRows:
         name = f"kmeans-sample-{uuid.uuid4().hex}"
         dblocks = list(min_dist.to_delayed().ravel())
         parts = [
-            delayed(_kernels.sample_chunk, pure=True)(
+            task(_kernels.sample_chunk)(
                 b, dm, w, factor=factor, total=total, seed=(*seed, i), scale=self.scale,
                 dask_key_name=(name, i))
             for i, (b, dm, w) in enumerate(zip(self._blocks, dblocks, self._wblocks))

@@ -71,7 +71,14 @@ class KMeans(ClusterMixin, BaseEstimator):
         Keep the rows in worker memory between passes ("auto": when they take
         at most half the cluster's memory); otherwise every pass reads them
         again from their source (for example a Zarr store).
-    block_rows : int, default=1024
+    task_rows : "auto" or int, default="auto"
+        Rows handled by one task per pass.  Input chunks smaller than this
+        are merged (rechunked before persisting) so each pass runs a few
+        well-sized tasks: Dask's per-task cost is a large share of a cheap
+        iteration.  "auto" aims at about 32 MiB of input per task; the
+        grouping depends only on the data's shape, never on the cluster, so
+        results stay reproducible on any number of workers.
+    block_rows : int, default=256
         Rows converted to float and multiplied at a time inside a task.
     split_every : int, default=8
         Fan-in of the tree that adds the per-chunk partial sums.
@@ -111,8 +118,8 @@ class KMeans(ClusterMixin, BaseEstimator):
     def __init__(self, n_clusters=8, *, init="k-means||", n_init=1, max_iter=300, tol=1e-4,
                  algorithm="lloyd", batch_size=1024, max_no_improvement=10,
                  reassignment_ratio=0.01, random_state=None, scale="auto",
-                 oversampling_factor=2.0, init_rounds=5, persist="auto", block_rows=1024,
-                 split_every=DEFAULT_SPLIT_EVERY):
+                 oversampling_factor=2.0, init_rounds=5, persist="auto", task_rows="auto",
+                 block_rows=_kernels.DEFAULT_BLOCK_ROWS, split_every=DEFAULT_SPLIT_EVERY):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -127,6 +134,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.oversampling_factor = oversampling_factor
         self.init_rounds = init_rounds
         self.persist = persist
+        self.task_rows = task_rows
         self.block_rows = block_rows
         self.split_every = split_every
 
@@ -166,6 +174,8 @@ class KMeans(ClusterMixin, BaseEstimator):
                                  f"(n_clusters, n_features), got {self.init!r}")
         if self.scale != "auto":
             real("scale", 0.0, strict=True)
+        if self.task_rows != "auto":
+            integer("task_rows", 1)
         if self.persist not in ("auto", True, False):
             raise ValueError(f"persist must be 'auto', True or False, got {self.persist!r}")
 
@@ -257,6 +267,8 @@ class KMeans(ClusterMixin, BaseEstimator):
             if not np.isfinite(init).all():
                 raise ValueError("init array contains NaN or infinity")
         scale = self._effective_scale(X.dtype)
+        input_chunks = X.chunks[0]
+        X, w = _regroup(X, w, self.task_rows)
         if self._should_persist(X):
             X, w = _persist(X, w)
         rows = self._rows(X, w, scale)
@@ -287,7 +299,8 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.history_ = best["history"]
         self.scale_ = scale
         self.n_features_in_ = d
-        self.labels_ = rows.predict(self.cluster_centers_)
+        labels = rows.predict(self.cluster_centers_)
+        self.labels_ = labels if labels.chunks[0] == input_chunks else labels.rechunk((input_chunks,))
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
@@ -347,6 +360,23 @@ def _default_rows(X: np.ndarray) -> int:
     # About 8 MB per chunk, at least two chunks when there is enough data.
     per_row = max(1, X.shape[1] * X.dtype.itemsize)
     return max(1, min(max(1, 8_000_000 // per_row), math.ceil(X.shape[0] / 2)))
+
+
+TASK_BYTES = 32 * 2**20
+
+
+def _regroup(X: da.Array, w, task_rows):
+    """Merge small row chunks so each task handles about ``task_rows`` rows."""
+    n = X.shape[0]
+    if task_rows == "auto":
+        row_bytes = max(1, X.shape[1] * X.dtype.itemsize)
+        task_rows = max(1, TASK_BYTES // row_bytes)
+    if max(X.chunks[0]) >= task_rows or len(X.chunks[0]) == 1:
+        return X, w
+    groups = math.ceil(n / task_rows)
+    size = math.ceil(n / groups)
+    X = X.rechunk({0: size, 1: -1})
+    return X, (None if w is None else w.rechunk((X.chunks[0],)))
 
 
 def _memory_budget():

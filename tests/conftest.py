@@ -79,3 +79,91 @@ def fashion_rows(fashion_store):
 def fashion_float(fashion_rows):
     """The same rows as float64 in [0, 1], in memory, for scikit-learn."""
     return fashion_rows.compute() / 255.0
+
+
+class DaskProcesses:
+    """Real ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, stopped by pid."""
+
+    def __init__(self, workdir: Path):
+        import shutil
+        import sys
+
+        self.workdir = workdir
+        exe = Path(sys.executable).parent / "dask"
+        self.dask = str(exe) if exe.exists() else shutil.which("dask")
+        self.procs = []
+        self.address = None
+        # One BLAS thread per worker, as Dask's nanny would set: results must not
+        # depend on how many threads a GEMM was split over.
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                    "MKL_NUM_THREADS": "1"}
+
+    def _spawn(self, args, name):
+        import subprocess
+
+        log = open(self.workdir / f"{name}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([self.dask, *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.workdir)
+        self.procs.append(proc)
+        return proc
+
+    def start_scheduler(self, *extra, timeout=30.0):
+        import json
+        import time
+
+        sched_file = self.workdir / "scheduler.json"
+        self.scheduler = self._spawn(["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                      "--no-dashboard", "--scheduler-file", str(sched_file),
+                                      *extra], "scheduler")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sched_file.exists():
+                try:
+                    self.address = json.loads(sched_file.read_text())["address"]
+                    return self.address
+                except (ValueError, KeyError):
+                    pass
+            if self.scheduler.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"dask scheduler did not start; see {self.workdir}")
+
+    def start_worker(self, *extra, address=None):
+        return self._spawn(["worker", address or self.address, "--nthreads", "1",
+                            "--host", "127.0.0.1", "--no-dashboard", "--no-nanny", *extra],
+                           "worker")
+
+    def stop(self, proc, sig=None):
+        import signal
+
+        if proc.poll() is None:
+            os.kill(proc.pid, sig or signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except Exception:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+
+    def stop_all(self):
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+
+def wait_for_workers(client, n, timeout=60):
+    client.wait_for_workers(n, timeout=timeout)
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    procs = DaskProcesses(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def fashion_test_small_chunks(shared_datasets, tmp_path_factory) -> Path:
+    """Fashion-MNIST's 10,000 test images in chunks of 1,500 rows (7 chunks)."""
+    out = tmp_path_factory.mktemp("small-chunks")
+    sources = {"test": datasets.resolve_split("fashion-mnist", "test", shared_datasets,
+                                              download=False)}
+    return store.ingest("fashion-mnist", out, sources, chunk_rows=1500).path

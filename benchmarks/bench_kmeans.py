@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Side-by-side K-Means benchmark on Fashion-MNIST (all 70,000 images).
+
+In one process and on the same data, initial centres and iteration count:
+
+* kmeans-dask on a LocalCluster of 2 workers x 1 thread (rows persisted as uint8);
+* dask-ml's KMeans on the same cluster (rows persisted as float32, as it needs);
+* scikit-learn's KMeans (lloyd) and MiniBatchKMeans in this process (2 threads).
+
+For each K it reports the per-iteration time (median of repeated fits, as
+``(T(iters) - T(1)) / (iters - 1)`` so set-up is not counted; for
+kmeans-dask also the median of its own per-iteration record), the time of a
+default fit to convergence (init included), the inertia of every result
+computed the same way (float64, here), and the peak and data memory of the
+workers.  It also times an empty iteration of kmeans-dask's orchestration
+(the same tasks, doing no work).  Writes a table and JSON.
+
+Run: ``python benchmarks/bench_kmeans.py --source ../shared/datasets``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _noop_lloyd(X, centers, weights=None, **kwargs):
+    k, d = centers.shape
+    return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "inertia": 0.0}
+
+
+def _reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process.
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _memory():
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def inertia_of(X: np.ndarray, centers: np.ndarray) -> float:
+    """Sum of squared distances to the nearest centre, float64, computed the same for all."""
+    c = centers.astype(np.float64)
+    csq = (c * c).sum(1)
+    total = 0.0
+    for s in range(0, len(X), 4096):
+        x = X[s:s + 4096]
+        d = (x * x).sum(1)[:, None] - 2 * x @ c.T + csq
+        total += float(np.maximum(d.min(1), 0).sum())
+    return total
+
+
+def timed(fn, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def load_rows(args):
+    from kmeans_dask import datasets, store
+
+    path = Path(args.store) if args.store else None
+    if path is None or not path.exists():
+        out = Path(tempfile.mkdtemp(prefix="kmeans-bench-"))
+        sources = datasets.resolve("fashion-mnist", args.source, download=False)
+        path = store.ingest("fashion-mnist", out, sources).path
+    import dask.array as da
+
+    splits = [store.open_data(path, s).images for s in store.list_splits(path)]
+    return da.concatenate(splits), path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=None, help="directory with the IDX files (default: sources as ingest)")
+    p.add_argument("--store", default=None, help="an existing fashion-mnist.zarr to read instead")
+    p.add_argument("--ks", default="10,256")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-default-fits", action="store_true")
+    p.add_argument("--json", default="benchmarks/results.json")
+    args = p.parse_args(argv)
+
+    import dask_ml.cluster
+    from distributed import Client, LocalCluster, wait
+    from sklearn.cluster import KMeans as SKKMeans
+    from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from kmeans_dask import KMeans
+    from kmeans_dask._passes import ChunkedRows
+    from kmeans_dask.kmeans import _regroup
+
+    X, path = load_rows(args)
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "blas": [(i["internal_api"], i.get("architecture")) for i in threadpool_info()]},
+              "data": {"store": str(path), "shape": list(X.shape), "chunks": len(X.chunks[0]),
+                       "uint8_bytes": int(X.nbytes)},
+              "iters": args.iters, "repeats": args.repeats, "results": []}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        # Warm up (imports, Zarr codecs) so the RSS growth below is the data alone.
+        X[:10].compute()
+        client.run(lambda: X[:1000].compute(scheduler="sync"))
+        base = client.run(_memory)
+        # The grouping KMeans.fit applies itself, done once here so every fit reuses it.
+        Xp, _ = _regroup(X, None, "auto")
+        Xp = Xp.persist()
+        wait(Xp)
+        after = client.run(_memory)
+        data_bytes = sum(after[w]["VmRSS"] - base[w]["VmRSS"] for w in after)
+        report["data"]["task_chunks"] = len(Xp.chunks[0])
+        report["data"]["worker_rss_for_data"] = data_bytes
+        report["data"]["ratio_to_uint8"] = data_bytes / X.nbytes
+        managed = sum(client.run(lambda dask_worker: sum(
+            getattr(v, "nbytes", 0) for v in dask_worker.data.values())).values())
+        report["data"]["dask_managed_bytes"] = managed
+        Xn = Xp.compute()
+        Xf64 = Xn / 255.0
+        Xf32 = Xf64.astype(np.float32)
+        Xd32 = (Xp.astype(np.float32) / 255).persist()
+        wait(Xd32)
+
+        # Empty iteration: the same graph and tasks, a kernel that does nothing.
+        rows = ChunkedRows(Xp, None, scale=1 / 255, block_rows=256)
+        rows.stats()
+        c10 = Xf64[:10]
+        empty = [timed(lambda: rows.lloyd(c10, kernel=_noop_lloyd), 1)[0] for _ in range(15)]
+        report["empty_iteration_s"] = statistics.median(empty)
+
+        for k in [int(v) for v in args.ks.split(",")]:
+            rng = np.random.default_rng(0)
+            init = Xf64[rng.choice(len(Xf64), k, replace=False)]
+            res = {"k": k}
+
+            def ours(iters):
+                client.run(_reset_peak)
+                km = KMeans(k, init=init, max_iter=iters, tol=0).fit(Xp)
+                return km
+
+            t1, _ = timed(lambda: ours(1), args.repeats)
+            tn, km = timed(lambda: ours(args.iters), args.repeats)
+            peak = client.run(_memory)
+            res["kmeans_dask"] = {
+                "per_iter_s": (tn - t1) / (args.iters - 1),
+                "per_iter_history_median_s": statistics.median(h["seconds"] for h in km.history_),
+                "fit_s": tn, "inertia": inertia_of(Xf64, km.cluster_centers_),
+                "peak_worker_rss": max(v["VmHWM"] for v in peak.values())}
+
+            def daskml(iters):
+                client.run(_reset_peak)
+                return dask_ml.cluster.KMeans(n_clusters=k, init=init, max_iter=iters,
+                                              tol=0).fit(Xd32)
+
+            t1, _ = timed(lambda: daskml(1), args.repeats)
+            tn, dm = timed(lambda: daskml(args.iters), args.repeats)
+            peak = client.run(_memory)
+            res["dask_ml"] = {"per_iter_s": (tn - t1) / (args.iters - 1), "fit_s": tn,
+                              "inertia": inertia_of(Xf64, dm.cluster_centers_),
+                              "peak_worker_rss": max(v["VmHWM"] for v in peak.values())}
+
+            with threadpool_limits(2):
+                def skl(iters):
+                    return SKKMeans(k, init=init, n_init=1, max_iter=iters, tol=0,
+                                    algorithm="lloyd").fit(Xf32)
+
+                t1, _ = timed(lambda: skl(1), args.repeats)
+                tn, sk = timed(lambda: skl(args.iters), args.repeats)
+            res["sklearn"] = {"per_iter_s": (tn - t1) / (args.iters - 1), "fit_s": tn,
+                              "inertia": inertia_of(Xf64, sk.cluster_centers_)}
+
+            if not args.skip_default_fits:
+                t, km = timed(lambda: KMeans(k, random_state=0).fit(Xp), 1)
+                res["kmeans_dask"].update(default_fit_s=t, default_n_iter=km.n_iter_,
+                                          default_inertia=inertia_of(Xf64, km.cluster_centers_))
+                t, km = timed(lambda: KMeans(k, algorithm="minibatch", random_state=0).fit(Xp), 1)
+                res["kmeans_dask_minibatch"] = {
+                    "default_fit_s": t, "default_n_steps": km.n_steps_,
+                    "default_inertia": inertia_of(Xf64, km.cluster_centers_)}
+                t, dm = timed(lambda: dask_ml.cluster.KMeans(n_clusters=k, random_state=0).fit(Xd32), 1)
+                res["dask_ml"].update(default_fit_s=t, default_n_iter=int(dm.n_iter_),
+                                      default_inertia=inertia_of(Xf64, dm.cluster_centers_))
+                with threadpool_limits(2):
+                    t, sk = timed(lambda: SKKMeans(k, n_init=1, random_state=0).fit(Xf32), 1)
+                    res["sklearn"].update(default_fit_s=t, default_n_iter=int(sk.n_iter_),
+                                          default_inertia=inertia_of(Xf64, sk.cluster_centers_))
+                    t, mb = timed(lambda: MiniBatchKMeans(k, n_init=1, random_state=0).fit(Xf32), 1)
+                    res["sklearn_minibatch"] = {"default_fit_s": t, "default_n_steps": int(mb.n_steps_),
+                                                "default_inertia": inertia_of(Xf64, mb.cluster_centers_)}
+            report["results"].append(res)
+            print_table([res], report)
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"\nempty iteration (orchestration only): {1e3 * report['empty_iteration_s']:.1f} ms")
+    print(f"worker memory for the data: RSS growth {report['data']['worker_rss_for_data'] / 2**20:.1f} MiB "
+          f"= {report['data']['ratio_to_uint8']:.2f} x its uint8 size; held by Dask "
+          f"{report['data']['dask_managed_bytes'] / 2**20:.1f} MiB "
+          f"({report['data']['task_chunks']} chunks)")
+    print(f"wrote {args.json}")
+
+
+def print_table(results, report):
+    mib = 2 ** 20
+    for res in results:
+        k = res["k"]
+        print(f"\nK = {k}, {report['iters']} iterations, same initial centres "
+              f"(median of {report['repeats']})")
+        print(f"{'engine':<24}{'ms/iter':>9}{'fit s':>8}{'inertia':>14}{'default fit s':>15}"
+              f"{'iters':>7}{'default inertia':>17}{'peak MiB':>10}")
+        for name in ("kmeans_dask", "dask_ml", "sklearn", "kmeans_dask_minibatch", "sklearn_minibatch"):
+            r = res.get(name)
+            if not r:
+                continue
+            per = f"{1e3 * r['per_iter_s']:.1f}" if "per_iter_s" in r else "-"
+            fit = f"{r['fit_s']:.2f}" if "fit_s" in r else "-"
+            inert = f"{r['inertia']:.1f}" if "inertia" in r else "-"
+            dfit = f"{r['default_fit_s']:.2f}" if "default_fit_s" in r else "-"
+            dn = r.get("default_n_iter", r.get("default_n_steps", "-"))
+            dinert = f"{r['default_inertia']:.1f}" if "default_inertia" in r else "-"
+            peak = f"{r['peak_worker_rss'] / mib:.0f}" if "peak_worker_rss" in r else "-"
+            print(f"{name:<24}{per:>9}{fit:>8}{inert:>14}{dfit:>15}{dn!s:>7}{dinert:>17}{peak:>10}")
+        ours, dm, sk = res["kmeans_dask"], res["dask_ml"], res["sklearn"]
+        print(f"kmeans-dask per iteration: {ours['per_iter_s'] / dm['per_iter_s']:.3f} x dask-ml, "
+              f"{ours['per_iter_s'] / sk['per_iter_s']:.2f} x scikit-learn "
+              f"(own record: {1e3 * ours['per_iter_history_median_s']:.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()
