@@ -27,6 +27,54 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings and errors")
 
 
+def add_model_options(parser: argparse.ArgumentParser, *, k_required: bool = True) -> None:
+    group = parser.add_argument_group("K-Means")
+    if k_required:
+        group.add_argument("--k", type=int, required=True, help="number of clusters")
+    group.add_argument("--init", default="k-means||", choices=["k-means||", "k-means++", "random"],
+                       help="initialisation (default: %(default)s)")
+    group.add_argument("--algorithm", default="lloyd", choices=["lloyd", "minibatch"],
+                       help="default: %(default)s")
+    group.add_argument("--max-iter", type=int, default=300,
+                       help="Lloyd iterations, or mini-batch passes over the data (default: %(default)s)")
+    group.add_argument("--tol", type=float, default=1e-4,
+                       help="tolerance on the centre shift, relative to the data's mean variance "
+                            "(default: %(default)s)")
+    group.add_argument("--n-init", type=int, default=1, help="initialisations, best kept (default: 1)")
+    group.add_argument("--batch-size", type=int, default=1024, help="mini-batch rows (default: 1024)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def model_params(args) -> dict:
+    params = {"init": args.init, "algorithm": args.algorithm, "max_iter": args.max_iter,
+              "tol": args.tol, "n_init": args.n_init, "batch_size": args.batch_size,
+              "random_state": args.seed}
+    if getattr(args, "k", None) is not None:
+        params["n_clusters"] = args.k
+    return params
+
+
+def iteration_bar(total, desc: str, quiet: bool):
+    """Progress for KMeans.fit's callback: a tqdm bar on a terminal, a log line every
+    10 iterations otherwise (so redirected output stays readable)."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty() and not quiet
+    bar = tqdm(total=total, desc=desc, unit="it", disable=not interactive, file=sys.stderr,
+               dynamic_ncols=True)
+    log = logging.getLogger("kmeans_dask.progress")
+
+    def callback(record):
+        bar.update(1)
+        bar.set_postfix(inertia=f"{record['inertia']:.6g}", shift=f"{record['center_shift']:.2e}",
+                        refresh=False)
+        if not interactive and record["iteration"] % 10 == 0:
+            log.info("%s: iteration %d, inertia %.6g, centre shift %.2e", desc,
+                     record["iteration"], record["inertia"], record["center_shift"])
+
+    return bar, callback
+
+
 def open_client(args):
     """Context manager: a connected Client for the job's cluster options, announced on stderr."""
     config = cluster.load_config(args.cluster, args.scheduler)
@@ -36,7 +84,8 @@ def open_client(args):
 def run(main, argv=None) -> int:
     try:
         return main(argv) or 0
-    except KMeansDaskError as exc:
+    except (KMeansDaskError, ValueError) as exc:
+        # ValueError: the estimator's parameter and data checks, which name the bad value.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

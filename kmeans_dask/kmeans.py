@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils import check_random_state
 
-from . import _kernels
+from . import _kernels, store
 from ._passes import DEFAULT_SPLIT_EVERY, ChunkedRows
 from .init import INITS
 
@@ -100,6 +100,8 @@ class KMeans(ClusterMixin, BaseEstimator):
         Per iteration (or mini-batch step): ``inertia`` (with the centres the
         step started from; for mini-batch, of the batch), ``center_shift``,
         ``seconds`` and ``relocated`` (empty clusters moved).
+    init_centers_ : ndarray of shape (n_clusters, n_features)
+        The initial centres of the kept run (float64).
     scale_ : float
         The scale applied to rows.
     n_features_in_ : int
@@ -289,10 +291,12 @@ class KMeans(ClusterMixin, BaseEstimator):
             result = loop(self, rows, centers, rng, callback)
             log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
                      result["inertia"], result["n_iter"])
+            result["init"] = np.asarray(centers, dtype=np.float64)
             if best is None or result["inertia"] < best["inertia"]:
                 best = result
         dtype = _kernels.compute_dtype(X.dtype)
         self.cluster_centers_ = best["centers"].astype(dtype)
+        self.init_centers_ = best["init"]
         self.inertia_ = float(best["inertia"])
         self.n_iter_ = best["n_iter"]
         self.n_steps_ = best["n_steps"]
@@ -523,3 +527,101 @@ def _minibatch(est: KMeans, rows: ChunkedRows, centers, rng, callback) -> dict:
     inertia = float(rows.lloyd(centers)["inertia"])
     return {"centers": centers, "inertia": inertia, "n_iter": math.ceil(step * batch / n),
             "n_steps": step, "history": history}
+
+
+# ---------------------------------------------------------------------- persistence
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("kmeans-dask", "dask", "distributed", "numpy", "zarr", "scikit-learn", "dask-ml"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _json_params(model: KMeans) -> dict:
+    params = model.get_params()
+    if not isinstance(params["init"], str):
+        params["init"] = "array"
+    if not (params["random_state"] is None or isinstance(params["random_state"], numbers.Integral)):
+        params["random_state"] = repr(params["random_state"])
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+
+
+def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = None,
+         overwrite: bool = False):
+    """Write a fitted model, its labels and its run record to a result store.
+
+    The labels are written chunk by chunk by the workers; the store is
+    created under a temporary name and renamed into place when complete.
+
+    Parameters
+    ----------
+    model : KMeans
+        A fitted estimator.
+    path : path-like
+        The result store (``RESULT.zarr``).
+    data : dict, optional
+        What was clustered (store path, split, checksums); kept in the
+        attributes so evaluation can find the true labels.
+    extra : dict, optional
+        More JSON-serialisable attributes (elapsed time, ...).
+    overwrite : bool, default=False
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    if not hasattr(model, "cluster_centers_"):
+        raise ValueError("this KMeans is not fitted yet; call fit first")
+    record = {
+        "params": _json_params(model),
+        "inertia": model.inertia_,
+        "n_iter": int(model.n_iter_),
+        "n_steps": int(model.n_steps_),
+        "history": model.history_,
+        "scale": model.scale_,
+        "n_features": int(model.n_features_in_),
+        "data": data or {},
+        "versions": _versions(),
+        **(extra or {}),
+    }
+    return store.write_result(path, model.cluster_centers_, model.labels_, record,
+                              init=model.init_centers_, overwrite=overwrite)
+
+
+def load(path) -> KMeans:
+    """A fitted :class:`KMeans` from a result store (no pickle: arrays and JSON only).
+
+    ``labels_`` is the stored label array (lazy); ``predict``, ``transform``
+    and ``score`` work as after ``fit``.
+
+    Raises
+    ------
+    kmeans_dask.errors.StoreError
+        The store is missing or fails its schema check.
+    """
+    result = store.read_result(path)
+    attrs = result.attrs
+    params = dict(attrs["params"])
+    if params.get("init") == "array":
+        params["init"] = result.init
+    if isinstance(params.get("random_state"), str):
+        params["random_state"] = None
+    known = KMeans().get_params()
+    model = KMeans(**{k: v for k, v in params.items() if k in known})
+    model.cluster_centers_ = result.centroids
+    model.init_centers_ = result.init
+    model.labels_ = result.labels
+    model.inertia_ = float(attrs["inertia"])
+    model.n_iter_ = int(attrs["n_iter"])
+    model.n_steps_ = int(attrs.get("n_steps", attrs["n_iter"]))
+    model.history_ = list(attrs["history"])
+    model.scale_ = float(attrs["scale"])
+    model.n_features_in_ = int(attrs["n_features"])
+    return model

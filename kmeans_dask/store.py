@@ -330,15 +330,17 @@ class Result:
     """A result store, read back and checked."""
 
     path: Path
-    centroids: np.ndarray  # (k, d) float32
+    centroids: np.ndarray  # (k, d) float32 (float64 for float64 models)
     labels: da.Array  # (n,) int32
     attrs: dict
+    init: np.ndarray | None = None  # (k, d) float64 initial centres, when stored
 
 
-RESULT_REQUIRED_ATTRS = ("params", "inertia", "n_iter", "history", "data")
+RESULT_REQUIRED_ATTRS = ("params", "inertia", "n_iter", "history", "data", "scale", "n_features")
 
 
-def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, overwrite=False) -> Path:
+def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, init=None,
+                 overwrite=False) -> Path:
     """Write a result store atomically.
 
     ``labels`` is stored by the workers chunk by chunk (one task per chunk of
@@ -348,16 +350,45 @@ def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, 
     with atomic_path(path, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update(format=RESULT_FORMAT, schema_version=SCHEMA_VERSION, **attrs)
+        # float32 for images (as fitted), float64 only when the model is float64.
+        dtype = np.float64 if centroids.dtype == np.float64 else np.float32
         cent = root.create_array("centroids", shape=centroids.shape, chunks=centroids.shape,
-                                 dtype="float32")
-        cent[...] = centroids.astype(np.float32)
-        rows = labels.chunks[0]
-        lab = root.create_array("labels", shape=labels.shape, chunks=(max(rows),), dtype="int32")
-        if len(set(rows[:-1])) > 1:
-            # Zarr chunks are regular; rechunk so every task writes whole Zarr chunks.
-            labels = labels.rechunk(max(rows))
-        da.store(labels.astype(np.int32), lab, lock=False)
+                                 dtype=dtype)
+        cent[...] = centroids.astype(dtype)
+        if init is not None:
+            arr = root.create_array("init", shape=init.shape, chunks=init.shape, dtype="float64")
+            arr[...] = init
+        _write_labels(root, labels)
     return path
+
+
+def _write_labels(root: zarr.Group, labels: da.Array) -> None:
+    """Store ``labels`` as int32, one task per chunk, each writing whole Zarr chunks."""
+    rows = labels.chunks[0]
+    lab = root.create_array("labels", shape=labels.shape, chunks=(max(rows),), dtype="int32")
+    if len(set(rows[:-1])) > 1 or rows[-1] > rows[0]:
+        # Zarr chunks are regular; rechunk so no two tasks write into one Zarr chunk.
+        labels = labels.rechunk(max(rows))
+    da.store(labels.astype(np.int32), lab, lock=False)
+
+
+LABELS_FORMAT = "kmeans-dask/labels"
+
+
+def write_labels(path, labels: da.Array, attrs: dict, *, overwrite=False) -> Path:
+    """Write a labels store (``labels`` (n,) int32 plus attributes) atomically."""
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update(format=LABELS_FORMAT, schema_version=SCHEMA_VERSION, **attrs)
+        _write_labels(root, labels)
+    return path
+
+
+def read_labels(path) -> tuple[da.Array, dict]:
+    """Open a labels store written by :func:`write_labels`, schema checked."""
+    root = _open_group(path, LABELS_FORMAT, "labels store")
+    return da.from_zarr(_array(root, "labels", str(path), np.int32, 1)), dict(root.attrs)
 
 
 def read_result(path) -> Result:
@@ -375,9 +406,16 @@ def read_result(path) -> Result:
     missing = [a for a in RESULT_REQUIRED_ATTRS if a not in attrs]
     if missing:
         raise StoreError(f"{path}: result store lacks attribute(s) {missing}")
-    cent = _array(root, "centroids", str(path), np.float32, 2)
+    cent = root.get("centroids")
+    dtype = cent.dtype if isinstance(cent, zarr.Array) and cent.dtype == np.float64 else np.float32
+    cent = _array(root, "centroids", str(path), dtype, 2)
     labels = _array(root, "labels", str(path), np.int32, 1)
     k = attrs["params"].get("n_clusters")
-    if cent.shape[0] != k:
-        raise StoreError(f"{path}/centroids: shape {cent.shape}, expected ({k}, d)")
-    return Result(path, np.asarray(cent[...]), da.from_zarr(labels), attrs)
+    if cent.shape != (k, attrs["n_features"]):
+        raise StoreError(f"{path}/centroids: shape {cent.shape}, expected ({k}, {attrs['n_features']})")
+    init = None
+    if "init" in root:
+        init = np.asarray(_array(root, "init", str(path), np.float64, 2)[...])
+        if init.shape != cent.shape:
+            raise StoreError(f"{path}/init: shape {init.shape}, expected {cent.shape}")
+    return Result(path, np.asarray(cent[...]), da.from_zarr(labels), attrs, init)

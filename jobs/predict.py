@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Label the rows of a data store with a fitted result (the result store is the model).
+
+Example::
+
+    python jobs/predict.py --result outputs/fashion-k10.zarr \\
+        --data outputs/data/fashion-mnist.zarr --split test --out outputs/fashion-test-labels.zarr
+"""
+
+import argparse
+import sys
+
+from kmeans_dask import _cli, cluster, workflows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--result", required=True, metavar="RESULT.zarr")
+    p.add_argument("--data", required=True, metavar="STORE.zarr")
+    p.add_argument("--split", default="test", help="default: %(default)s")
+    p.add_argument("--out", required=True, metavar="LABELS.zarr")
+    p.add_argument("--overwrite", action="store_true")
+    _cli.add_cluster_options(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _cli.setup_logging(args.quiet)
+    from kmeans_dask import load, store
+
+    load(args.result)  # schema check before any cluster work
+    store.open_data(args.data, args.split)
+    workflows.check_output(args.out, args.overwrite)
+    with _cli.open_client(args) as client:
+        print(cluster.describe(client), file=sys.stderr)
+        path = workflows.predict_store(args.result, args.data, args.split, args.out,
+                                       overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli.run(main))

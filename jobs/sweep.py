@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""The elbow study: fit every K, report train/test inertia, accuracy, homogeneity and NMI.
+
+Example::
+
+    python jobs/sweep.py --data outputs/data/mnist.zarr --ks 10,16,36,64,144,256,400 \\
+        --out outputs/mnist-sweep
+
+Writes sweep.csv, sweep.json and elbow.png into --out.
+"""
+
+import argparse
+import sys
+
+from kmeans_dask import _cli, cluster, workflows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, metavar="STORE.zarr")
+    p.add_argument("--ks", required=True, help="comma-separated K values, e.g. 10,16,36,64")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true")
+    _cli.add_model_options(p, k_required=False)
+    _cli.add_cluster_options(p)
+    return p
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--ks must be comma-separated integers, got {text!r}") from None
+    if not ks:
+        raise ValueError("--ks is empty")
+    return ks
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _cli.setup_logging(args.quiet)
+    ks = parse_ks(args.ks)
+    from kmeans_dask import store
+
+    store.list_splits(args.data)  # schema check before any cluster work
+    workflows.check_output(args.out, args.overwrite)
+    params = _cli.model_params(args)
+    with _cli.open_client(args) as client:
+        print(cluster.describe(client), file=sys.stderr)
+        print(f"{'K':>5} {'train inertia':>14} {'test inertia':>14} {'accuracy':>9} "
+              f"{'homog.':>7} {'NMI':>7} {'iters':>6} {'s':>6}")
+
+        def show(r):
+            test = f"{r['test_inertia']:.6g}" if r["test_inertia"] is not None else "-"
+            print(f"{r['k']:>5} {r['train_inertia']:>14.6g} {test:>14} {r['accuracy']:>9.4f} "
+                  f"{r['homogeneity']:>7.4f} {r['nmi']:>7.4f} {r['n_iter']:>6} {r['seconds']:>6.1f}",
+                  flush=True)
+
+        workflows.sweep(args.data, ks, params, args.out, progress=show)
+    print(f"wrote {args.out}/sweep.csv, sweep.json and elbow.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli.run(main))
