@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from . import cluster
@@ -81,7 +82,13 @@ def open_client(args):
     return cluster.connect(config)
 
 
+def _terminate(signum, frame):
+    # Turn SIGTERM into an exception so atomic writers remove their temporary files.
+    raise SystemExit(128 + signum)
+
+
 def run(main, argv=None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(argv) or 0
     except (KMeansDaskError, ValueError) as exc:

@@ -167,3 +167,20 @@ def fashion_test_small_chunks(shared_datasets, tmp_path_factory) -> Path:
     sources = {"test": datasets.resolve_split("fashion-mnist", "test", shared_datasets,
                                               download=False)}
     return store.ingest("fashion-mnist", out, sources, chunk_rows=1500).path
+
+
+def run_job(name: str, *args, timeout: float = 600, env=None):
+    """Run ``jobs/NAME.py`` as a user would; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,70 @@
+"""cluster.yaml parsing and validation (cluster.py), no cluster started."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmeans_dask import cluster
+from kmeans_dask.errors import ConfigError
+
+from conftest import ROOT
+
+
+def test_shipped_cluster_yaml_is_valid():
+    config = cluster.load_config(ROOT / "cluster.yaml")
+    assert config.mode == "local"
+    assert config.local.dashboard_address.startswith("127.0.0.1:")
+    assert config.remote.address == "tcp://127.0.0.1:8786"
+
+
+def test_defaults_without_a_file():
+    config = cluster.load_config(None)
+    assert config == cluster.ClusterConfig()
+    assert config.local.n_workers == 2 and config.local.threads_per_worker == 1
+
+
+def test_scheduler_option_overrides_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: local\nremote:\n  address: tcp://127.0.0.1:9999\n  timeout: 3\n")
+    config = cluster.load_config(f, "tcp://127.0.0.1:8786")
+    assert config.mode == "remote"
+    assert config.remote.address == "tcp://127.0.0.1:8786" and config.remote.timeout == 3
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("mode: cloud\n", "c.yaml: mode: expected 'local' or 'remote', got 'cloud'"),
+        ("workers: 3\n", "c.yaml: unknown key 'workers' (expected mode, local, remote)"),
+        ("local:\n  n_worker: 3\n", "c.yaml: local.n_worker: unknown key"),
+        ("local:\n  n_workers: two\n", "c.yaml: local.n_workers: expected int, got 'two'"),
+        ("local:\n  n_workers: 0\n", "c.yaml: local.n_workers and local.threads_per_worker must be >= 1"),
+        ("local: [1, 2]\n", "c.yaml: local: expected a mapping, got list"),
+        ("mode: remote\n", "c.yaml: mode is 'remote' but there is no remote section"),
+        ("remote:\n  timeout: 3\n", "c.yaml: remote.address is required"),
+        ("remote:\n  address: 127.0.0.1:8786\n", "c.yaml: remote.address: expected tcp://HOST:PORT or tls://HOST:PORT, got '127.0.0.1:8786'"),
+        ("remote:\n  address: tls://127.0.0.1:8786\n", "c.yaml: remote.address is tls:// but remote.tls is not set"),
+        ("remote:\n  address: tls://h:1\n  tls:\n    ca_file: a\n", "c.yaml: remote.tls lacks ['cert_file', 'key_file']"),
+        ("local:\n  n_workers: [\n", "c.yaml: malformed YAML"),
+        ("- 1\n- 2\n", "c.yaml: expected a mapping at the top level, got list"),
+    ],
+)
+def test_malformed_files_name_the_key(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        cluster.load_config(f)
+    assert str(err.value).startswith(message.replace("c.yaml", str(f), 1)), str(err.value)
+
+
+def test_missing_file_and_bad_scheduler_option(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cluster configuration not found"):
+        cluster.load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"--scheduler: remote.address: expected tcp://"):
+        cluster.load_config(None, "localhost:8786")
+
+
+def test_tls_paths_must_exist(tmp_path):
+    tls = cluster.TLSConfig(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    with pytest.raises(ConfigError, match=r"remote.tls.ca_file: .*ca.pem does not exist"):
+        cluster.security_for(tls)
