@@ -7,7 +7,9 @@ Example::
         --out outputs/fashion-k10.zarr
 
 Writes RESULT.zarr (centroids, labels, attributes) and RESULT-report.html
-(a Dask performance report) next to it.
+(a Dask performance report) next to it.  A Lloyd fit keeps a checkpoint,
+RESULT.zarr.checkpoint.json, updated after every iteration and removed when
+the result is complete; --resume continues an interrupted fit from it.
 """
 
 import argparse
@@ -23,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="RESULT.zarr")
     p.add_argument("--overwrite", action="store_true", help="replace an existing RESULT.zarr")
     p.add_argument("--no-report", action="store_true", help="skip the Dask performance report")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fit from RESULT.zarr.checkpoint.json "
+                        "(Lloyd, --n-init 1; same arguments as the interrupted run)")
     _cli.add_model_options(p)
     _cli.add_cluster_options(p)
     return p
@@ -32,7 +37,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
     data = workflows.open_fit_input(args.data, args.split, args.k)
-    out = workflows.check_output(args.out, args.overwrite)
+    out = args.out if args.resume else workflows.check_output(args.out, args.overwrite)
     params = _cli.model_params(args)
     with _cli.open_client(args) as client:
         print(cluster.describe(client), file=sys.stderr)
@@ -40,7 +45,8 @@ def main(argv=None) -> int:
         bar, callback = _cli.iteration_bar(total, f"fit K={args.k}", args.quiet)
         with bar:
             model, path = workflows.fit_store(data, out, params, overwrite=args.overwrite,
-                                              callback=callback, with_report=not args.no_report)
+                                              callback=callback, with_report=not args.no_report,
+                                              resume=args.resume)
     print(f"inertia {model.inertia_:.6g} after {model.n_iter_} iterations "
           f"({model.fit_seconds_:.1f} s)")
     print(f"wrote {path}")

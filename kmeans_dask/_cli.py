@@ -95,6 +95,12 @@ def run(main, argv=None) -> int:
         # ValueError: the estimator's parameter and data checks, which name the bad value.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        # A full disk, a permission problem: the outputs were written atomically, so
+        # nothing half-written is left; say which file and why.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -72,12 +72,13 @@ class KMeans(ClusterMixin, BaseEstimator):
         at most half the cluster's memory); otherwise every pass reads them
         again from their source (for example a Zarr store).
     task_rows : "auto" or int, default="auto"
-        Rows handled by one task per pass.  Input chunks smaller than this
-        are merged (rechunked before persisting) so each pass runs a few
-        well-sized tasks: Dask's per-task cost is a large share of a cheap
-        iteration.  "auto" aims at about 32 MiB of input per task; the
-        grouping depends only on the data's shape, never on the cluster, so
-        results stay reproducible on any number of workers.
+        Rows handled by one task per pass when the rows are persisted.
+        Input chunks smaller than this are merged before persisting so each
+        pass runs a few well-sized tasks: Dask's per-task cost is a large
+        share of a cheap iteration.  "auto" aims at about 32 MiB of input per
+        task; the grouping depends only on the data's shape, never on the
+        cluster, so results stay reproducible on any number of workers.
+        Streamed rows keep their source's chunks.
     block_rows : int, default=256
         Rows converted to float and multiplied at a time inside a task.
     split_every : int, default=8
@@ -236,7 +237,7 @@ class KMeans(ClusterMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+    def fit(self, X, y=None, sample_weight=None, *, callback=None, checkpoint=None, resume=None):
         """Compute K-Means clustering.
 
         Parameters
@@ -248,7 +249,15 @@ class KMeans(ClusterMixin, BaseEstimator):
             Non-negative weight of every row.
         callback : callable, optional
             Called with each entry of ``history_`` as it is recorded (for
-            progress bars and checkpoints).
+            progress bars).
+        checkpoint : callable, optional
+            Lloyd only: called after every iteration with the state needed to
+            resume, a dict with ``iteration``, ``centers`` (the updated
+            centres), ``init`` and ``history``.
+        resume : dict, optional
+            A state passed to ``checkpoint`` earlier: the fit skips the
+            initialisation and continues from it, ending exactly where an
+            uninterrupted fit would (Lloyd with ``n_init=1`` only).
 
         Returns
         -------
@@ -268,11 +277,21 @@ class KMeans(ClusterMixin, BaseEstimator):
                                  f"(n_clusters, n_features) = ({self.n_clusters}, {d})")
             if not np.isfinite(init).all():
                 raise ValueError("init array contains NaN or infinity")
+        if resume is not None:
+            if self.algorithm != "lloyd" or self.n_init != 1:
+                raise ValueError("resume needs algorithm='lloyd' and n_init=1, got "
+                                 f"algorithm={self.algorithm!r}, n_init={self.n_init}")
+            if np.shape(resume["centers"]) != (self.n_clusters, d):
+                raise ValueError(f"resume centres have shape {np.shape(resume['centers'])}, "
+                                 f"expected ({self.n_clusters}, {d})")
         scale = self._effective_scale(X.dtype)
         input_chunks = X.chunks[0]
-        X, w = _regroup(X, w, self.task_rows)
         if self._should_persist(X):
-            X, w = _persist(X, w)
+            X, w = _persist(*_regroup(X, w, self.task_rows))
+        else:
+            # Streamed from its source each pass: keep the source's chunks, so a task
+            # holds one chunk at a time and nothing waits in memory to be merged.
+            log.info("rows not persisted (%.0f MiB): streaming them each pass", X.nbytes / 2**20)
         rows = self._rows(X, w, scale)
         start = time.perf_counter()
         stats = rows.stats()
@@ -283,12 +302,19 @@ class KMeans(ClusterMixin, BaseEstimator):
         best = None
         for run in range(self.n_init):
             t0 = time.perf_counter()
-            centers = (init.copy() if not isinstance(init, str)
-                       else self._initial_centers(init, rows, rng))
-            log.info("init %s (run %d/%d): %.2f s", init if isinstance(init, str) else "array",
-                     run + 1, self.n_init, time.perf_counter() - t0)
-            loop = _lloyd if self.algorithm == "lloyd" else _minibatch
-            result = loop(self, rows, centers, rng, callback)
+            if resume is not None:
+                centers = np.asarray(resume["init"], dtype=np.float64)
+                log.info("resuming after iteration %d", len(resume["history"]))
+            elif isinstance(init, str):
+                centers = self._initial_centers(init, rows, rng)
+                log.info("init %s (run %d/%d): %.2f s", init, run + 1, self.n_init,
+                         time.perf_counter() - t0)
+            else:
+                centers = init.copy()
+            if self.algorithm == "lloyd":
+                result = _lloyd(self, rows, centers, callback, checkpoint, resume)
+            else:
+                result = _minibatch(self, rows, centers, rng, callback)
             log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
                      result["inertia"], result["n_iter"])
             result["init"] = np.asarray(centers, dtype=np.float64)
@@ -447,11 +473,15 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
     return new, int(empty.size)
 
 
-def _lloyd(est: KMeans, rows: ChunkedRows, centers, rng, callback) -> dict:
-    centers = np.asarray(centers, dtype=np.float64)
+def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resume=None) -> dict:
+    centers = np.asarray(init, dtype=np.float64)
     history = []
-    n_iter = 0
-    for n_iter in range(1, est.max_iter + 1):
+    if resume is not None:
+        centers = np.asarray(resume["centers"], dtype=np.float64)
+        history = [dict(h) for h in resume["history"]]
+    n_iter = len(history)
+    done = bool(history) and history[-1]["center_shift"] <= est._tol
+    for n_iter in range(len(history) + 1, est.max_iter + 1 if not done else 0):
         t0 = time.perf_counter()
         part = rows.lloyd(centers)
         new, relocated = _new_centers(rows, centers, part)
@@ -463,8 +493,11 @@ def _lloyd(est: KMeans, rows: ChunkedRows, centers, rng, callback) -> dict:
         if callback is not None:
             callback(record)
         centers = new
+        if checkpoint is not None:
+            checkpoint({"iteration": n_iter, "centers": centers, "init": init, "history": history})
         if shift <= est._tol:
             break
+    n_iter = len(history)
     # Inertia of the final centres, as scikit-learn reports it.
     inertia = float(rows.lloyd(centers)["inertia"])
     return {"centers": centers, "inertia": inertia, "n_iter": n_iter, "n_steps": n_iter,

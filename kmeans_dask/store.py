@@ -21,7 +21,9 @@ refuses a store that fails by naming it.  Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -419,3 +421,91 @@ def read_result(path) -> Result:
         if init.shape != cent.shape:
             raise StoreError(f"{path}/init: shape {init.shape}, expected {cent.shape}")
     return Result(path, np.asarray(cent[...]), da.from_zarr(labels), attrs, init)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "kmeans-dask/checkpoint"
+
+
+def checkpoint_path(result_path) -> Path:
+    """Where a fit writing ``RESULT.zarr`` keeps its checkpoint: ``RESULT.zarr.checkpoint.json``."""
+    result_path = Path(result_path)
+    return result_path.with_name(result_path.name + ".checkpoint.json")
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f8").tobytes()).decode("ascii")
+
+
+def _unb64(text: str, shape, where: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, AttributeError) as exc:
+        raise StoreError(f"{where}: not base64 ({exc})") from None
+    if len(raw) != 8 * int(np.prod(shape)):
+        raise StoreError(f"{where}: {len(raw)} bytes, expected {8 * int(np.prod(shape))} for {shape}")
+    return np.frombuffer(raw, dtype="<f8").reshape(shape).astype(np.float64)
+
+
+def write_checkpoint(path, state: dict, record: dict) -> Path:
+    """Replace the checkpoint file atomically (temporary file, fsync, rename).
+
+    ``state`` is what :meth:`KMeans.fit` passes to its ``checkpoint``
+    callback; ``record`` identifies the run (parameters, input data) so a
+    resume can refuse a checkpoint that belongs to another run.  Centres are
+    stored exactly (little-endian float64, base64) in plain JSON.
+    """
+    path = Path(path)
+    centers = np.asarray(state["centers"], dtype=np.float64)
+    doc = {
+        "format": CHECKPOINT_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "iteration": int(state["iteration"]),
+        "shape": list(centers.shape),
+        "centers": _b64(centers),
+        "init": _b64(state["init"]),
+        "history": state["history"],
+        **record,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """Read a checkpoint written by :func:`write_checkpoint`, schema checked.
+
+    Returns the document with ``centers`` and ``init`` decoded to arrays.
+
+    Raises
+    ------
+    StoreError
+        Missing, unreadable or malformed checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no checkpoint to resume from")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable checkpoint ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise StoreError(f"{path}: not a kmeans-dask checkpoint")
+    for key in ("iteration", "shape", "centers", "init", "history", "params", "data"):
+        if key not in doc:
+            raise StoreError(f"{path}: checkpoint lacks {key!r}")
+    shape = tuple(doc["shape"])
+    doc["centers"] = _unb64(doc["centers"], shape, f"{path}: centers")
+    doc["init"] = _unb64(doc["init"], shape, f"{path}: init")
+    if len(doc["history"]) != doc["iteration"]:
+        raise StoreError(f"{path}: {len(doc['history'])} history entries for iteration {doc['iteration']}")
+    return doc

@@ -98,24 +98,103 @@ def data_record(data: store.DataSplit) -> dict:
     }
 
 
+def _same_run(doc: dict, record: dict, path: Path) -> None:
+    for key in ("params", "data"):
+        if doc[key] != record[key]:
+            diff = sorted(k for k in set(doc[key]) | set(record[key])
+                          if doc[key].get(k) != record[key].get(k))
+            raise StoreError(f"{path}: the checkpoint belongs to another run ({key} differ in "
+                             f"{diff}); rerun without --resume, or with the same arguments")
+
+
+def _client_status() -> str | None:
+    try:
+        from distributed import default_client
+
+        return default_client().status
+    except (ImportError, ValueError):
+        return None
+
+
+def _scheduler_address() -> str | None:
+    try:
+        from distributed import default_client
+
+        return default_client().scheduler.address
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
 def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, callback=None,
-              with_report=True) -> tuple[KMeans, Path]:
+              with_report=True, resume=False) -> tuple[KMeans, Path]:
     """Fit K-Means on a data split and write the result store (and its performance report).
 
+    Lloyd fits with ``n_init=1`` write a checkpoint after every iteration
+    (:func:`kmeans_dask.store.checkpoint_path`), removed once the result is
+    complete; ``resume=True`` continues from it and ends with the centres an
+    uninterrupted fit would have.
+
     Returns the fitted model and the result path.
+
+    Raises
+    ------
+    ClusterError
+        The scheduler was lost; the message says where the last checkpoint is.
     """
-    out = check_output(out, overwrite)
+    from concurrent.futures import CancelledError
+
+    from .errors import ClusterError
+
+    out = Path(out)
+    ckpt = store.checkpoint_path(out)
+    record = {"params": dict(sorted(params.items())), "data": data_record(data)}
+    state = None
+    if resume:
+        if out.exists():
+            raise StoreError(f"{out} is already complete; there is nothing to resume")
+        doc = store.read_checkpoint(ckpt)
+        _same_run(doc, record, ckpt)
+        state = {"centers": doc["centers"], "init": doc["init"], "history": doc["history"]}
+        _remove_stale_temporaries(out)
+    else:
+        check_output(out, overwrite)
     model = KMeans(**params)
+    checkpoint = None
+    if model.algorithm == "lloyd" and model.n_init == 1:
+        def checkpoint(st):
+            store.write_checkpoint(ckpt, st, record)
+    address = _scheduler_address()
     start = time.perf_counter()
     ctx = performance_report(report_path(out)) if with_report else contextlib.nullcontext()
-    with ctx:
-        model.fit(data.images, callback=callback)
-        elapsed = time.perf_counter() - start
-        save(model, out, data=data_record(data), overwrite=overwrite,
-             extra={"elapsed_s": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    try:
+        with ctx:
+            model.fit(data.images, callback=callback, checkpoint=checkpoint, resume=state)
+            elapsed = time.perf_counter() - start
+            save(model, out, data=data_record(data), overwrite=overwrite,
+                 extra={"elapsed_s": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "resumed_from": len(state["history"]) if state else None})
+    except (CancelledError, OSError) as exc:
+        if address is None or _client_status() == "running":
+            raise
+        where = (f"the last checkpoint is {ckpt} (iteration {store.read_checkpoint(ckpt)['iteration']}); "
+                 f"rerun with --resume once a scheduler is back" if ckpt.exists()
+                 else "no checkpoint was written")
+        raise ClusterError(f"lost the scheduler at {address} ({type(exc).__name__}); {where}") from exc
+    ckpt.unlink(missing_ok=True)
     log.info("fit K=%d on %s/%s: inertia %.6g, %d iterations, %.1f s", model.n_clusters,
              data.path, data.split, model.inertia_, model.n_iter_, elapsed)
-    return model, Path(out)
+    return model, out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of an earlier run of the same output that was killed before its cleanup."""
+    import shutil
+
+    report = report_path(out)
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*", f".{report.name}.*.html",
+                    f".{store.checkpoint_path(out).name}.*"):
+        for stale in out.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- predict

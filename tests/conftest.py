@@ -93,10 +93,11 @@ class DaskProcesses:
         self.dask = str(exe) if exe.exists() else shutil.which("dask")
         self.procs = []
         self.address = None
-        # One BLAS thread per worker, as Dask's nanny would set: results must not
-        # depend on how many threads a GEMM was split over.
+        # What Dask's nanny would set for its worker (these workers run without one,
+        # so SIGKILL hits the worker itself): one BLAS thread, so results do not
+        # depend on how a GEMM was split, and freed memory returned to the OS.
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                    "MKL_NUM_THREADS": "1"}
+                    "MKL_NUM_THREADS": "1", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
     def _spawn(self, args, name):
         import subprocess
@@ -154,8 +155,8 @@ def wait_for_workers(client, n, timeout=60):
 
 
 @pytest.fixture
-def dask_processes(tmp_path):
-    procs = DaskProcesses(tmp_path)
+def dask_processes(tmp_path_factory):
+    procs = DaskProcesses(tmp_path_factory.mktemp("dask"))
     yield procs
     procs.stop_all()
 

@@ -1,0 +1,198 @@
+"""Faults caused for real on dask scheduler/worker processes on 127.0.0.1.
+
+A worker killed mid-fit, the client killed mid-fit then resumed, the
+scheduler lost, and data larger than the cluster's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+from distributed import Client
+
+from kmeans_dask import KMeans, store
+
+from conftest import ROOT, leftovers, run_job
+
+pytestmark = pytest.mark.cluster
+
+
+def _worker_pids(client) -> dict:
+    return client.run(os.getpid)
+
+
+def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fashion_store):
+    address = dask_processes.start_scheduler()
+    for _ in range(3):
+        dask_processes.start_worker()
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(3, timeout=60)
+        X = store.open_data(fashion_store, "train").images
+        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, task_rows=10_000)
+        calm = KMeans(**params).fit(X)
+
+        killed = {}
+
+        def kill_during_iteration_3(record):
+            if record["iteration"] == 2:
+                # The worker holding the most data dies while iteration 3 runs.
+                held = client.has_what()
+                victim = max(held, key=lambda w: len(held[w]))
+                pid = _worker_pids(client)[victim]
+
+                def kill():
+                    time.sleep(0.01)
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+
+                threading.Thread(target=kill).start()
+
+        hurt = KMeans(**params).fit(X, callback=kill_during_iteration_3)
+        assert "pid" in killed
+        assert len(client.scheduler_info()["workers"]) == 2
+        np.testing.assert_array_equal(hurt.cluster_centers_, calm.cluster_centers_)
+        assert hurt.inertia_ == calm.inertia_
+        np.testing.assert_array_equal(hurt.labels_.compute(), calm.labels_.compute())
+
+
+def _wait_for_checkpoint(path, iteration, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early: {proc.communicate()}")
+        try:
+            if json.loads(path.read_text())["iteration"] >= iteration:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at iteration {iteration} in {timeout} s")
+
+
+def _start_fit(args):
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "fit.py"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_client_killed_then_resumed_ends_with_the_same_centres(dask_processes, fashion_store,
+                                                               tmp_path):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker()
+    dask_processes.start_worker()
+    common = ["--data", fashion_store, "--k", 10, "--tol", 0, "--max-iter", 40, "--seed", 1,
+              "--scheduler", address]
+    whole = run_job("fit", *common, "--out", tmp_path / "whole.zarr")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "r.zarr"
+    proc = _start_fit([*common, "--out", out])
+    ckpt = store.checkpoint_path(out)
+    _wait_for_checkpoint(ckpt, 3, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    doc = store.read_checkpoint(ckpt)
+    assert 3 <= doc["iteration"] < 40 and not out.exists()
+    again = run_job("fit", *common, "--out", out, "--resume")
+    assert again.returncode == 0, again.stderr
+    a, b = store.read_result(out), store.read_result(tmp_path / "whole.zarr")
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.attrs["inertia"] == b.attrs["inertia"] and a.attrs["n_iter"] == 40
+    assert a.attrs["resumed_from"] == doc["iteration"]
+    assert [h["inertia"] for h in a.attrs["history"]] == [h["inertia"] for h in b.attrs["history"]]
+    assert sorted(leftovers(tmp_path)) == ["r-report.html", "r.zarr", "whole-report.html", "whole.zarr"]
+    # Resuming a finished run, or another run's checkpoint, is refused by name.
+    done = run_job("fit", *common, "--out", out, "--resume")
+    assert done.returncode == 2 and f"{out} is already complete" in done.stderr
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(dask_processes, fashion_store, tmp_path):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker()
+    out = tmp_path / "r.zarr"
+    common = ["--data", fashion_store, "--k", 10, "--tol", 0, "--max-iter", 60,
+              "--scheduler", address, "--out", out]
+    proc = _start_fit(common)
+    _wait_for_checkpoint(store.checkpoint_path(out), 2, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    other = run_job("fit", *common[:3], 12, *common[4:], "--resume")
+    assert other.returncode == 2
+    assert "the checkpoint belongs to another run (params differ in ['n_clusters'])" in other.stderr
+    missing = run_job("fit", *common[:-1], tmp_path / "none.zarr", "--resume")
+    assert missing.returncode == 2 and "none.zarr.checkpoint.json: no checkpoint to resume from" in missing.stderr
+
+
+def test_scheduler_lost_exits_with_the_checkpoint_location(dask_processes, fashion_store, tmp_path):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker()
+    out = tmp_path / "r.zarr"
+    proc = _start_fit(["--data", fashion_store, "--k", 10, "--tol", 0, "--max-iter", 300,
+                       "--scheduler", address, "--out", out])
+    ckpt = store.checkpoint_path(out)
+    _wait_for_checkpoint(ckpt, 2, proc)
+    t0 = time.monotonic()
+    os.kill(dask_processes.scheduler.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: lost the scheduler at {address}"), last
+    assert f"the last checkpoint is {ckpt} (iteration " in last and "rerun with --resume" in last
+    assert elapsed < 60
+    doc = store.read_checkpoint(ckpt)  # intact and readable
+    assert doc["iteration"] >= 2
+    assert sorted(leftovers(tmp_path)) == [ckpt.name]
+
+
+def _big_store(fashion_store, path, repeats: int) -> int:
+    """A data store of Fashion-MNIST's train images repeated ``repeats`` times."""
+    src = store.open_data(fashion_store, "train")
+    images = src.images.compute()
+    labels = src.labels.compute()
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update(zarr.open_group(str(fashion_store), mode="r").attrs.asdict())
+    group = root.create_group("train")
+    group.attrs.update(src.attrs)
+    n = len(images) * repeats
+    img = group.create_array("images", shape=(n, 784), chunks=(10_000, 784), dtype="uint8")
+    lab = group.create_array("labels", shape=(n,), chunks=(10_000,), dtype="uint8")
+    for r in range(repeats):
+        img[r * len(images):(r + 1) * len(images)] = images
+        lab[r * len(images):(r + 1) * len(images)] = labels
+    return n * 784
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_data_larger_than_cluster_memory_is_streamed(dask_processes, fashion_store, tmp_path):
+    limit = 300 * 2**20
+    nbytes = _big_store(fashion_store, tmp_path / "big.zarr", repeats=14)  # 659 MB of uint8
+    address = dask_processes.start_scheduler()
+    workers = [dask_processes.start_worker("--memory-limit", str(limit)) for _ in range(2)]
+    assert nbytes > 2 * limit  # more than the whole cluster may hold
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(2, timeout=60)
+        X = store.open_data(tmp_path / "big.zarr", "train").images
+        km = KMeans(10, init="random", random_state=0, max_iter=3, tol=0)
+        assert not km._should_persist(X)
+        km.fit(X)
+        assert km.n_iter_ == 3 and km.inertia_ > 0
+        assert len(client.scheduler_info()["workers"]) == 2  # nobody was killed for memory
+        stored = sum(len(v) for v in client.has_what().values())
+    peaks = [_peak_rss(w.pid) for w in workers]
+    assert max(peaks) < limit, peaks
+    assert stored < 20  # the rows were never kept on the workers
