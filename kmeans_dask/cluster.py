@@ -229,7 +229,8 @@ def describe(client) -> str:
     workers = info.get("workers", {})
     threads = sum(w.get("nthreads", 0) for w in workers.values())
     link = client.dashboard_link or "(no dashboard)"
-    return (f"scheduler {client.scheduler.address}: {len(workers)} workers, {threads} threads; "
+    plural = "" if len(workers) == 1 else "s"
+    return (f"scheduler {client.scheduler.address}: {len(workers)} worker{plural}, {threads} threads; "
             f"dashboard {link}")
 
 

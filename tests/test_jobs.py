@@ -142,7 +142,8 @@ def test_sweep_and_blobs(mnist_store, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing store", "missing split", "k too large", "existing output",
-                                  "malformed cluster.yaml", "unreachable scheduler", "bad k"])
+                                  "malformed cluster.yaml", "unreachable scheduler", "bad k",
+                                  "bad scheduler address", "store with wrong dtype"])
 def test_bad_job_input(case, fashion_test_small_chunks, tmp_path):
     out = tmp_path / "out" / "r.zarr"
     out.parent.mkdir()
@@ -171,6 +172,22 @@ def test_bad_job_input(case, fashion_test_small_chunks, tmp_path):
     elif case == "unreachable scheduler":
         args += ["--scheduler", f"tcp://127.0.0.1:{free_port()}"]
         expect = "error: could not reach the scheduler at tcp://127.0.0.1:"
+    elif case == "bad scheduler address":
+        args += ["--scheduler", "127.0.0.1:8786"]
+        expect = ("error: --scheduler: remote.address: expected tcp://HOST:PORT or "
+                  "tls://HOST:PORT, got '127.0.0.1:8786'")
+    elif case == "store with wrong dtype":
+        import shutil
+
+        import zarr
+
+        bad = tmp_path / "bad.zarr"
+        shutil.copytree(fashion_test_small_chunks, bad)
+        group = zarr.open_group(str(bad / "test"), mode="a")
+        del group["images"]
+        group.create_array("images", shape=(10000, 784), chunks=(1500, 784), dtype="float32")
+        args[1] = bad
+        expect = f"error: {bad}/test/images: dtype float32, expected uint8"
     t0 = time.monotonic()
     res = run_job("fit", *args, timeout=120)
     elapsed = time.monotonic() - t0

@@ -175,3 +175,71 @@ def test_atomic_path_cleans_up_on_failure(tmp_path):
         with store.atomic_path(final):
             pass
     assert leftovers(tmp_path) == ["result.zarr"]
+
+
+def test_empty_split_is_refused(tmp_path, mnist_store):
+    bad = _copy_store(mnist_store, tmp_path)
+    g = zarr.open_group(str(bad / "test"), mode="a")
+    del g["images"], g["labels"]
+    g.create_array("images", shape=(0, 784), chunks=(10, 784), dtype="uint8")
+    g.create_array("labels", shape=(0,), chunks=(10,), dtype="uint8")
+    with pytest.raises(StoreError) as err:
+        store.open_data(bad, "test")
+    assert str(err.value) == f"{bad}/test: the split holds no rows"
+
+
+@pytest.fixture
+def result_store(tmp_path):
+    import dask.array as da
+
+    from kmeans_dask import KMeans, save
+
+    X = np.random.default_rng(0).random((100, 4))
+    km = KMeans(3, random_state=0).fit(da.from_array(X, chunks=30))
+    return save(km, tmp_path / "r.zarr", data={"split": "x"}), km
+
+
+def test_result_store_round_trip_and_schema_checks(result_store, mnist_store, tmp_path):
+    from kmeans_dask import load
+
+    path, km = result_store
+    model = load(path)
+    np.testing.assert_array_equal(model.cluster_centers_, km.cluster_centers_)
+    np.testing.assert_array_equal(model.init_centers_, km.init_centers_)
+    assert model.get_params() == km.get_params() and model.history_ == km.history_
+    with pytest.raises(StoreError, match=r"not a result store: attribute 'format' is 'kmeans-dask/data'"):
+        store.read_result(mnist_store)
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(path, bad)
+    root = zarr.open_group(str(bad), mode="a")
+    del root.attrs["history"]
+    with pytest.raises(StoreError) as err:
+        store.read_result(bad)
+    assert str(err.value) == f"{bad}: result store lacks attribute(s) ['history']"
+    shutil.rmtree(bad)
+    shutil.copytree(path, bad)
+    root = zarr.open_group(str(bad), mode="a")
+    del root["centroids"]
+    root.create_array("centroids", shape=(2, 4), chunks=(2, 4), dtype="float64")
+    with pytest.raises(StoreError) as err:
+        load(bad)
+    assert str(err.value) == f"{bad}/centroids: shape (2, 4), expected (3, 4)"
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    path = tmp_path / "r.zarr.checkpoint.json"
+    centers = np.random.default_rng(0).random((3, 5))
+    state = {"iteration": 2, "centers": centers, "init": centers * 2,
+             "history": [{"iteration": 1}, {"iteration": 2}]}
+    store.write_checkpoint(path, state, {"params": {"k": 3}, "data": {"split": "train"}})
+    doc = store.read_checkpoint(path)
+    assert np.array_equal(doc["centers"], centers) and np.array_equal(doc["init"], centers * 2)
+    assert doc["iteration"] == 2 and leftovers(tmp_path) == [path.name]
+    path.write_text("{not json")
+    with pytest.raises(StoreError, match=r"unreadable checkpoint"):
+        store.read_checkpoint(path)
+    path.write_text('{"format": "something"}')
+    with pytest.raises(StoreError, match=r"not a kmeans-dask checkpoint"):
+        store.read_checkpoint(path)
+    with pytest.raises(StoreError, match=r"no checkpoint to resume from"):
+        store.read_checkpoint(tmp_path / "none.json")
