@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_kmeans.py --source $(SHARED)
+	$(BIN)/python benchmarks/bench_kmeans.py --source $(SHARED) --json benchmarks/results.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from kmeans_dask import _cli, cluster, workflows
+from kmeans_dask import _cli, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
-    with _cli.open_client(args) as client:
-        print(cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         out = workflows.blobs_demo(args.out, init=args.init, seed=args.seed)
     print(json.dumps({k: out[k] for k in ("init", "centers", "inertia", "n_iter", "ari")}, indent=1))
     print(f"picture {out['picture']}")

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kmeans_dask import _cli, cluster, datasets, metrics, store, workflows
+from kmeans_dask import _cli, datasets, metrics, store, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,7 @@ def main(argv=None) -> int:
                   f"(10,000 images) for fitting and evaluation", file=sys.stderr)
         plan[name] = sources
     summary = []
-    with _cli.open_client(args) as client:
-        print(cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         for name, sources in plan.items():
             report = store.ingest(name, out / "data", sources)
             splits = store.list_splits(report.path)

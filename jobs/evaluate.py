@@ -13,7 +13,7 @@ Example::
 import argparse
 import sys
 
-from kmeans_dask import _cli, cluster, metrics, workflows
+from kmeans_dask import _cli, metrics, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +34,7 @@ def main(argv=None) -> int:
     from kmeans_dask import load
 
     load(args.result)  # schema check before any cluster work
-    with _cli.open_client(args) as client:
-        print(cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         report = workflows.evaluate_result(args.result, args.split, data_path=args.data,
                                            out_dir=args.out)
     print(metrics.format_report(

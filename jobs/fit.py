@@ -15,7 +15,7 @@ the result is complete; --resume continues an interrupted fit from it.
 import argparse
 import sys
 
-from kmeans_dask import _cli, cluster, workflows
+from kmeans_dask import _cli, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,7 @@ def main(argv=None) -> int:
     data = workflows.open_fit_input(args.data, args.split, args.k)
     out = args.out if args.resume else workflows.check_output(args.out, args.overwrite)
     params = _cli.model_params(args)
-    with _cli.open_client(args) as client:
-        print(cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         total = args.max_iter if args.algorithm == "lloyd" else None
         bar, callback = _cli.iteration_bar(total, f"fit K={args.k}", args.quiet)
         with bar:

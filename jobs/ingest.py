@@ -41,8 +41,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"{args.dataset}: split(s) {missing} not available from any source; "
               f"ingesting {sorted(sources)} only", file=sys.stderr)
-    with _cli.open_client(args) as client:
-        print(_cli.cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         report = store.ingest(args.dataset, args.out, sources, chunk_rows=args.chunk_rows,
                               overwrite=args.overwrite)
     verb = "already up to date" if report.skipped else "wrote"

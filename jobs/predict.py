@@ -10,7 +10,7 @@ Example::
 import argparse
 import sys
 
-from kmeans_dask import _cli, cluster, workflows
+from kmeans_dask import _cli, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +32,7 @@ def main(argv=None) -> int:
     load(args.result)  # schema check before any cluster work
     store.open_data(args.data, args.split)
     workflows.check_output(args.out, args.overwrite)
-    with _cli.open_client(args) as client:
-        print(cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         path = workflows.predict_store(args.result, args.data, args.split, args.out,
                                        overwrite=args.overwrite)
     print(f"wrote {path}")

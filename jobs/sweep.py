@@ -12,7 +12,7 @@ Writes sweep.csv, sweep.json and elbow.png into --out.
 import argparse
 import sys
 
-from kmeans_dask import _cli, cluster, workflows
+from kmeans_dask import _cli, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     store.list_splits(args.data)  # schema check before any cluster work
     workflows.check_output(args.out, args.overwrite)
     params = _cli.model_params(args)
-    with _cli.open_client(args) as client:
-        print(cluster.describe(client), file=sys.stderr)
+    with _cli.open_client(args):
         print(f"{'K':>5} {'train inertia':>14} {'test inertia':>14} {'accuracy':>9} "
               f"{'homog.':>7} {'NMI':>7} {'iters':>6} {'s':>6}")
 

@@ -8,6 +8,7 @@ stderr and exit status 2.  Other exceptions keep their traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -76,10 +77,13 @@ def iteration_bar(total, desc: str, quiet: bool):
     return bar, callback
 
 
+@contextlib.contextmanager
 def open_client(args):
-    """Context manager: a connected Client for the job's cluster options, announced on stderr."""
+    """A connected Client for the job's cluster options; says where it is on stderr."""
     config = cluster.load_config(args.cluster, args.scheduler)
-    return cluster.connect(config)
+    with cluster.connect(config) as client:
+        print(cluster.describe(client), file=sys.stderr)
+        yield client
 
 
 def _terminate(signum, frame):

@@ -7,7 +7,6 @@ writes fail with EFBIG.
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess
