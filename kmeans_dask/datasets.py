@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
 import struct
 import tempfile
 import urllib.error
@@ -558,12 +557,3 @@ def download_file(
             tmp.unlink(missing_ok=True)
     kind = SourceError if reached else _Unreachable
     raise kind(f"could not download {f.name}: " + "; ".join(failures))
-
-
-def copy_bundled(dataset: str, dest) -> None:
-    """Copy the bundled test split of ``dataset`` into ``dest`` (used by tests and docs)."""
-    spec = get_spec(dataset)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in spec.files["test"].values():
-        shutil.copy2(BUNDLED_DIR / spec.name / f.name, dest / f.name)

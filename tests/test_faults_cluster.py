@@ -194,5 +194,7 @@ def test_data_larger_than_cluster_memory_is_streamed(dask_processes, fashion_sto
         assert len(client.scheduler_info()["workers"]) == 2  # nobody was killed for memory
         stored = sum(len(v) for v in client.has_what().values())
     peaks = [_peak_rss(w.pid) for w in workers]
+    print(f"streamed {nbytes / 2**20:.0f} MiB through 2 workers limited to "
+          f"{limit / 2**20:.0f} MiB: peak RSS {[round(p / 2**20) for p in peaks]} MiB")
     assert max(peaks) < limit, peaks
     assert stored < 20  # the rows were never kept on the workers
