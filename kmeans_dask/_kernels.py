@@ -15,8 +15,8 @@ Design notes (why, not what):
 * Distances keep ``-2 x.c + |c|^2`` only; ``|x|^2`` does not change which
   centre is nearest.  One GEMM per block gives all cross terms.
 * Per-centre sums cost O(m d), not O(m k d): rows are visited in label order
-  and summed segment by segment with ``np.add.reduceat``.  For unweighted
-  uint8 data the sums are exact integers, scaled once at the end.
+  and each centre's segment is gathered and summed block by block.  For
+  unweighted uint8 data the sums are exact integers, scaled once at the end.
 * Inertia is not summed from float32 distances (which lose digits to
   cancellation): it is ``sum w|x|^2 - sum_j (2 c_j.S_j - W_j |c_j|^2)`` in
   float64, with the chunk's ``sum w|x|^2`` computed once per fit.
