@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 IMAGE_SHAPE = (28, 28)
 DPI = 100
 CELL_W, CELL_H = 1.2, 1.45  # inches per centroid cell (room for a title)
+MAX_ROWS = 40  # clusters drawn one per row in the confusion matrix and member strips
 
 
 def grid_shape(k: int) -> tuple[int, int]:
@@ -82,12 +83,16 @@ def centroid_grid(centroids: np.ndarray, path, titles=None, title: str | None = 
 def confusion_matrix(table: np.ndarray, class_names, path, title: str = "") -> Path:
     """Clusters (rows) x true classes (columns), counts written in the cells."""
     k, c = table.shape
-    fig = Figure(figsize=(max(5.0, 0.55 * c + 2.5), max(4.0, 0.32 * k + 2.0)))
+    # Past MAX_ROWS clusters the picture stops growing (a K = 400 matrix would be
+    # 13,000 pixels tall); rows then share the height and only some are labelled.
+    fig = Figure(figsize=(max(5.0, 0.55 * c + 2.5),
+                          max(4.0, 0.32 * min(k, MAX_ROWS) + 2.0)))
     ax = fig.add_subplot()
     im = ax.imshow(table, cmap="Blues", aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(c), labels=class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), labels=[str(j) for j in range(k)], fontsize=7 if k > 20 else 8)
+    ticks = range(0, k, max(1, math.ceil(k / MAX_ROWS)))
+    ax.set_yticks(list(ticks), labels=[str(j) for j in ticks], fontsize=7 if k > 20 else 8)
     ax.set_xlabel("true label")
     ax.set_ylabel("cluster")
     if k * c <= 400:
@@ -102,7 +107,13 @@ def confusion_matrix(table: np.ndarray, class_names, path, title: str = "") -> P
 
 
 def member_strips(samples: list, path, titles=None, per_row: int = 10) -> Path:
-    """One row per cluster: up to ``per_row`` member images side by side."""
+    """One row per cluster: up to ``per_row`` member images side by side.
+
+    Only the first ``MAX_ROWS`` clusters are drawn, so the picture stays
+    readable (and small) for large K.
+    """
+    samples = samples[:MAX_ROWS]
+    titles = None if titles is None else titles[:MAX_ROWS]
     k = len(samples)
     fig = Figure(figsize=(per_row * 0.6 + 1.0, k * 0.65 + 0.3))
     grid = fig.add_gridspec(k, per_row + 1, left=0.01, right=0.99, bottom=0.01, top=0.99,

@@ -54,3 +54,13 @@ def test_other_pictures(tmp_path):
 def test_no_images():
     with pytest.raises(ValueError, match="at least one image"):
         plots.grid_shape(0)
+
+
+def test_large_k_pictures_stay_bounded(tmp_path):
+    rng = np.random.default_rng(2)
+    conf = plots.confusion_matrix(rng.integers(0, 50, (400, 10)), [str(i) for i in range(10)],
+                                  tmp_path / "conf.png")
+    assert png_size(conf) == (800, 1480)
+    strips = plots.member_strips([rng.random((3, 784))] * 256, tmp_path / "m.png",
+                                 titles=[str(j) for j in range(256)])
+    assert png_size(strips) == (700, 2630)
