@@ -225,8 +225,7 @@ def connect(config: ClusterConfig):
 
 def describe(client) -> str:
     """One line saying where the client is connected and where the dashboard is."""
-    info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
-    workers = info.get("workers", {})
+    workers = worker_info(client)
     threads = sum(w.get("nthreads", 0) for w in workers.values())
     link = client.dashboard_link or "(no dashboard)"
     plural = "" if len(workers) == 1 else "s"
@@ -234,7 +233,13 @@ def describe(client) -> str:
             f"dashboard {link}")
 
 
-def _takes_n_workers(client) -> bool:
+def worker_info(client) -> dict:
+    """Every worker's entry in the scheduler's info, ``{address: info}``.
+
+    Newer ``distributed`` releases list only a few workers unless asked for all.
+    """
     import inspect
 
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    takes_n = "n_workers" in inspect.signature(client.scheduler_info).parameters
+    info = client.scheduler_info(n_workers=-1) if takes_n else client.scheduler_info()
+    return info.get("workers", {})

@@ -417,15 +417,10 @@ def _memory_budget():
         client = default_client()
     except (ImportError, ValueError):
         return None
-    workers = client.scheduler_info(**_all_workers(client))["workers"].values()
-    total = sum(w.get("memory_limit") or 0 for w in workers)
+    from .cluster import worker_info
+
+    total = sum(w.get("memory_limit") or 0 for w in worker_info(client).values())
     return total or None
-
-
-def _all_workers(client) -> dict:
-    import inspect
-
-    return {"n_workers": -1} if "n_workers" in inspect.signature(client.scheduler_info).parameters else {}
 
 
 def _persist(X, w):
@@ -639,7 +634,11 @@ def load(path) -> KMeans:
     kmeans_dask.errors.StoreError
         The store is missing or fails its schema check.
     """
-    result = store.read_result(path)
+    return from_result(store.read_result(path))
+
+
+def from_result(result: store.Result) -> KMeans:
+    """A fitted :class:`KMeans` from a result store already read by :func:`store.read_result`."""
     attrs = result.attrs
     params = dict(attrs["params"])
     if params.get("init") == "array":

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import metrics, plots, store
 from .errors import StoreError
-from .kmeans import KMeans, load, save
+from .kmeans import KMeans, from_result, load, save
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,9 @@ def evaluate_result(result_path, split: str = "test", *, data_path=None, out_dir
     the confusion matrix and member strips into ``out_dir``.
     """
     result_path = Path(result_path)
-    model = load(result_path)
-    attrs = store.read_result(result_path).attrs
+    result = store.read_result(result_path)
+    model = from_result(result)
+    attrs = result.attrs
     data_path = Path(data_path or attrs["data"].get("store") or "")
     fit_split = attrs["data"].get("split")
     if not fit_split:
