@@ -79,21 +79,123 @@ def _prepared_centers(centers: np.ndarray, dtype: np.dtype, scale: float = 1.0):
     return neg2_t, sq
 
 
+class _Nearest:
+    """The nearest-centre rule every kernel uses, prepared once per set of centres.
+
+    A float32 GEMM (``-2 x.c + |c|^2``) ranks the centres.  Its error on a
+    squared distance is at most ``E = kappa (2 xmax max_j |c_j|_1 + max_j |c_j|^2)``
+    with ``kappa = 2 (d + 4) u`` (twice the worst case of a d-term dot
+    product, u the unit roundoff, ``xmax`` the largest scaled |value|).
+    When a row's two smallest values are within ``2 E`` the ranking cannot be
+    trusted, and the candidates within ``2 E`` are compared again by their
+    float64 distances, computed row by row.  The label therefore depends only
+    on the row and the centres, never on which other rows share its block: a
+    row gets the same label in a full pass, in a bounded pass that recomputes
+    a few rows, and after a lost chunk is recomputed on another worker.
+    """
+
+    def __init__(self, centers: np.ndarray, dtype, scale: float, block_rows: int, xmax: float):
+        self.c = np.asarray(centers, dtype=np.float64)
+        k, d = self.c.shape
+        self.dtype = np.dtype(dtype)
+        self.scale = float(scale)
+        self.neg2_t, self.csq = _prepared_centers(self.c, self.dtype, scale)
+        kappa = 2.0 * (d + 4) * (np.finfo(self.dtype).eps / 2)
+        if k:
+            l1 = float(np.abs(self.c).sum(axis=1).max())
+            c2 = float(np.einsum("ij,ij->i", self.c, self.c).max())
+        else:
+            l1 = c2 = 0.0
+        self.err = kappa * (2.0 * float(xmax) * l1 + c2) * 1.01 + 1e-300
+        self.g = np.empty((max(1, block_rows), k), dtype=self.dtype)
+
+    def block(self, x: np.ndarray, raw: np.ndarray, labels: np.ndarray,
+              xsq=None, upper2=None, lower2=None) -> None:
+        """Label the rows of one block.
+
+        ``x`` is the block cast to the compute dtype (unscaled), ``raw`` the
+        same rows as stored.  With ``xsq`` (their scaled ``|x|^2``, float64),
+        ``upper2``/``lower2`` receive bounds on the squared distance to the
+        chosen centre and to the nearest other one.
+        """
+        b, k = x.shape[0], self.c.shape[0]
+        g = self.g[:b]
+        np.dot(x, self.neg2_t, out=g)
+        g += self.csq
+        np.argmin(g, axis=1, out=labels)
+        at = labels[:, None]
+        best = np.take_along_axis(g, at, axis=1)[:, 0]
+        # The second smallest, without a (b, k) temporary: blank the best out
+        # in place, take the minimum, put it back.
+        if k > 1:
+            np.put_along_axis(g, at, np.inf, axis=1)
+            second = g.min(axis=1).astype(np.float64)
+            np.put_along_axis(g, at, best[:, None], axis=1)
+        else:
+            second = np.full(b, np.inf)
+        best64 = best.astype(np.float64)
+        if upper2 is not None:
+            np.add(best64, xsq + self.err, out=upper2)
+            np.maximum(second + xsq - self.err, 0.0, out=lower2)
+        amb = np.flatnonzero(second - best64 <= 2.0 * self.err)
+        if amb.size:
+            self._refine(g, raw, amb, best, labels, upper2, lower2)
+
+    def _refine(self, g, raw, amb, best, labels, upper2, lower2):
+        # Candidates: every centre within 2E of the best ranked one; the true
+        # nearest centre is always among them.
+        limit = best[amb].astype(np.float64) + 2.0 * self.err
+        rows, cand = np.nonzero(g[amb] <= limit[:, None].astype(g.dtype))
+        xs = np.asarray(raw[amb], dtype=np.float64)
+        xs *= self.scale
+        diff = xs[rows] - self.c[cand]
+        exact = np.einsum("ij,ij->i", diff, diff)
+        # Lowest exact distance per row; ties go to the lower centre index.
+        order = np.lexsort((cand, exact, rows))
+        first = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
+        pick = order[first]
+        labels[amb] = cand[pick]
+        if upper2 is not None:
+            upper2[amb] = exact[pick] * (1 + 1e-12) + 1e-300
+            # The ranked best minus its error bounds every distance from below.
+            lower2[amb] = np.maximum(best[amb] + np.einsum("ij,ij->i", xs, xs) - self.err, 0.0)
+
+
+def _xmax(X: np.ndarray, scale: float) -> float:
+    """Largest scaled absolute value a chunk can hold (its dtype's range for integers)."""
+    if X.dtype.kind in "ui":
+        info = np.iinfo(X.dtype)
+        return max(abs(int(info.min)), int(info.max)) * abs(scale)
+    if X.size == 0:
+        return 0.0
+    return max(abs(float(X.max())), abs(float(X.min()))) * abs(scale)
+
+
+def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
+    """Scaled ``|x|^2`` of every row, float64 (exact sums for integer rows)."""
+    out = np.empty(X.shape[0], dtype=np.float64)
+    wide = np.empty((min(block_rows, X.shape[0]), X.shape[1]), dtype=np.float64)
+    for start in range(0, X.shape[0], block_rows):
+        stop = min(start + block_rows, X.shape[0])
+        f = wide[: stop - start]
+        np.copyto(f, X[start:stop], casting="unsafe")
+        np.einsum("ij,ij->i", f, f, out=out[start:stop])
+    out *= scale * scale
+    return out
+
+
 def _assign(X, centers, scale, block_rows, labels, min_dist=None):
     """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
     blocks = _Blocks(X, 1.0, block_rows)
-    neg2_t, csq = _prepared_centers(centers, blocks.dtype, scale)
-    k = centers.shape[0]
-    dots = np.empty((min(blocks.block_rows, X.shape[0]), k), dtype=blocks.dtype)
+    near = _Nearest(centers, blocks.dtype, scale, blocks.block_rows, _xmax(X, scale))
     for start, stop, x in blocks:
-        g = dots[: stop - start]
-        np.dot(x, neg2_t, out=g)
-        g += csq
-        np.argmin(g, axis=1, out=labels[start:stop])
-        if min_dist is not None:
-            best = np.take_along_axis(g, labels[start:stop, None], axis=1)[:, 0]
-            xsq = np.einsum("ij,ij->i", x, x, dtype=np.float64) * (scale * scale)
-            np.maximum(best + xsq, 0.0, out=min_dist[start:stop])
+        near.block(x, X[start:stop], labels[start:stop])
+    if min_dist is not None:
+        # Exact float64 distances to the chosen centres, row by row.
+        for start in range(0, X.shape[0], blocks.block_rows):
+            stop = min(start + blocks.block_rows, X.shape[0])
+            diff = np.asarray(X[start:stop], dtype=np.float64) * scale - near.c[labels[start:stop]]
+            min_dist[start:stop] = np.einsum("ij,ij->i", diff, diff)
 
 
 def _check_chunk(X, weights):
@@ -206,15 +308,38 @@ def _accumulate(X, labels, weights, scale, block_rows, sums, counts):
     several times slower here.)  Unweighted integer rows are summed exactly
     in uint32 and scaled once at the end.
     """
-    m, d = X.shape
     k = sums.shape[0]
     counts += np.bincount(labels, weights=weights, minlength=k)
+    exact = weights is None and _is_exact(X)
+    if exact:
+        raw = np.zeros(sums.shape, dtype=np.int64)
+        _segment_sums(X, np.arange(X.shape[0]), labels, raw, None, 1.0, block_rows)
+        sums += raw
+        if scale != 1.0:
+            sums *= scale
+    else:
+        _segment_sums(X, np.arange(X.shape[0]), labels, sums, weights, scale, block_rows)
+
+
+def _is_exact(X) -> bool:
+    return X.dtype.kind in "ui" and X.dtype.itemsize == 1
+
+
+def _segment_sums(X, rows, labels, out, weights, scale, block_rows, sign=1):
+    """``out[labels[i]] += sign * w x`` for the rows ``rows`` of ``X``.
+
+    ``out`` int64 sums raw integer rows exactly (unweighted uint8); float64
+    ``out`` sums ``scale * w * x``.
+    """
+    m, d = rows.size, X.shape[1]
+    if m == 0:
+        return
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
-    bounds = np.flatnonzero(np.diff(sorted_labels)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [m]])
-    exact = weights is None and X.dtype.kind in "ui" and X.dtype.itemsize == 1
+    cuts = np.flatnonzero(np.diff(sorted_labels)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [m]])
+    exact = out.dtype.kind == "i"
     step = min(block_rows, m, 1 << 24)  # uint32 cannot overflow: 2^24 * 255 < 2^32
     gathered = np.empty((step, d), dtype=X.dtype)
     if exact:
@@ -223,10 +348,10 @@ def _accumulate(X, labels, weights, scale, block_rows, sums, counts):
         wide = np.empty((step, d), dtype=np.float64)
         acc = np.empty(d, dtype=np.float64)
     for a, e in zip(starts, ends):
-        target = sums[sorted_labels[a]]
+        target = out[sorted_labels[a]]
         for lo in range(a, e, step):
             hi = min(lo + step, e)
-            idx = order[lo:hi]
+            idx = rows[order[lo:hi]]
             g = np.take(X, idx, axis=0, out=gathered[: hi - lo], mode="clip")
             if exact:
                 np.add.reduce(g, axis=0, dtype=np.uint32, out=acc)
@@ -236,9 +361,150 @@ def _accumulate(X, labels, weights, scale, block_rows, sums, counts):
                 if weights is not None:
                     f *= weights[idx, None]
                 f.sum(axis=0, out=acc)
-            target += acc
-    if exact and scale != 1.0:
-        sums *= scale
+            if sign > 0:
+                target += acc
+            else:
+                target -= acc
+
+
+class ChunkState:
+    """What one chunk remembers between Lloyd iterations.
+
+    Hamerly's bounds (Hamerly 2010, "Making k-means even faster"): for every
+    row an upper bound on the distance to its centre and a lower bound on the
+    distance to any other centre, kept valid as the centres move.  A row
+    whose bounds prove that the shared nearest-centre rule (:class:`_Nearest`)
+    would pick the same centre again is not recomputed.  Unweighted uint8
+    rows also keep exact integer per-centre sums, updated by the rows that
+    change centre only.
+
+    Memory: 32 bytes per row (4 % of a 784-pixel uint8 image) plus k x d sums.
+    """
+
+    def __init__(self, X: np.ndarray, weights=None, *, scale: float = 1.0,
+                 block_rows: int = DEFAULT_BLOCK_ROWS):
+        _check_chunk(X, weights)
+        m = X.shape[0]
+        self.labels = np.full(m, -1, dtype=np.intp)
+        self.upper = np.full(m, np.inf)
+        self.lower = np.zeros(m)
+        self.xsq = _row_sqnorms(X, scale, block_rows) if m else np.zeros(0)
+        self.xmax = _xmax(X, scale)
+        self.exact = weights is None and _is_exact(X)
+        self.centers = None
+        self.raw_sums = None
+        self.counts = None
+
+    def reset(self) -> None:
+        self.labels[:] = -1
+        self.upper[:] = np.inf
+        self.lower[:] = 0.0
+        self.centers = self.raw_sums = self.counts = None
+
+
+def _movement(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    # Rounded up: a bound moved by too little would no longer be a bound.
+    return np.sqrt(np.einsum("ij,ij->i", new - old, new - old)) * (1 + 1e-9)
+
+
+def _separation(c: np.ndarray) -> np.ndarray:
+    """Distance from each centre to the nearest other one, rounded down."""
+    k = c.shape[0]
+    if k < 2:
+        return np.full(k, np.inf)
+    sq = np.einsum("ij,ij->i", c, c)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (c @ c.T)
+    np.fill_diagonal(d2, np.inf)
+    slack = 1e-9 * (float(sq.max()) + 1e-300)
+    return np.sqrt(np.maximum(d2.min(axis=1) - slack, 0.0))
+
+
+def _proven(low, up, err):
+    """Rows whose bounds prove the nearest-centre rule picks their centre again.
+
+    Every other centre is at least ``low`` away and theirs at most ``up``, so
+    the squared distances differ by more than ``low^2 - up^2``; above ``4 E``
+    the ranked values differ by more than ``2 E`` and no refinement happens.
+    """
+    return (low > up) & ((low - up) * (low + up) > 4.0 * err)
+
+
+def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, weights=None, *,
+                        scale: float = 1.0, sqnorm: float = 0.0,
+                        block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
+    """:func:`lloyd_chunk` with Hamerly's bounds kept in ``state`` between calls.
+
+    Returns what :func:`lloyd_chunk` returns for the same centres, bit for
+    bit, plus ``computed`` (rows whose distances were recomputed) and
+    ``changed`` (rows that changed centre).  A fresh or reset ``state``
+    recomputes every row.
+    """
+    _check_chunk(X, weights)
+    m, d = X.shape
+    c = np.asarray(centers, dtype=np.float64)
+    k = c.shape[0]
+    dtype = compute_dtype(X.dtype)
+    near = _Nearest(c, dtype, scale, block_rows, state.xmax)
+    st = state
+    if st.centers is None or st.centers.shape != c.shape or m == 0:
+        st.reset()
+        todo = np.arange(m)
+    else:
+        p = _movement(st.centers, c)
+        st.upper += p[st.labels]
+        if k > 1:
+            j1 = int(np.argmax(p))
+            p2 = float(np.max(np.delete(p, j1)))
+            st.lower -= np.where(st.labels == j1, p2, p[j1])
+        low = np.maximum(st.lower, _separation(c)[st.labels] - st.upper)
+        todo = np.flatnonzero(~_proven(low, st.upper, near.err))
+    old = st.labels[todo].copy()
+    step = max(1, min(block_rows, todo.size))
+    raw = np.empty((step, d), dtype=X.dtype)
+    flt = np.empty((step, d), dtype=dtype)
+    lab = np.empty(step, dtype=np.intp)
+    up2 = np.empty(step)
+    lo2 = np.empty(step)
+    for lo in range(0, todo.size, step):
+        hi = min(lo + step, todo.size)
+        n = hi - lo
+        idx = todo[lo:hi]
+        r = np.take(X, idx, axis=0, out=raw[:n], mode="clip")
+        np.copyto(flt[:n], r, casting="unsafe")
+        near.block(flt[:n], r, lab[:n], st.xsq[idx], up2[:n], lo2[:n])
+        st.labels[idx] = lab[:n]
+        st.upper[idx] = np.sqrt(up2[:n])
+        st.lower[idx] = np.sqrt(lo2[:n])
+    st.centers = c.copy()
+    moved = st.labels[todo] != old
+    changed = todo[moved]
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+    if st.exact:
+        if st.raw_sums is None:
+            st.raw_sums = np.zeros((k, d), dtype=np.int64)
+            _segment_sums(X, np.arange(m), st.labels, st.raw_sums, None, 1.0, block_rows)
+            st.counts = np.bincount(st.labels, minlength=k).astype(np.float64)
+        elif changed.size:
+            was = old[moved]
+            _segment_sums(X, changed, st.labels[changed], st.raw_sums, None, 1.0, block_rows)
+            _segment_sums(X, changed, was, st.raw_sums, None, 1.0, block_rows, sign=-1)
+            st.counts += np.bincount(st.labels[changed], minlength=k)
+            st.counts -= np.bincount(was, minlength=k)
+        sums = st.raw_sums.astype(np.float64)
+        if scale != 1.0:
+            sums *= scale
+        counts = st.counts.copy()
+    else:
+        sums = np.zeros((k, d), dtype=np.float64)
+        counts = np.zeros(k, dtype=np.float64)
+        if m:
+            _accumulate(X, st.labels, weights, scale, block_rows, sums, counts)
+    cf = np.asarray(c, dtype=dtype).astype(np.float64)
+    inertia = (sqnorm - 2.0 * np.einsum("ij,ij->", cf, sums)
+               + float(counts @ np.einsum("ij,ij->i", cf, cf))) if m else 0.0
+    return {"sums": sums, "counts": counts, "inertia": float(inertia),
+            "computed": int(todo.size), "changed": int(changed.size)}
 
 
 def batch_chunk(X: np.ndarray, rows: np.ndarray, centers: np.ndarray, weights=None, *,

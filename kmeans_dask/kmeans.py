@@ -83,6 +83,15 @@ class KMeans(ClusterMixin, BaseEstimator):
         Rows converted to float and multiplied at a time inside a task.
     split_every : int, default=8
         Fan-in of the tree that adds the per-chunk partial sums.
+    resident : {"auto", True, False}, default="auto"
+        Lloyd on a ``distributed`` cluster with persisted rows: keep each
+        chunk's state (labels and Hamerly's distance bounds, so rows whose
+        centre provably did not change are skipped) on the worker holding
+        it, in one actor per worker, and call those actors directly each
+        iteration instead of sending a task graph through the scheduler.
+        "auto" does so when the rows are persisted and a client is active,
+        and falls back to task graphs if the actors cannot be reached.
+        Results are identical either way.
 
     Attributes
     ----------
@@ -122,7 +131,8 @@ class KMeans(ClusterMixin, BaseEstimator):
                  algorithm="lloyd", batch_size=1024, max_no_improvement=10,
                  reassignment_ratio=0.01, random_state=None, scale="auto",
                  oversampling_factor=2.0, init_rounds=5, persist="auto", task_rows="auto",
-                 block_rows=_kernels.DEFAULT_BLOCK_ROWS, split_every=DEFAULT_SPLIT_EVERY):
+                 block_rows=_kernels.DEFAULT_BLOCK_ROWS, split_every=DEFAULT_SPLIT_EVERY,
+                 resident="auto"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -140,6 +150,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.task_rows = task_rows
         self.block_rows = block_rows
         self.split_every = split_every
+        self.resident = resident
 
     # ------------------------------------------------------------------ validation
 
@@ -181,6 +192,8 @@ class KMeans(ClusterMixin, BaseEstimator):
             integer("task_rows", 1)
         if self.persist not in ("auto", True, False):
             raise ValueError(f"persist must be 'auto', True or False, got {self.persist!r}")
+        if self.resident not in ("auto", True, False):
+            raise ValueError(f"resident must be 'auto', True or False, got {self.resident!r}")
 
     def _check_X(self, X, *, fitting: bool) -> da.Array:
         if isinstance(X, da.Array):
@@ -286,7 +299,8 @@ class KMeans(ClusterMixin, BaseEstimator):
                                  f"expected ({self.n_clusters}, {d})")
         scale = self._effective_scale(X.dtype)
         input_chunks = X.chunks[0]
-        if self._should_persist(X):
+        persisted = self._should_persist(X)
+        if persisted:
             X, w = _persist(*_regroup(X, w, self.task_rows))
         else:
             # Streamed from its source each pass: keep the source's chunks, so a task
@@ -312,7 +326,12 @@ class KMeans(ClusterMixin, BaseEstimator):
             else:
                 centers = init.copy()
             if self.algorithm == "lloyd":
-                result = _lloyd(self, rows, centers, callback, checkpoint, resume)
+                driver = self._lloyd_driver(rows, persisted) if run == 0 else driver
+                try:
+                    result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
+                except BaseException:
+                    _close(driver)
+                    raise
             else:
                 result = _minibatch(self, rows, centers, rng, callback)
             log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
@@ -320,6 +339,8 @@ class KMeans(ClusterMixin, BaseEstimator):
             result["init"] = np.asarray(centers, dtype=np.float64)
             if best is None or result["inertia"] < best["inertia"]:
                 best = result
+        if self.algorithm == "lloyd":
+            _close(driver)
         dtype = _kernels.compute_dtype(X.dtype)
         self.cluster_centers_ = best["centers"].astype(dtype)
         self.init_centers_ = best["init"]
@@ -333,6 +354,26 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.labels_ = labels if labels.chunks[0] == input_chunks else labels.rechunk((input_chunks,))
         self.fit_seconds_ = time.perf_counter() - start
         return self
+
+    def _lloyd_driver(self, rows: ChunkedRows, persisted: bool):
+        """What runs a Lloyd pass: worker-resident actors when possible, else ``rows``."""
+        from . import _resident
+
+        client = _resident.active_client()
+        if self.resident is False or not persisted or client is None:
+            if self.resident is True:
+                raise ValueError("resident=True needs a distributed client and persisted rows")
+            return rows
+        try:
+            return _resident.ResidentRows(client, rows)
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:
+            if self.resident is True:
+                raise
+            log.warning("worker-resident Lloyd unavailable (%s: %s); using task graphs",
+                        type(exc).__name__, exc)
+            return rows
 
     def _initial_centers(self, init: str, rows: ChunkedRows, rng) -> np.ndarray:
         if init == "k-means||":
@@ -468,7 +509,16 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
     return new, int(empty.size)
 
 
-def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resume=None) -> dict:
+def _close(driver) -> None:
+    close = getattr(driver, "close", None)
+    if close is not None:
+        close()
+
+
+def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resume=None,
+           driver=None) -> dict:
+    """Lloyd iterations; ``driver`` (default ``rows``) runs the assignment passes."""
+    driver = rows if driver is None else driver
     centers = np.asarray(init, dtype=np.float64)
     history = []
     if resume is not None:
@@ -478,13 +528,14 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
     done = bool(history) and history[-1]["center_shift"] <= est._tol
     for n_iter in range(len(history) + 1, est.max_iter + 1 if not done else 0):
         t0 = time.perf_counter()
-        part = rows.lloyd(centers)
+        part = driver.lloyd(centers)
         new, relocated = _new_centers(rows, centers, part)
         shift = float(((new - centers) ** 2).sum())
         record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
                   "seconds": time.perf_counter() - t0, "relocated": relocated}
         history.append(record)
-        log.debug("iteration %d: inertia %.6g, shift %.3g", n_iter, record["inertia"], shift)
+        log.debug("iteration %d: inertia %.6g, shift %.3g, rows recomputed %s", n_iter,
+                  record["inertia"], shift, part.get("computed", "all"))
         if callback is not None:
             callback(record)
         centers = new
@@ -494,7 +545,7 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
             break
     n_iter = len(history)
     # Inertia of the final centres, as scikit-learn reports it.
-    inertia = float(rows.lloyd(centers)["inertia"])
+    inertia = float(driver.lloyd(centers)["inertia"])
     return {"centers": centers, "inertia": inertia, "n_iter": n_iter, "n_steps": n_iter,
             "history": history}
 
