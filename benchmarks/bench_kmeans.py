@@ -37,6 +37,18 @@ def _noop_lloyd(X, centers, weights=None, **kwargs):
     return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "inertia": 0.0}
 
 
+def _noop_actor_class():
+    from kmeans_dask._resident import ChunkActor
+
+    class NoopActor(ChunkActor):
+        """The resident path's calls and reduction, with passes that do no work."""
+
+        def lloyd(self, centers):
+            return [(i, _noop_lloyd(None, centers)) for i in self.indices]
+
+    return NoopActor
+
+
 def _reset_peak():
     # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process.
     with open("/proc/self/clear_refs", "w") as fh:
@@ -110,6 +122,7 @@ def run(args, scratch):
 
     from kmeans_dask import KMeans
     from kmeans_dask._passes import ChunkedRows
+    from kmeans_dask._resident import ResidentRows
     from kmeans_dask.kmeans import _regroup
 
     X, path = load_rows(args, scratch)
@@ -147,6 +160,10 @@ def run(args, scratch):
         rows.stats()
         c10 = Xf64[:10]
         empty = [timed(lambda: rows.lloyd(c10, kernel=_noop_lloyd), 1)[0] for _ in range(15)]
+        report["empty_iteration_tasks_s"] = statistics.median(empty)
+        resident = ResidentRows(client, rows, actor_class=_noop_actor_class())
+        empty = [timed(lambda: resident.lloyd(c10), 1)[0] for _ in range(15)]
+        resident.close()
         report["empty_iteration_s"] = statistics.median(empty)
 
         for k in [int(v) for v in args.ks.split(",")]:
@@ -216,7 +233,9 @@ def run(args, scratch):
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\nempty iteration (orchestration only): {1e3 * report['empty_iteration_s']:.1f} ms")
+    print(f"\nempty iteration (orchestration only): {1e3 * report['empty_iteration_s']:.1f} ms "
+          f"(worker-resident actors; as one task graph: "
+          f"{1e3 * report['empty_iteration_tasks_s']:.1f} ms)")
     print(f"worker memory for the data: RSS growth {report['data']['worker_rss_for_data'] / 2**20:.1f} MiB "
           f"= {report['data']['ratio_to_uint8']:.2f} x its uint8 size; held by Dask "
           f"{report['data']['dask_managed_bytes'] / 2**20:.1f} MiB "

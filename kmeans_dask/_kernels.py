@@ -94,36 +94,61 @@ class _Nearest:
     a few rows, and after a lost chunk is recomputed on another worker.
     """
 
-    def __init__(self, centers: np.ndarray, dtype, scale: float, block_rows: int, xmax: float):
-        self.c = np.asarray(centers, dtype=np.float64)
+    def __init__(self, centers: np.ndarray, dtype, scale: float, block_rows: int, xmax: float,
+                 order=None):
+        # ``order`` lists the centres in the order the ranked columns use (the
+        # bounded kernel keeps centre groups contiguous); labels are always
+        # returned as indices into ``centers``.
+        centers = np.asarray(centers, dtype=np.float64)
+        self.order = None if order is None else np.asarray(order, dtype=np.intp)
+        self.c = centers if self.order is None else centers[self.order]
         k, d = self.c.shape
         self.dtype = np.dtype(dtype)
         self.scale = float(scale)
         self.neg2_t, self.csq = _prepared_centers(self.c, self.dtype, scale)
-        kappa = 2.0 * (d + 4) * (np.finfo(self.dtype).eps / 2)
+        self.kappa = (d + 4) * (np.finfo(self.dtype).eps / 2) * 1.01
         if k:
             l1 = float(np.abs(self.c).sum(axis=1).max())
-            c2 = float(np.einsum("ij,ij->i", self.c, self.c).max())
+            self.cmax2 = float(np.einsum("ij,ij->i", self.c, self.c).max())
         else:
-            l1 = c2 = 0.0
-        self.err = kappa * (2.0 * float(xmax) * l1 + c2) * 1.01 + 1e-300
+            l1 = self.cmax2 = 0.0
+        self.err = self.kappa * (2.0 * float(xmax) * l1 + self.cmax2) + 1e-300
         self.g = np.empty((max(1, block_rows), k), dtype=self.dtype)
+        self._diff = self._cen = None
+
+    def row_error(self, xsq: np.ndarray) -> np.ndarray:
+        """A tighter ``E`` per row from its ``|x|^2`` (Cauchy-Schwarz instead of ``xmax``)."""
+        bound = self.kappa * (2.0 * np.sqrt(xsq * (1 + 1e-9)) * np.sqrt(self.cmax2)
+                              + self.cmax2) + 1e-300
+        return np.minimum(bound, self.err)
 
     def block(self, x: np.ndarray, raw: np.ndarray, labels: np.ndarray,
-              xsq=None, upper2=None, lower2=None) -> None:
+              xsq=None, upper2=None) -> None:
         """Label the rows of one block.
 
         ``x`` is the block cast to the compute dtype (unscaled), ``raw`` the
         same rows as stored.  With ``xsq`` (their scaled ``|x|^2``, float64),
-        ``upper2``/``lower2`` receive bounds on the squared distance to the
-        chosen centre and to the nearest other one.
+        ``upper2`` receives a bound on the squared distance to the chosen
+        centre.
         """
-        b, k = x.shape[0], self.c.shape[0]
-        g = self.g[:b]
+        g = self.g[: x.shape[0]]
         np.dot(x, self.neg2_t, out=g)
         g += self.csq
-        np.argmin(g, axis=1, out=labels)
-        at = labels[:, None]
+        self.decide(g, raw, labels, xsq, upper2)
+
+    def decide(self, g: np.ndarray, raw: np.ndarray, labels: np.ndarray,
+               xsq=None, upper2=None, err=None) -> np.ndarray:
+        """Labels from ranked values ``g`` (``-2 x.c + |c|^2``; ``inf`` where not computed).
+
+        Centres left at ``inf`` must be provably farther than the nearest
+        by more than ``4 E``.  ``err`` is ``E`` per row (default: the
+        block-wide bound).  Returns the labels as column positions of ``g``
+        (``labels`` receives indices into the centres).
+        """
+        err = self.err if err is None else err
+        b, k = g.shape
+        pos = np.argmin(g, axis=1)
+        at = pos[:, None]
         best = np.take_along_axis(g, at, axis=1)[:, 0]
         # The second smallest, without a (b, k) temporary: blank the best out
         # in place, take the minimum, put it back.
@@ -135,30 +160,38 @@ class _Nearest:
             second = np.full(b, np.inf)
         best64 = best.astype(np.float64)
         if upper2 is not None:
-            np.add(best64, xsq + self.err, out=upper2)
-            np.maximum(second + xsq - self.err, 0.0, out=lower2)
-        amb = np.flatnonzero(second - best64 <= 2.0 * self.err)
+            np.add(best64, xsq + err, out=upper2)
+        amb = np.flatnonzero(second - best64 <= 2.0 * err)
         if amb.size:
-            self._refine(g, raw, amb, best, labels, upper2, lower2)
+            self._refine(g, raw, amb, best64, pos, upper2,
+                         err if np.ndim(err) == 0 else err[amb])
+        labels[:] = pos if self.order is None else self.order[pos]
+        return pos
 
-    def _refine(self, g, raw, amb, best, labels, upper2, lower2):
+    def _refine(self, g, raw, amb, best, pos, upper2, err):
         # Candidates: every centre within 2E of the best ranked one; the true
         # nearest centre is always among them.
-        limit = best[amb].astype(np.float64) + 2.0 * self.err
-        rows, cand = np.nonzero(g[amb] <= limit[:, None].astype(g.dtype))
+        # Widened by a float32 ulp or so: the limit itself is rounded.
+        limit = (best[amb] + 2.0 * err * 1.001 + np.abs(best[amb]) * 1e-6).astype(g.dtype)
+        rows, cand = np.nonzero(g[amb] <= limit[:, None])
         xs = np.asarray(raw[amb], dtype=np.float64)
         xs *= self.scale
-        diff = xs[rows] - self.c[cand]
+        # Reused buffers: temporaries this size would be mapped and unmapped
+        # on every call inside a worker.
+        if self._diff is None or self._diff.shape[0] < rows.size:
+            self._diff = np.empty((max(rows.size, 64), self.c.shape[1]))
+            self._cen = np.empty_like(self._diff)
+        diff = np.take(xs, rows, axis=0, out=self._diff[: rows.size], mode="clip")
+        diff -= np.take(self.c, cand, axis=0, out=self._cen[: rows.size], mode="clip")
         exact = np.einsum("ij,ij->i", diff, diff)
         # Lowest exact distance per row; ties go to the lower centre index.
-        order = np.lexsort((cand, exact, rows))
+        index = cand if self.order is None else self.order[cand]
+        order = np.lexsort((index, exact, rows))
         first = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
         pick = order[first]
-        labels[amb] = cand[pick]
+        pos[amb] = cand[pick]
         if upper2 is not None:
             upper2[amb] = exact[pick] * (1 + 1e-12) + 1e-300
-            # The ranked best minus its error bounds every distance from below.
-            lower2[amb] = np.maximum(best[amb] + np.einsum("ij,ij->i", xs, xs) - self.err, 0.0)
 
 
 def _xmax(X: np.ndarray, scale: float) -> float:
@@ -370,36 +403,77 @@ def _segment_sums(X, rows, labels, out, weights, scale, block_rows, sign=1):
 class ChunkState:
     """What one chunk remembers between Lloyd iterations.
 
-    Hamerly's bounds (Hamerly 2010, "Making k-means even faster"): for every
-    row an upper bound on the distance to its centre and a lower bound on the
-    distance to any other centre, kept valid as the centres move.  A row
-    whose bounds prove that the shared nearest-centre rule (:class:`_Nearest`)
-    would pick the same centre again is not recomputed.  Unweighted uint8
-    rows also keep exact integer per-centre sums, updated by the rows that
-    change centre only.
+    Yinyang K-Means' bounds (Ding et al. 2015; Hamerly's when there is one
+    group): the centres are split into ``t`` groups once, and every row keeps
+    an upper bound on its distance to its centre and, per group, a lower
+    bound on its distance to every other centre of that group.  The bounds
+    stay valid as centres move (upper grows by its centre's move, a group's
+    lower bounds shrink by the group's largest move).  A row is recomputed
+    only against the groups its bounds cannot rule out, and not at all when
+    they rule out every group.  Ruled out means by a margin of ``4 E``
+    (see :class:`_Nearest`), so the shared nearest-centre rule would pick the
+    same centre: a kept state and a fresh one give the same labels.
+    Unweighted uint8 rows also keep exact integer per-centre sums, updated
+    by the rows that change centre only.
 
-    Memory: 32 bytes per row (4 % of a 784-pixel uint8 image) plus k x d sums.
+    Memory per row: 24 bytes plus 4 per group (at most 16 groups, so at most
+    88 bytes, 11 % of a 784-pixel uint8 image), plus k x d sums.
     """
 
     def __init__(self, X: np.ndarray, weights=None, *, scale: float = 1.0,
                  block_rows: int = DEFAULT_BLOCK_ROWS):
         _check_chunk(X, weights)
         m = X.shape[0]
+        self.m = m
         self.labels = np.full(m, -1, dtype=np.intp)
         self.upper = np.full(m, np.inf)
-        self.lower = np.zeros(m)
+        self.lower = None  # (m, t) float32, made with the groups
         self.xsq = _row_sqnorms(X, scale, block_rows) if m else np.zeros(0)
         self.xmax = _xmax(X, scale)
         self.exact = weights is None and _is_exact(X)
         self.centers = None
+        self.order = self.starts = self.group_of = None
         self.raw_sums = None
         self.counts = None
 
     def reset(self) -> None:
         self.labels[:] = -1
         self.upper[:] = np.inf
-        self.lower[:] = 0.0
+        self.lower = None
         self.centers = self.raw_sums = self.counts = None
+        self.order = self.starts = self.group_of = None
+
+
+MAX_GROUPS = 16
+BOUNDED_BLOCK_ROWS = 1024
+# Above this share of the (row, centre) pairs, a block is ranked by one full GEMM.
+DENSE_SHARE = 0.5
+
+
+def group_centers(c: np.ndarray, t: int, iters: int = 5):
+    """Split centres into at most ``t`` groups of nearby centres (a small Lloyd on them).
+
+    Deterministic.  Returns ``order`` (centres ordered group by group),
+    ``starts`` (first position of each non-empty group) and ``group_of``
+    (group of each centre).
+    """
+    k = c.shape[0]
+    t = max(1, min(t, k))
+    if t == 1:
+        return np.arange(k), np.array([0]), np.zeros(k, dtype=np.intp)
+    seeds = c[np.linspace(0, k - 1, t).round().astype(np.intp)].copy()
+    csq = np.einsum("ij,ij->i", c, c)
+    for _ in range(iters):
+        d2 = csq[:, None] - 2.0 * c @ seeds.T + np.einsum("ij,ij->i", seeds, seeds)
+        g = d2.argmin(axis=1)
+        for j in range(t):
+            sel = g == j
+            if sel.any():
+                seeds[j] = c[sel].mean(axis=0)
+    _, g = np.unique(g, return_inverse=True)
+    order = np.argsort(g, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(g[order]) != 0])
+    return order, starts, g.astype(np.intp)
 
 
 def _movement(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -420,61 +494,141 @@ def _separation(c: np.ndarray) -> np.ndarray:
 
 
 def _proven(low, up, err):
-    """Rows whose bounds prove the nearest-centre rule picks their centre again.
+    """Where the bounds prove a row's centre is nearest by a margin.
 
-    Every other centre is at least ``low`` away and theirs at most ``up``, so
-    the squared distances differ by more than ``low^2 - up^2``; above ``4 E``
-    the ranked values differ by more than ``2 E`` and no refinement happens.
+    Every ruled-out centre is at least ``low`` away and the row's own at most
+    ``up``, so the squared distances differ by more than ``low^2 - up^2``;
+    above ``4 E`` the ranked values differ by more than ``2 E``: the rule
+    picks the row's centre without a second look.  ``low`` may be (rows,
+    groups); ``up`` and ``err`` are per row.
     """
-    return (low > up) & ((low - up) * (low + up) > 4.0 * err)
+    # low^2 - up^2 > 4E  <=>  low > sqrt(up^2 + 4E), the threshold rounded up.
+    threshold = np.sqrt(up * up + 4.0 * err) * (1 + 1e-12)
+    return low > (threshold if np.ndim(low) == 1 else threshold[:, None])
+
+
+def _down32(values: np.ndarray) -> np.ndarray:
+    """float64 lower bounds stored as float32 without rounding up."""
+    out = values.astype(np.float32)
+    return np.nextafter(out, np.float32(-np.inf), out=out)
 
 
 def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, weights=None, *,
                         scale: float = 1.0, sqnorm: float = 0.0,
                         block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
-    """:func:`lloyd_chunk` with Hamerly's bounds kept in ``state`` between calls.
+    """:func:`lloyd_chunk` with the bounds of ``state`` kept between calls.
 
     Returns what :func:`lloyd_chunk` returns for the same centres, bit for
-    bit, plus ``computed`` (rows whose distances were recomputed) and
-    ``changed`` (rows that changed centre).  A fresh or reset ``state``
-    recomputes every row.
+    bit, plus ``computed`` (rows whose distances were looked at),
+    ``pairs`` (row-centre distances ranked) and ``changed`` (rows that
+    changed centre).  A fresh or reset ``state`` ranks every row against
+    every centre.
     """
     _check_chunk(X, weights)
     m, d = X.shape
     c = np.asarray(centers, dtype=np.float64)
     k = c.shape[0]
     dtype = compute_dtype(X.dtype)
-    near = _Nearest(c, dtype, scale, block_rows, state.xmax)
     st = state
     if st.centers is None or st.centers.shape != c.shape or m == 0:
         st.reset()
+        st.order, st.starts, st.group_of = group_centers(c, min(MAX_GROUPS, k // 10))
+        st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
+    near = _Nearest(c, dtype, scale, block_rows, st.xmax, order=st.order)
+    err = near.row_error(st.xsq)
+    if st.centers is None:
         todo = np.arange(m)
     else:
         p = _movement(st.centers, c)
         st.upper += p[st.labels]
-        if k > 1:
-            j1 = int(np.argmax(p))
-            p2 = float(np.max(np.delete(p, j1)))
-            st.lower -= np.where(st.labels == j1, p2, p[j1])
-        low = np.maximum(st.lower, _separation(c)[st.labels] - st.upper)
-        todo = np.flatnonzero(~_proven(low, st.upper, near.err))
+        drift = np.maximum.reduceat(p[st.order], st.starts).astype(np.float32)
+        drift = np.nextafter(drift, np.float32(np.inf))
+        np.subtract(st.lower, drift, out=st.lower)
+        np.nextafter(st.lower, np.float32(-np.inf), out=st.lower)
+        low = np.maximum(st.lower.min(axis=1).astype(np.float64),
+                         _separation(c)[st.labels] - st.upper)
+        todo = np.flatnonzero(~_proven(low, st.upper, err))
+        # Rows of one group side by side: a block's rows then need mostly the
+        # same groups, which are ranked for the whole block without gathering.
+        todo = todo[np.argsort(st.group_of[st.labels[todo]], kind="stable")]
     old = st.labels[todo].copy()
-    step = max(1, min(block_rows, todo.size))
+    step = max(1, min(BOUNDED_BLOCK_ROWS, todo.size))
     raw = np.empty((step, d), dtype=X.dtype)
     flt = np.empty((step, d), dtype=dtype)
+    sub = np.empty((step, d), dtype=dtype)
+    g = np.empty((step, k), dtype=dtype)
     lab = np.empty(step, dtype=np.intp)
     up2 = np.empty(step)
-    lo2 = np.empty(step)
+    ends = np.r_[st.starts[1:], k]
+    wg = [np.ascontiguousarray(near.neg2_t[:, a:e]) for a, e in zip(st.starts, ends)]
+    sizes = (ends - st.starts).astype(np.int64)
+    part = np.empty(step * int(sizes.max(initial=1)), dtype=dtype)
+    own_group = st.group_of[st.labels[todo]] if st.centers is not None else None
+    pairs = 0
     for lo in range(0, todo.size, step):
-        hi = min(lo + step, todo.size)
-        n = hi - lo
-        idx = todo[lo:hi]
+        n = min(step, todo.size - lo)
+        idx = todo[lo:lo + n]
         r = np.take(X, idx, axis=0, out=raw[:n], mode="clip")
-        np.copyto(flt[:n], r, casting="unsafe")
-        near.block(flt[:n], r, lab[:n], st.xsq[idx], up2[:n], lo2[:n])
+        x = flt[:n]
+        np.copyto(x, r, casting="unsafe")
+        gb = g[:n]
+        e_idx, xsq_idx = err[idx], st.xsq[idx]
+        if own_group is None:
+            nb = None
+        else:
+            # The groups these rows' bounds cannot rule out, and always their own.
+            nb = ~_proven(st.lower[idx], st.upper[idx], e_idx)
+            nb[np.arange(n), own_group[lo:lo + n]] = True
+        ranked = []  # (group, rows ranked or None for all)
+        if nb is None or int(np.count_nonzero(nb, axis=0) @ sizes) >= DENSE_SHARE * n * k:
+            # Most pairs are needed anyway: one GEMM ranks the block against all.
+            np.dot(x, near.neg2_t, out=gb)
+            gb += near.csq
+            dense = True
+            pairs += n * k
+        else:
+            dense = False
+            gb.fill(np.inf)
+            for j, (a, e) in enumerate(zip(st.starts, ends)):
+                rows = np.flatnonzero(nb[:, j])
+                if rows.size == 0:
+                    continue
+                w = e - a
+                if 2 * rows.size >= n:
+                    # Most rows need this group: rank them all (the extra
+                    # values are exact too, and tighten the bounds).
+                    out = np.dot(x, wg[j], out=part[: n * w].reshape(n, w))
+                    out += near.csq[a:e]
+                    gb[:, a:e] = out
+                    ranked.append((j, None))
+                    pairs += n * w
+                else:
+                    xs = np.take(x, rows, axis=0, out=sub[: rows.size], mode="clip")
+                    out = np.dot(xs, wg[j], out=part[: rows.size * w].reshape(rows.size, w))
+                    out += near.csq[a:e]
+                    gb[rows, a:e] = out
+                    ranked.append((j, rows))
+                    pairs += rows.size * w
+        pos = near.decide(gb, r, lab[:n], xsq_idx, up2[:n], e_idx)
         st.labels[idx] = lab[:n]
         st.upper[idx] = np.sqrt(up2[:n])
-        st.lower[idx] = np.sqrt(lo2[:n])
+        # New lower bounds for the groups ranked, the row's own centre left
+        # out; the other groups keep their shrunken bounds.
+        np.put_along_axis(gb, pos[:, None], np.inf, axis=1)
+        slack = xsq_idx - e_idx
+        if dense:
+            glow = np.minimum.reduceat(gb, st.starts, axis=1).astype(np.float64)
+            glow += slack[:, None]
+            st.lower[idx] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
+        else:
+            for j, rows in ranked:
+                a, e = st.starts[j], ends[j]
+                if rows is None:
+                    v = gb[:, a:e].min(axis=1).astype(np.float64) + slack
+                    st.lower[idx, j] = _down32(np.sqrt(np.maximum(v, 0.0)))
+                else:
+                    v = gb[rows, a:e].min(axis=1).astype(np.float64) + slack[rows]
+                    st.lower[idx[rows], j] = _down32(np.sqrt(np.maximum(v, 0.0)))
     st.centers = c.copy()
     moved = st.labels[todo] != old
     changed = todo[moved]
@@ -504,7 +658,7 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     inertia = (sqnorm - 2.0 * np.einsum("ij,ij->", cf, sums)
                + float(counts @ np.einsum("ij,ij->i", cf, cf))) if m else 0.0
     return {"sums": sums, "counts": counts, "inertia": float(inertia),
-            "computed": int(todo.size), "changed": int(changed.size)}
+            "computed": int(todo.size), "pairs": int(pairs), "changed": int(changed.size)}
 
 
 def batch_chunk(X: np.ndarray, rows: np.ndarray, centers: np.ndarray, weights=None, *,

@@ -84,11 +84,15 @@ class ResidentRows:
     rows : kmeans_dask._passes.ChunkedRows
         Rows whose Dask arrays are persisted on ``client``'s cluster, with
         ``chunk_sqnorm`` already computed.
+    actor_class : type, default=ChunkActor
+        The benchmark passes one whose passes do no work, to time the
+        orchestration alone.
     """
 
-    def __init__(self, client, rows):
+    def __init__(self, client, rows, actor_class=None):
         self.client = client
         self.rows = rows
+        self.actor_class = ChunkActor if actor_class is None else actor_class
         self.blocks = _chunk_futures(rows.X)
         self.wblocks = _chunk_futures(rows.weights) if rows.weights is not None else None
         self.actors = []
@@ -112,7 +116,7 @@ class ResidentRows:
             if self.wblocks is not None:
                 args += [self.wblocks[i] for i in idx]
             futures.append(self.client.submit(
-                ChunkActor, idx, *args, weighted=self.wblocks is not None, scale=rows.scale,
+                self.actor_class, idx, *args, weighted=self.wblocks is not None, scale=rows.scale,
                 block_rows=rows.block_rows, sqnorms=[rows.chunk_sqnorm[i] for i in idx],
                 actor=True, workers=[address] if address else None, allow_other_workers=True,
                 key=f"kmeans-resident-{uuid.uuid4().hex}"))

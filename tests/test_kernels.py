@@ -141,3 +141,120 @@ def test_add_combines_in_order():
 def test_chunk_with_wrong_weights_shape():
     with pytest.raises(ValueError, match=r"weights of shape \(2,\) do not match 3 rows"):
         K.lloyd_chunk(np.zeros((3, 2)), np.zeros((1, 2)), np.ones(2))
+
+
+# ---------------------------------------------------------------- the nearest-centre rule
+
+
+def exact_labels(X, centers, scale):
+    Xf = X.astype(np.float64) * scale
+    d2 = ((Xf[:, None, :] - np.asarray(centers, np.float64)[None]) ** 2).sum(-1)
+    return d2.argmin(1), np.sort(d2, axis=1)
+
+
+def test_near_ties_are_settled_by_exact_distances_whatever_the_block(rng):
+    # Rows halfway between two centres, nudged by less than float32 can rank:
+    # the label must be the exact nearest, the same in any block layout.
+    d = 64
+    centers = rng.random((2, d))
+    mid = (centers[0] + centers[1]) / 2
+    axis = (centers[1] - centers[0]) / np.linalg.norm(centers[1] - centers[0])
+    eps = np.array([-3e-7, -1e-9, 1e-9, 3e-7, 0.0] * 20)
+    X = mid + eps[:, None] * axis
+    want, _ = exact_labels(X, centers, 1.0)
+    X32 = X.astype(np.float32)
+    want32, _ = exact_labels(X32, centers, 1.0)
+    for block_rows in (1, 3, 64, 256):
+        got = K.predict_chunk(X32, centers, block_rows=block_rows)
+        np.testing.assert_array_equal(got, want32)
+    # Float64 rows: exact ties (eps == 0) are settled at the last bit, which
+    # two float64 formulas may round differently; the rest must be exact,
+    # and all must agree between block layouts.
+    got = [K.predict_chunk(X, centers, block_rows=b) for b in (1, 5, 100)]
+    np.testing.assert_array_equal(got[0][eps != 0], want[eps != 0])
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[0], got[2])
+
+
+def test_labels_are_exact_nearest_on_real_images(fashion_rows):
+    X = fashion_rows[:3000].compute()
+    centers = X[::300][:10] / 255.0 + 0.001
+    want, sorted_d2 = exact_labels(X, centers, 1 / 255)
+    got = K.predict_chunk(X, centers, scale=1 / 255)
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- bounded Lloyd
+
+
+def lloyd_step(part, centers):
+    keep = part["counts"] > 0
+    new = centers.copy()
+    new[keep] = part["sums"][keep] / part["counts"][keep, None]
+    return new
+
+
+@pytest.mark.parametrize("k", [10, 40])
+def test_bounded_pass_equals_the_plain_pass_bit_for_bit(fashion_rows, k):
+    X = fashion_rows[:6000].compute()
+    scale = 1 / 255
+    sq = K.chunk_stats(X, scale=scale)["sqnorm"]
+    centers = X[np.random.default_rng(0).choice(len(X), k, replace=False)] * scale
+    state = K.ChunkState(X, scale=scale)
+    computed = []
+    for _ in range(12):
+        got = K.bounded_lloyd_chunk(X, state, centers, scale=scale, sqnorm=sq)
+        want = K.lloyd_chunk(X, centers, scale=scale, sqnorm=sq)
+        np.testing.assert_array_equal(got["sums"], want["sums"])
+        np.testing.assert_array_equal(got["counts"], want["counts"])
+        assert got["inertia"] == want["inertia"]
+        np.testing.assert_array_equal(state.labels, K.predict_chunk(X, centers, scale=scale))
+        computed.append(got["computed"])
+        centers = lloyd_step(got, centers)
+    assert computed[0] == len(X)
+    # The bounds must actually spare work once the centres settle.
+    assert computed[-1] < 0.5 * len(X), computed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bounded_pass_on_float_and_weighted_rows(rng, dtype, weighted):
+    X = np.concatenate([rng.normal(loc, 1.0, (400, 8)) for loc in (0, 4, 8)]).astype(dtype)
+    w = rng.random(len(X)) * 2 if weighted else None
+    sq = K.chunk_stats(X, w)["sqnorm"]
+    centers = X[[0, 1, 2, 3, 4]].astype(np.float64)
+    state = K.ChunkState(X, w)
+    for i in range(8):
+        got = K.bounded_lloyd_chunk(X, state, centers, w, sqnorm=sq)
+        want = K.lloyd_chunk(X, centers, w, sqnorm=sq)
+        np.testing.assert_array_equal(got["sums"], want["sums"])
+        np.testing.assert_array_equal(got["counts"], want["counts"])
+        assert got["inertia"] == want["inertia"]
+        centers = lloyd_step(got, centers)
+
+
+def test_a_fresh_state_gives_the_same_answer_as_a_kept_one(fashion_rows):
+    X = fashion_rows[:4000].compute()
+    scale = 1 / 255
+    centers = X[:20] * scale
+    kept = K.ChunkState(X, scale=scale)
+    for _ in range(5):
+        part = K.bounded_lloyd_chunk(X, kept, centers, scale=scale)
+        centers = lloyd_step(part, centers)
+    again = K.bounded_lloyd_chunk(X, kept, centers, scale=scale)
+    fresh = K.bounded_lloyd_chunk(X, K.ChunkState(X, scale=scale), centers, scale=scale)
+    assert again["computed"] < fresh["computed"] == len(X)
+    np.testing.assert_array_equal(again["sums"], fresh["sums"])
+    np.testing.assert_array_equal(again["counts"], fresh["counts"])
+    assert again["inertia"] == fresh["inertia"]
+
+
+def test_group_centers_partitions_every_centre(rng):
+    c = rng.random((50, 6))
+    order, starts, group_of = K.group_centers(c, 5)
+    assert sorted(order.tolist()) == list(range(50))
+    assert starts[0] == 0 and len(starts) == len(set(group_of.tolist())) <= 5
+    # Centres are listed group by group.
+    assert (np.diff(group_of[order]) >= 0).all()
+    one = K.group_centers(c, 1)
+    assert one[1].tolist() == [0] and (one[2] == 0).all()
