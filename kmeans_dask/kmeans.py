@@ -314,6 +314,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         self._tol = self.tol * mean_var
         rng = check_random_state(self.random_state)
         best = None
+        driver = self._lloyd_driver(rows, persisted) if self.algorithm == "lloyd" else rows
         for run in range(self.n_init):
             t0 = time.perf_counter()
             if resume is not None:
@@ -326,7 +327,6 @@ class KMeans(ClusterMixin, BaseEstimator):
             else:
                 centers = init.copy()
             if self.algorithm == "lloyd":
-                driver = self._lloyd_driver(rows, persisted) if run == 0 else driver
                 try:
                     result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
                 except BaseException:
@@ -339,8 +339,7 @@ class KMeans(ClusterMixin, BaseEstimator):
             result["init"] = np.asarray(centers, dtype=np.float64)
             if best is None or result["inertia"] < best["inertia"]:
                 best = result
-        if self.algorithm == "lloyd":
-            _close(driver)
+        _close(driver)
         dtype = _kernels.compute_dtype(X.dtype)
         self.cluster_centers_ = best["centers"].astype(dtype)
         self.init_centers_ = best["init"]

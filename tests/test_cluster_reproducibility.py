@@ -27,8 +27,38 @@ def test_same_centres_on_one_two_and_three_workers(dask_processes, fashion_test_
                         batch_size=512, task_rows=1500).fit(X)
             assert km.labels_.chunks == X.chunks[:1]
             results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
+            if n_workers == 2 and algorithm == "lloyd":
+                # Task graphs instead of worker-resident actors: the same answer.
+                km = KMeans(10, init=init, random_state=0, max_iter=30, task_rows=1500,
+                            resident=False).fit(X)
+                results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
     first = results[0]
     for centers, inertia, labels in results[1:]:
         np.testing.assert_array_equal(centers, first[0])
         assert inertia == first[1]
         np.testing.assert_array_equal(labels, first[2])
+
+
+def test_resident_bounds_and_task_graphs_agree_with_weights_and_groups(dask_processes,
+                                                                     fashion_test_small_chunks):
+    # K = 64 splits the centres into 2 groups (Yinyang bounds); weights make
+    # the sums float, recomputed every pass instead of updated in place.
+    address = dask_processes.start_scheduler()
+    for _ in range(2):
+        dask_processes.start_worker()
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(2, timeout=60)
+        X = store.open_data(fashion_test_small_chunks, "test").images
+        w = np.random.default_rng(0).random(X.shape[0]) * 2
+        runs = {}
+        for resident in (True, False):
+            for weights in (None, w):
+                km = KMeans(64, init="k-means++", random_state=1, max_iter=25, tol=0,
+                            task_rows=2500, resident=resident).fit(X, sample_weight=weights)
+                runs[resident, weights is None] = km
+        for unweighted in (True, False):
+            a, b = runs[True, unweighted], runs[False, unweighted]
+            np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+            assert a.inertia_ == b.inertia_
+            assert [h["inertia"] for h in a.history_] == [h["inertia"] for h in b.history_]
+            np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())

@@ -30,14 +30,17 @@ def _worker_pids(client) -> dict:
     return client.run(os.getpid)
 
 
-def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fashion_store):
+@pytest.mark.parametrize("resident", [True, False])
+def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fashion_store,
+                                                             resident, caplog):
     address = dask_processes.start_scheduler()
     for _ in range(3):
         dask_processes.start_worker()
     with Client(address, timeout=30) as client:
         client.wait_for_workers(3, timeout=60)
         X = store.open_data(fashion_store, "train").images
-        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, task_rows=10_000)
+        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, task_rows=10_000,
+                      resident=resident)
         calm = KMeans(**params).fit(X)
 
         killed = {}
@@ -56,8 +59,12 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fas
 
                 threading.Thread(target=kill).start()
 
-        hurt = KMeans(**params).fit(X, callback=kill_during_iteration_3)
+        with caplog.at_level("WARNING", logger="kmeans_dask._resident"):
+            hurt = KMeans(**params).fit(X, callback=kill_during_iteration_3)
         assert "pid" in killed
+        # The resident path noticed the loss and rebuilt its actors.
+        rebuilt = [r for r in caplog.records if "rebuilding the resident state" in r.getMessage()]
+        assert bool(rebuilt) == resident
         assert len(client.scheduler_info()["workers"]) == 2
         np.testing.assert_array_equal(hurt.cluster_centers_, calm.cluster_centers_)
         assert hurt.inertia_ == calm.inertia_

@@ -167,6 +167,8 @@ def _bad(**kw):
         ({"tol": -1}, None, None, "tol must be a number >= 0.0, got -1"),
         ({"batch_size": 0}, None, None, "batch_size must be an integer >= 1, got 0"),
         ({"persist": "yes"}, None, None, "persist must be 'auto', True or False, got 'yes'"),
+        ({"resident": "maybe"}, None, None, "resident must be 'auto', True or False, got 'maybe'"),
+        ({"resident": True}, None, None, "resident=True needs a distributed client and persisted rows"),
         ({}, np.array([[1.0, np.nan, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-19)"),
         ({}, np.array([[1.0, np.inf, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-19)"),
         ({}, np.zeros((20, 3), dtype=np.int64), None, "X has dtype int64; expected uint8, float32 or float64"),
