@@ -44,27 +44,39 @@ def task(fn):
 _TASKS: dict = {}
 
 
-def tree_reduce(parts: list, combine, split_every: int, name: str) -> list:
-    """Combine ``parts`` in consecutive groups of ``split_every`` until at most
-    ``split_every`` remain, and return those.
+def _levels(parts: list, split_every: int, combine_group) -> list:
+    """Replace ``parts`` by ``combine_group(group, level, index)`` over consecutive
+    groups of ``split_every`` until at most ``split_every`` remain.
 
     The grouping is by position only, so the order of additions is fixed by
-    the chunk index.  The last level (at most ``split_every`` k x d partials)
-    is combined by :func:`reduce_on_client` after the gather, which saves a
-    task and a worker-to-worker transfer per pass; the arithmetic is the same
-    as a root task's.
+    the chunk index, whoever computes them.
     """
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
     level = 0
     while len(parts) > split_every:
-        parts = [
-            task(combine)(*parts[i:i + split_every],
-                          dask_key_name=(f"{name}-combine-{level}", i // split_every))
-            for i in range(0, len(parts), split_every)
-        ]
+        parts = [combine_group(parts[i:i + split_every], level, i // split_every)
+                 for i in range(0, len(parts), split_every)]
         level += 1
     return parts
+
+
+def tree_reduce(parts: list, combine, split_every: int, name: str) -> list:
+    """The levels of :func:`_levels` as tasks; returns the top level (at most
+    ``split_every`` parts).
+
+    The top level (at most ``split_every`` k x d partials) is combined by
+    :func:`reduce_on_client` after the gather, which saves a task and a
+    worker-to-worker transfer per pass; the arithmetic is the same as a root
+    task's.
+    """
+    return _levels(parts, split_every, lambda group, level, i: task(combine)(
+        *group, dask_key_name=(f"{name}-combine-{level}", i)))
+
+
+def combine_in_order(parts: list, combine, split_every: int):
+    """:func:`reduce_on_client`'s additions, on partials already here (in chunk order)."""
+    return combine(*_levels(parts, split_every, lambda group, level, i: combine(*group)))
 
 
 def reduce_on_client(parts: list, combine, split_every: int, name: str):

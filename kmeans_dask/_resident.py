@@ -12,10 +12,10 @@ provably did not change.
 
 Results are those of the task path bit for bit: every chunk returns its own
 partial, and the client adds the partials in chunk order with the same tree
-(:func:`combine_in_order`).  A worker lost between or during calls is
-handled by rebuilding the actors from the persisted chunks (the scheduler
-recomputes lost ones from their source) with fresh states, and repeating
-the call; fresh and kept states give the same answer.
+(:func:`kmeans_dask._passes.combine_in_order`).  A worker lost between or
+during calls is handled by rebuilding the actors from the persisted chunks
+(the scheduler recomputes lost ones from their source) with fresh states,
+and repeating the call; fresh and kept states give the same answer.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import uuid
 import numpy as np
 
 from . import _kernels
+from ._passes import combine_in_order
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,6 @@ class ChunkActor:
         return [(i, _kernels.bounded_lloyd_chunk(x, st, centers, w, scale=self.scale,
                                                  sqnorm=sq, block_rows=self.block_rows))
                 for i, x, w, st, sq in zip(self.indices, self.X, self.w, self.states, self.sqnorms)]
-
-
-def combine_in_order(parts: list, combine, split_every: int):
-    """Combine ``parts`` (in chunk order) with the tree of :func:`_passes.tree_reduce`.
-
-    The same groups are added in the same order, so the totals equal the
-    task path's bit for bit.
-    """
-    while len(parts) > split_every:
-        parts = [combine(*parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
-    return combine(*parts)
 
 
 class ResidentRows:
