@@ -134,6 +134,17 @@ class DaskProcesses:
                             "--host", "127.0.0.1", "--no-dashboard", "--no-nanny", *extra],
                            "worker")
 
+    def client(self, n_workers: int):
+        """A scheduler with ``n_workers`` workers, and a Client that has seen them all."""
+        from distributed import Client
+
+        address = self.start_scheduler()
+        for _ in range(n_workers):
+            self.start_worker()
+        client = Client(address, timeout=30)
+        client.wait_for_workers(n_workers, timeout=60)
+        return client
+
     def stop(self, proc, sig=None):
         import signal
 

@@ -43,11 +43,7 @@ def test_resident_bounds_and_task_graphs_agree_with_weights_and_groups(dask_proc
                                                                      fashion_test_small_chunks):
     # K = 64 splits the centres into 2 groups (Yinyang bounds); weights make
     # the sums float, recomputed every pass instead of updated in place.
-    address = dask_processes.start_scheduler()
-    for _ in range(2):
-        dask_processes.start_worker()
-    with Client(address, timeout=30) as client:
-        client.wait_for_workers(2, timeout=60)
+    with dask_processes.client(2):
         X = store.open_data(fashion_test_small_chunks, "test").images
         w = np.random.default_rng(0).random(X.shape[0]) * 2
         runs = {}

@@ -33,11 +33,7 @@ def _worker_pids(client) -> dict:
 @pytest.mark.parametrize("resident", [True, False])
 def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fashion_store,
                                                              resident, caplog):
-    address = dask_processes.start_scheduler()
-    for _ in range(3):
-        dask_processes.start_worker()
-    with Client(address, timeout=30) as client:
-        client.wait_for_workers(3, timeout=60)
+    with dask_processes.client(3) as client:
         X = store.open_data(fashion_store, "train").images
         params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, task_rows=10_000,
                       resident=resident)
