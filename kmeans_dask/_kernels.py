@@ -467,6 +467,8 @@ GROUP_SIZE = 32
 BOUNDED_BLOCK_ROWS = 1024
 # Above this share of the (row, centre) pairs, a block is ranked by one full GEMM.
 DENSE_SHARE = 0.5
+# Above this share of a block's rows, a group is ranked for all of them (no gather).
+GROUP_DENSE_SHARE = 0.7
 
 
 def group_centers(c: np.ndarray, t: int, iters: int = 5):
@@ -617,7 +619,7 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
                 if rows.size == 0:
                     continue
                 w = e - a
-                if 2 * rows.size >= n:
+                if rows.size >= GROUP_DENSE_SHARE * n:
                     # Most rows need this group: rank them all (the extra
                     # values are exact too, and tighten the bounds).
                     out = np.dot(x, wg[j], out=part[: n * w].reshape(n, w))
