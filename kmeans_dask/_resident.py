@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -45,6 +46,14 @@ class ChunkActor:
     scale, block_rows : as for the kernels
     sqnorms : list of float
         Each chunk's ``sum w |x|^2``.
+
+    Notes
+    -----
+    A worker runs all its actors' calls in one thread, so a worker with
+    several threads (``dask worker``'s default: one process, a thread per
+    core) would pass its chunks one after the other.  The actor keeps a pool
+    of as many threads as the worker has (at most one per chunk) and passes
+    its chunks in parallel; NumPy releases the GIL in the heavy parts.
     """
 
     def __init__(self, indices, *blocks, weighted=False, scale=1.0, block_rows=256, sqnorms=()):
@@ -57,12 +66,33 @@ class ChunkActor:
         self.sqnorms = list(sqnorms)
         self.states = [_kernels.ChunkState(x, w, scale=scale, block_rows=block_rows)
                        for x, w in zip(self.X, self.w)]
+        threads = min(_worker_threads(), n)
+        self._pool = ThreadPoolExecutor(threads, "kmeans-resident") if threads > 1 else None
+
+    def _pass(self, j, centers):
+        return self.indices[j], _kernels.bounded_lloyd_chunk(
+            self.X[j], self.states[j], centers, self.w[j], scale=self.scale,
+            sqnorm=self.sqnorms[j], block_rows=self.block_rows)
 
     def lloyd(self, centers):
         """One assignment pass of every chunk held; ``[(chunk index, partial)]``."""
-        return [(i, _kernels.bounded_lloyd_chunk(x, st, centers, w, scale=self.scale,
-                                                 sqnorm=sq, block_rows=self.block_rows))
-                for i, x, w, st, sq in zip(self.indices, self.X, self.w, self.states, self.sqnorms)]
+        if self._pool is None:
+            return [self._pass(j, centers) for j in range(len(self.X))]
+        return list(self._pool.map(lambda j: self._pass(j, centers), range(len(self.X))))
+
+    def __del__(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _worker_threads() -> int:
+    """Threads of the worker this runs on (1 outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return 1
 
 
 class ResidentRows:

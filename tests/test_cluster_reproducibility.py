@@ -58,3 +58,18 @@ def test_resident_bounds_and_task_graphs_agree_with_weights_and_groups(dask_proc
             assert a.inertia_ == b.inertia_
             assert [h["inertia"] for h in a.history_] == [h["inertia"] for h in b.history_]
             np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())
+
+
+def test_one_worker_with_two_threads_gives_the_same_result(dask_processes, fashion_test_small_chunks):
+    # ``dask worker``'s default shape: one process, several threads; the actor
+    # passes its chunks in a pool of the worker's size.
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("--nthreads", "2")
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        assert list(client.nthreads().values()) == [2]
+        X = store.open_data(fashion_test_small_chunks, "test").images
+        runs = [KMeans(10, init="k-means++", random_state=0, max_iter=15, tol=0, task_rows=2500,
+                       resident=resident).fit(X) for resident in (True, False)]
+        np.testing.assert_array_equal(runs[0].cluster_centers_, runs[1].cluster_centers_)
+        assert runs[0].inertia_ == runs[1].inertia_

@@ -1,0 +1,32 @@
+"""The worker-resident actor's passes, without a cluster (the cluster tests drive it for real)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kmeans_dask import _kernels, _resident
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_actor_passes_equal_the_plain_kernel_in_any_number_of_threads(fashion_rows, monkeypatch,
+                                                                      threads):
+    monkeypatch.setattr(_resident, "_worker_threads", lambda: threads)
+    X = fashion_rows[:9000].compute()
+    chunks = [X[:4000], X[4000:7000], X[7000:]]
+    scale = 1 / 255
+    sq = [_kernels.chunk_stats(c, scale=scale)["sqnorm"] for c in chunks]
+    actor = _resident.ChunkActor([4, 5, 6], *chunks, scale=scale, sqnorms=sq)
+    assert (actor._pool is None) == (threads == 1)
+    centers = X[:12] * scale
+    for _ in range(6):
+        got = actor.lloyd(centers)
+        assert [i for i, _ in got] == [4, 5, 6]
+        for (_, part), chunk, s in zip(got, chunks, sq):
+            want = _kernels.lloyd_chunk(chunk, centers, scale=scale, sqnorm=s)
+            np.testing.assert_array_equal(part["sums"], want["sums"])
+            assert part["inertia"] == want["inertia"]
+        total = _kernels.add(*[p for _, p in got])
+        keep = total["counts"] > 0
+        centers = centers.copy()
+        centers[keep] = total["sums"][keep] / total["counts"][keep, None]
