@@ -32,6 +32,9 @@ from ._passes import combine_in_order
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+# resident="auto" is used up to this many row chunks (each returns a k x d
+# partial to the client every iteration).
+MAX_CHUNKS = 32
 
 
 class ChunkActor:

@@ -89,8 +89,10 @@ class KMeans(ClusterMixin, BaseEstimator):
         centre provably did not change are skipped) on the worker holding
         it, in one actor per worker, and call those actors directly each
         iteration instead of sending a task graph through the scheduler.
-        "auto" does so when the rows are persisted and a client is active,
-        and falls back to task graphs if the actors cannot be reached.
+        "auto" does so when the rows are persisted in at most 32 chunks
+        (each chunk's partial sums travel to the client every iteration) and
+        a client is active, and falls back to task graphs if the actors
+        cannot be reached.
         Results are identical either way.
 
     Attributes
@@ -362,6 +364,12 @@ class KMeans(ClusterMixin, BaseEstimator):
         if self.resident is False or not persisted or client is None:
             if self.resident is True:
                 raise ValueError("resident=True needs a distributed client and persisted rows")
+            return rows
+        if self.resident == "auto" and rows.nchunks > _resident.MAX_CHUNKS:
+            # Every chunk's k x d partial travels to the client on this path;
+            # past this many, the task graph's tree on the workers is cheaper.
+            log.info("%d row chunks: Lloyd passes as task graphs (the resident path sends "
+                     "one partial per chunk to the client)", rows.nchunks)
             return rows
         try:
             return _resident.ResidentRows(client, rows)

@@ -30,3 +30,20 @@ def test_actor_passes_equal_the_plain_kernel_in_any_number_of_threads(fashion_ro
         keep = total["counts"] > 0
         centers = centers.copy()
         centers[keep] = total["sums"][keep] / total["counts"][keep, None]
+
+
+def test_auto_keeps_task_graphs_for_many_chunks(caplog):
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from kmeans_dask import KMeans
+
+    X = da.from_array(np.random.default_rng(0).random((400, 3)), chunks=10)  # 40 chunks
+    # In-process (inproc:// transport): no sockets at all.
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster):
+        with caplog.at_level("INFO", logger="kmeans_dask.kmeans"):
+            km = KMeans(3, random_state=0, max_iter=3, task_rows=10).fit(X)
+    assert any("40 row chunks: Lloyd passes as task graphs" in r.getMessage()
+               for r in caplog.records)
+    assert km.n_iter_ >= 1
