@@ -120,7 +120,8 @@ class _Nearest:
         else:
             l1 = self.cmax2 = 0.0
         self.err = self.kappa * (2.0 * float(xmax) * l1 + self.cmax2) + 1e-300
-        self.g = np.empty((max(1, block_rows), k), dtype=self.dtype)
+        self.block_rows = max(1, block_rows)
+        self.g = None  # ranking buffer of block(), made on first use
         self._diff = self._cen = None
 
     def row_error(self, xsq: np.ndarray) -> np.ndarray:
@@ -138,6 +139,8 @@ class _Nearest:
         ``upper2`` receives a bound on the squared distance to the chosen
         centre.
         """
+        if self.g is None:
+            self.g = np.empty((self.block_rows, self.c.shape[0]), dtype=self.dtype)
         g = self.g[: x.shape[0]]
         np.dot(x, self.neg2_t, out=g)
         g += self.csq
@@ -440,7 +443,6 @@ class ChunkState:
                  block_rows: int = DEFAULT_BLOCK_ROWS):
         _check_chunk(X, weights)
         m = X.shape[0]
-        self.m = m
         self.labels = np.full(m, -1, dtype=np.intp)
         self.upper = np.full(m, np.inf)
         self.lower = None  # (m, t) float32, made with the groups

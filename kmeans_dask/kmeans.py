@@ -85,7 +85,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         Fan-in of the tree that adds the per-chunk partial sums.
     resident : {"auto", True, False}, default="auto"
         Lloyd on a ``distributed`` cluster with persisted rows: keep each
-        chunk's state (labels and Hamerly's distance bounds, so rows whose
+        chunk's state (labels and Yinyang distance bounds, so rows whose
         centre provably did not change are skipped) on the worker holding
         it, in one actor per worker, and call those actors directly each
         iteration instead of sending a task graph through the scheduler.
@@ -315,33 +315,11 @@ class KMeans(ClusterMixin, BaseEstimator):
         mean_var = float(np.mean(stats["sumsq"] / n - (stats["sum"] / n) ** 2))
         self._tol = self.tol * mean_var
         rng = check_random_state(self.random_state)
-        best = None
         driver = self._lloyd_driver(rows, persisted) if self.algorithm == "lloyd" else rows
-        for run in range(self.n_init):
-            t0 = time.perf_counter()
-            if resume is not None:
-                centers = np.asarray(resume["init"], dtype=np.float64)
-                log.info("resuming after iteration %d", len(resume["history"]))
-            elif isinstance(init, str):
-                centers = self._initial_centers(init, rows, rng)
-                log.info("init %s (run %d/%d): %.2f s", init, run + 1, self.n_init,
-                         time.perf_counter() - t0)
-            else:
-                centers = init.copy()
-            if self.algorithm == "lloyd":
-                try:
-                    result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
-                except BaseException:
-                    _close(driver)
-                    raise
-            else:
-                result = _minibatch(self, rows, centers, rng, callback)
-            log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
-                     result["inertia"], result["n_iter"])
-            result["init"] = np.asarray(centers, dtype=np.float64)
-            if best is None or result["inertia"] < best["inertia"]:
-                best = result
-        _close(driver)
+        try:
+            best = self._best_run(init, rows, driver, rng, callback, checkpoint, resume)
+        finally:
+            _close(driver)
         dtype = _kernels.compute_dtype(X.dtype)
         self.cluster_centers_ = best["centers"].astype(dtype)
         self.init_centers_ = best["init"]
@@ -355,6 +333,31 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.labels_ = labels if labels.chunks[0] == input_chunks else labels.rechunk((input_chunks,))
         self.fit_seconds_ = time.perf_counter() - start
         return self
+
+    def _best_run(self, init, rows: ChunkedRows, driver, rng, callback, checkpoint, resume) -> dict:
+        """``n_init`` runs from their initial centres; the one with the lowest inertia."""
+        best = None
+        for run in range(self.n_init):
+            t0 = time.perf_counter()
+            if resume is not None:
+                centers = np.asarray(resume["init"], dtype=np.float64)
+                log.info("resuming after iteration %d", len(resume["history"]))
+            elif isinstance(init, str):
+                centers = self._initial_centers(init, rows, rng)
+                log.info("init %s (run %d/%d): %.2f s", init, run + 1, self.n_init,
+                         time.perf_counter() - t0)
+            else:
+                centers = init.copy()
+            if self.algorithm == "lloyd":
+                result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
+            else:
+                result = _minibatch(self, rows, centers, rng, callback)
+            log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
+                     result["inertia"], result["n_iter"])
+            result["init"] = np.asarray(centers, dtype=np.float64)
+            if best is None or result["inertia"] < best["inertia"]:
+                best = result
+        return best
 
     def _lloyd_driver(self, rows: ChunkedRows, persisted: bool):
         """What runs a Lloyd pass: worker-resident actors when possible, else ``rows``."""
