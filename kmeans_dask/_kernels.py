@@ -344,10 +344,18 @@ def lloyd_chunk(X: np.ndarray, centers: np.ndarray, weights=None, *, scale: floa
     labels = np.empty(m, dtype=np.intp)
     _assign(X, centers, scale, block_rows, labels)
     _accumulate(X, labels, weights, scale, block_rows, sums, counts)
-    c = np.asarray(centers, dtype=compute_dtype(X.dtype)).astype(np.float64)
+    return {"sums": sums, "counts": counts,
+            "inertia": _inertia(centers, compute_dtype(X.dtype), sums, counts, sqnorm)}
+
+
+def _inertia(centers, dtype, sums, counts, sqnorm) -> float:
+    """``sum w|x - c|^2`` from the per-centre sums: ``sqnorm - 2 c.S + W |c|^2``.
+
+    With the centres as the kernels used them (rounded to ``dtype``).
+    """
+    c = np.asarray(centers, dtype=dtype).astype(np.float64)
     cross = np.einsum("ij,ij->", c, sums)
-    inertia = sqnorm - 2.0 * cross + float(counts @ np.einsum("ij,ij->i", c, c))
-    return {"sums": sums, "counts": counts, "inertia": float(inertia)}
+    return float(sqnorm - 2.0 * cross + float(counts @ np.einsum("ij,ij->i", c, c)))
 
 
 def _accumulate(X, labels, weights, scale, block_rows, sums, counts):
@@ -687,10 +695,8 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         counts = np.zeros(k, dtype=np.float64)
         if m:
             _accumulate(X, st.labels, weights, scale, block_rows, sums, counts)
-    cf = np.asarray(c, dtype=dtype).astype(np.float64)
-    inertia = (sqnorm - 2.0 * np.einsum("ij,ij->", cf, sums)
-               + float(counts @ np.einsum("ij,ij->i", cf, cf))) if m else 0.0
-    return {"sums": sums, "counts": counts, "inertia": float(inertia),
+    inertia = _inertia(c, dtype, sums, counts, sqnorm) if m else 0.0
+    return {"sums": sums, "counts": counts, "inertia": inertia,
             "computed": int(todo.size), "pairs": int(pairs), "changed": int(changed.size)}
 
 
