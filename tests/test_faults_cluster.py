@@ -53,7 +53,12 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fas
                     os.kill(pid, signal.SIGKILL)
                     killed["pid"] = pid
 
-                threading.Thread(target=kill).start()
+                killed["thread"] = threading.Thread(target=kill)
+                killed["thread"].start()
+            elif record["iteration"] == 4:
+                # On a loaded machine the killer may run late: it must have
+                # struck before the fit goes on, or the fit could end unhurt.
+                killed["thread"].join()
 
         with caplog.at_level("WARNING", logger="kmeans_dask._resident"):
             hurt = KMeans(**params).fit(X, callback=kill_during_iteration_3)
