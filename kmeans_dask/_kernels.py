@@ -33,7 +33,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from kmeans_dask import _jit
+
 DEFAULT_BLOCK_ROWS = 256
+
+
+def warm_up(dtype) -> None:
+    """Compile the bounded pass's loops for rows of ``dtype`` ahead of the first pass."""
+    _jit.warm_up(dtype, compute_dtype(dtype))
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -436,14 +443,15 @@ class ChunkState:
     stay valid as centres move (upper grows by its centre's move, a group's
     lower bounds shrink by the group's largest move).  A row is recomputed
     only against the groups its bounds cannot rule out, and not at all when
-    they rule out every group.  Ruled out means by a margin of ``4 E``
+    they rule out every group, or once its own centre's distance (Hamerly's
+    tightening) lets them.  Ruled out means by a margin of ``4 E``
     (see :class:`_Nearest`), so the shared nearest-centre rule would pick the
     same centre: a kept state and a fresh one give the same labels.
     Unweighted uint8 rows also keep exact integer per-centre sums, updated
     by the rows that change centre only.
 
-    Memory per row: 24 bytes plus 4 per group (one group per 32 centres, at
-    most 16 groups: 56 bytes at K = 256, 7 % of a 784-pixel uint8 image),
+    Memory per row: 24 bytes plus 4 per group (one group per 16 centres, at
+    most 16 groups: 88 bytes at K = 256, 11 % of a 784-pixel uint8 image),
     plus k x d sums.
     """
 
@@ -471,14 +479,17 @@ class ChunkState:
 
 
 MAX_GROUPS = 16
-# Centres per group aimed at: 256 centres in 8 groups measured as fast as in
-# 16, with half the per-row memory.
-GROUP_SIZE = 32
+# Centres per group aimed at.  At K = 256 on Fashion-MNIST, 16 groups of 16
+# rank about half the distances 8 groups of 32 do and measured 15 % faster;
+# 32 groups would rank fewer still but take 19 % of a row's size in bounds.
+GROUP_SIZE = 16
 BOUNDED_BLOCK_ROWS = 1024
-# Above this share of the (row, centre) pairs, a block is ranked by one full GEMM.
+# Rows converted at a time by the group-by-group ranking: the block stays in
+# a core's L2 cache while every group's rows are copied out of it.
+GROUP_BLOCK_ROWS = 64
+# Above this share of (row, group) pairs left open by the bounds, the open rows
+# are ranked by one GEMM against all centres instead of group by group.
 DENSE_SHARE = 0.5
-# Above this share of a block's rows, a group is ranked for all of them (no gather).
-GROUP_DENSE_SHARE = 0.7
 
 
 def group_centers(c: np.ndarray, t: int, iters: int = 5):
@@ -524,24 +535,114 @@ def _separation(c: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(d2.min(axis=1) - slack, 0.0))
 
 
-def _proven(low, up, err):
-    """Where the bounds prove a row's centre is nearest by a margin.
-
-    Every ruled-out centre is at least ``low`` away and the row's own at most
-    ``up``, so the squared distances differ by more than ``low^2 - up^2``;
-    above ``4 E`` the ranked values differ by more than ``2 E``: the rule
-    picks the row's centre without a second look.  ``low`` may be (rows,
-    groups); ``up`` and ``err`` are per row.
-    """
-    # low^2 - up^2 > 4E  <=>  low > sqrt(up^2 + 4E), the threshold rounded up.
-    threshold = np.sqrt(up * up + 4.0 * err) * (1 + 1e-12)
-    return low > (threshold if np.ndim(low) == 1 else threshold[:, None])
-
-
 def _down32(values: np.ndarray) -> np.ndarray:
     """float64 lower bounds stored as float32 without rounding up."""
     out = values.astype(np.float32)
     return np.nextafter(out, np.float32(-np.inf), out=out)
+
+
+def _rank_open(X, st: ChunkState, near: _Nearest, err, move, sep):
+    """Move the bounds with the centres and re-decide the rows they leave open.
+
+    Rows the bounds cannot settle are ranked against their own centre
+    first (Hamerly's tightening, which settles many).  The rest are ranked
+    group by group, only against the groups their bounds leave open: for
+    each group one GEMM over the rows that need it.  Near ties go to
+    :func:`_rank_all`, which applies the shared exact comparison.
+
+    Returns
+    -------
+    rows : the rows that may have changed centre
+    old : their labels before
+    looked : rows whose distances were looked at
+    pairs : distances ranked
+    """
+    m, d = X.shape
+    k = near.c.shape[0]
+    t = st.starts.size
+    pos_of = np.empty(k, dtype=np.intp)
+    pos_of[st.order] = np.arange(k)
+    group_of_pos = st.group_of[st.order]
+    drift = np.maximum.reduceat(move[st.order], st.starts).astype(np.float32)
+    drift = np.nextafter(drift, np.float32(np.inf))
+    neg2 = np.ascontiguousarray(near.neg2_t.T)  # (k, d): one group's centres are contiguous
+    bounds = np.r_[st.starts, k]
+    rows = np.empty(m, dtype=np.intp)
+    own = np.empty(m)
+    looked, n = _jit.filter_rows(X, neg2, near.csq, pos_of,
+                                 move[st.order], drift, sep[st.order], st.labels, st.upper,
+                                 st.lower, st.xsq, err, rows, own)
+    rows, own = rows[:n], own[:n]
+    old = st.labels[rows]
+    pairs = looked
+    need = np.empty((n, t), dtype=np.bool_)
+    best, second = np.empty(n), np.empty(n)
+    pick = np.empty(n, dtype=np.intp)
+    n_open = _jit.open_groups(rows, own, pos_of, group_of_pos, st.labels, st.upper, st.lower,
+                              err, need, best, second, pick)
+    if n_open >= DENSE_SHARE * need.size:
+        # Early iterations: most groups are open anyway, one GEMM over all centres.
+        return rows, old, looked, pairs + _rank_all(X, rows, st, near, err)
+    # Ranked values are float32 (or float64 input's float64) and stored as such.
+    g_first = np.empty((n, t), dtype=near.dtype)
+    g_second = np.empty((n, t), dtype=near.dtype)
+    g_pick = np.empty((n, t), dtype=np.int32)
+    step = max(1, min(GROUP_BLOCK_ROWS, n))
+    block = np.empty((step, d), dtype=near.dtype)
+    sub = np.empty_like(block)
+    cross = np.empty(step * int(np.diff(bounds).max()), dtype=near.dtype)
+    pairs += _jit.rank_groups(X, rows, need, neg2, near.csq, bounds, block, sub, cross,
+                              best, second, pick, g_first, g_pick, g_second)
+    flagged = np.empty(n, dtype=np.int64)
+    n_flagged = _jit.settle(rows, own, need, best, second, pick, g_first, g_pick, g_second,
+                            pos_of, group_of_pos, st.order, st.labels, st.upper, st.lower,
+                            st.xsq, err, flagged)
+    return rows, old, looked, pairs + _rank_all(X, flagged[:n_flagged], st, near, err)
+
+
+def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
+    """Rank ``rows`` against every centre, one GEMM per block, and renew their bounds.
+
+    Returns the number of (row, centre) distances ranked.
+    """
+    k, d = near.c.shape
+    if rows.size == 0:
+        return 0
+    step = max(1, min(BOUNDED_BLOCK_ROWS, rows.size))
+    raw = np.empty((step, d), dtype=X.dtype)
+    flt = np.empty((step, d), dtype=near.dtype)
+    g = np.empty((step, k), dtype=near.dtype)
+    lab = np.empty(step, dtype=np.intp)
+    up2 = np.empty(step)
+    for lo in range(0, rows.size, step):
+        n = min(step, rows.size - lo)
+        idx = rows[lo:lo + n]
+        if idx[-1] - idx[0] == n - 1:
+            r = X[idx[0]:idx[0] + n]  # consecutive rows (a first pass): no gather
+        else:
+            r = np.take(X, idx, axis=0, out=raw[:n], mode="clip")
+        x = flt[:n]
+        np.copyto(x, r, casting="unsafe")
+        gb = g[:n]
+        np.dot(x, near.neg2_t, out=gb)
+        gb += near.csq
+        e_idx, xsq_idx = err[idx], st.xsq[idx]
+        pos, ranked_pos, best, second = near.decide(gb, r, lab[:n], xsq_idx, up2[:n], e_idx)
+        st.labels[idx] = lab[:n]
+        st.upper[idx] = np.sqrt(up2[:n])
+        # New lower bounds per group, the row's own centre left out.
+        slack = xsq_idx - e_idx
+        if st.starts.size == 1:
+            # One group: the nearest other centre is the runner-up of the
+            # ranking, or its winner where an exact comparison overruled it.
+            glow = np.where(pos == ranked_pos, second, best) + slack
+            st.lower[idx, 0] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
+        else:
+            np.put_along_axis(gb, pos[:, None], np.inf, axis=1)
+            glow = np.minimum.reduceat(gb, st.starts, axis=1).astype(np.float64)
+            glow += slack[:, None]
+            st.lower[idx] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
+    return rows.size * k
 
 
 def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, weights=None, *,
@@ -567,109 +668,14 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
     near = _Nearest(c, dtype, scale, block_rows, st.xmax, order=st.order)
     err = near.row_error(st.xsq)
-    t = st.starts.size
     if st.centers is None:
         todo = np.arange(m)
+        old = st.labels.copy()
+        pairs = _rank_all(X, todo, st, near, err)
+        looked = m
     else:
-        p = _movement(st.centers, c)
-        st.upper += p[st.labels]
-        drift = np.maximum.reduceat(p[st.order], st.starts).astype(np.float32)
-        drift = np.nextafter(drift, np.float32(np.inf))
-        np.subtract(st.lower, drift, out=st.lower)
-        np.nextafter(st.lower, np.float32(-np.inf), out=st.lower)
-        low = np.maximum(st.lower.min(axis=1).astype(np.float64),
-                         _separation(c)[st.labels] - st.upper)
-        todo = np.flatnonzero(~_proven(low, st.upper, err))
-        # Rows of one group side by side: a block's rows then need mostly the
-        # same groups, which are ranked for the whole block without gathering.
-        todo = todo[np.argsort(st.group_of[st.labels[todo]], kind="stable")]
-    old = st.labels[todo].copy()
-    step = max(1, min(BOUNDED_BLOCK_ROWS, todo.size))
-    raw = np.empty((step, d), dtype=X.dtype)
-    flt = np.empty((step, d), dtype=dtype)
-    sub = np.empty((step, d), dtype=dtype)
-    g = np.empty((step, k), dtype=dtype)
-    lab = np.empty(step, dtype=np.intp)
-    up2 = np.empty(step)
-    ends = np.r_[st.starts[1:], k]
-    wg = [np.ascontiguousarray(near.neg2_t[:, a:e]) for a, e in zip(st.starts, ends)]
-    sizes = (ends - st.starts).astype(np.int64)
-    part = np.empty(step * int(sizes.max(initial=1)), dtype=dtype)
-    own_group = st.group_of[st.labels[todo]] if st.centers is not None else None
-    pairs = 0
-    for lo in range(0, todo.size, step):
-        n = min(step, todo.size - lo)
-        idx = todo[lo:lo + n]
-        if idx[-1] - idx[0] == n - 1:
-            r = X[idx[0]:idx[0] + n]  # consecutive rows (a first pass): no gather
-        else:
-            r = np.take(X, idx, axis=0, out=raw[:n], mode="clip")
-        x = flt[:n]
-        np.copyto(x, r, casting="unsafe")
-        gb = g[:n]
-        e_idx, xsq_idx = err[idx], st.xsq[idx]
-        if own_group is None:
-            nb = None
-        else:
-            # The groups these rows' bounds cannot rule out, and always their own.
-            nb = ~_proven(st.lower[idx], st.upper[idx], e_idx)
-            nb[np.arange(n), own_group[lo:lo + n]] = True
-        ranked = []  # (group, rows ranked or None for all)
-        if nb is None or int(np.count_nonzero(nb, axis=0) @ sizes) >= DENSE_SHARE * n * k:
-            # Most pairs are needed anyway: one GEMM ranks the block against all.
-            np.dot(x, near.neg2_t, out=gb)
-            gb += near.csq
-            dense = True
-            pairs += n * k
-        else:
-            dense = False
-            gb.fill(np.inf)
-            for j, (a, e) in enumerate(zip(st.starts, ends)):
-                rows = np.flatnonzero(nb[:, j])
-                if rows.size == 0:
-                    continue
-                w = e - a
-                if rows.size >= GROUP_DENSE_SHARE * n:
-                    # Most rows need this group: rank them all (the extra
-                    # values are exact too, and tighten the bounds).
-                    out = np.dot(x, wg[j], out=part[: n * w].reshape(n, w))
-                    out += near.csq[a:e]
-                    gb[:, a:e] = out
-                    ranked.append((j, None))
-                    pairs += n * w
-                else:
-                    xs = np.take(x, rows, axis=0, out=sub[: rows.size], mode="clip")
-                    out = np.dot(xs, wg[j], out=part[: rows.size * w].reshape(rows.size, w))
-                    out += near.csq[a:e]
-                    gb[rows, a:e] = out
-                    ranked.append((j, rows))
-                    pairs += rows.size * w
-        pos, ranked_pos, best, second = near.decide(gb, r, lab[:n], xsq_idx, up2[:n], e_idx)
-        st.labels[idx] = lab[:n]
-        st.upper[idx] = np.sqrt(up2[:n])
-        # New lower bounds for the groups ranked, the row's own centre left
-        # out; the other groups keep their shrunken bounds.
-        slack = xsq_idx - e_idx
-        if t == 1 and dense:
-            # One group: the nearest other centre is the runner-up of the
-            # ranking, or its winner where an exact comparison overruled it.
-            glow = np.where(pos == ranked_pos, second, best) + slack
-            st.lower[idx, 0] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
-            continue
-        np.put_along_axis(gb, pos[:, None], np.inf, axis=1)
-        if dense:
-            glow = np.minimum.reduceat(gb, st.starts, axis=1).astype(np.float64)
-            glow += slack[:, None]
-            st.lower[idx] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
-        else:
-            for j, rows in ranked:
-                a, e = st.starts[j], ends[j]
-                if rows is None:
-                    v = gb[:, a:e].min(axis=1).astype(np.float64) + slack
-                    st.lower[idx, j] = _down32(np.sqrt(np.maximum(v, 0.0)))
-                else:
-                    v = gb[rows, a:e].min(axis=1).astype(np.float64) + slack[rows]
-                    st.lower[idx[rows], j] = _down32(np.sqrt(np.maximum(v, 0.0)))
+        todo, old, looked, pairs = _rank_open(X, st, near, err, _movement(st.centers, c),
+                                              _separation(c))
     st.centers = c.copy()
     moved = st.labels[todo] != old
     changed = todo[moved]
@@ -697,7 +703,7 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
             _accumulate(X, st.labels, weights, scale, block_rows, sums, counts)
     inertia = _inertia(c, dtype, sums, counts, sqnorm) if m else 0.0
     return {"sums": sums, "counts": counts, "inertia": inertia,
-            "computed": int(todo.size), "pairs": int(pairs), "changed": int(changed.size)}
+            "computed": int(looked), "pairs": int(pairs), "changed": int(changed.size)}
 
 
 def batch_chunk(X: np.ndarray, rows: np.ndarray, centers: np.ndarray, weights=None, *,

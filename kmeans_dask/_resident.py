@@ -69,6 +69,10 @@ class ChunkActor:
         self.sqnorms = list(sqnorms)
         self.states = [_kernels.ChunkState(x, w, scale=scale, block_rows=block_rows)
                        for x, w in zip(self.X, self.w)]
+        # Compiled loops are loaded (or compiled, once per machine) now, not
+        # inside the first timed iteration.
+        for dtype in {x.dtype for x in self.X}:
+            _kernels.warm_up(dtype)
         threads = min(_worker_threads(), n)
         self._pool = ThreadPoolExecutor(threads, "kmeans-resident") if threads > 1 else None
 

@@ -1,0 +1,284 @@
+"""Compiled per-row loops (Numba) of the bounded Lloyd pass.
+
+The distances are still ranked by BLAS GEMMs (``np.dot`` called from the
+compiled loop), one per block of rows and group of centres: a GEMM reuses
+every loaded centre value for many rows, which no per-row dot product can
+(measured at a third of the speed here, bound by cache bandwidth).  What is
+compiled is the bookkeeping around those GEMMs, which is per row and per
+group, and which NumPy could only do in many whole-array passes over a
+mostly empty (rows x centres) matrix plus one call per block and group:
+moving the bounds, Hamerly's tightening of the upper bound, deciding which
+groups each row must rank, folding the ranked values into per-row and
+per-group minima, and writing the new labels and bounds.
+
+The rule is the one of :class:`kmeans_dask._kernels._Nearest`: ranked
+values ``-2 x.c + |c|^2`` in the compute dtype, an error bound ``E`` per
+row, and a row whose two best values are within ``2 E`` is not decided
+here but handed back to the caller, which settles it with the shared
+exact comparison.  So the labels are the ones a full pass gives.
+
+Numba is a dependency of dask-ml, so it adds nothing to install;
+``cache=True`` keeps the machine code on disk, so each machine compiles
+once rather than each worker process.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Reassociation lets LLVM vectorise the one dot product here (the error
+# bound E holds for any summation order).  No nnan/ninf: bounds may be inf.
+_FASTMATH = {"reassoc", "contract"}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@numba.njit(nogil=True, cache=True)
+def _threshold(u, e):
+    """The distance beyond which a centre cannot be the one the rule picks.
+
+    ``u`` bounds the distance to some centre from above.  A centre farther
+    than the result is farther in squared distance by more than ``4 E``, so
+    its ranked value exceeds that centre's by more than ``2 E``: neither the
+    ranking nor the exact comparison of near ties would pick it.
+    """
+    # low^2 - u^2 > 4E  <=>  low > sqrt(u^2 + 4E), rounded up.
+    return np.sqrt(u * u + 4.0 * e) * (1 + 1e-12)
+
+
+@numba.njit(nogil=True, cache=True)
+def _down(bound):
+    """A float64 distance bound as a float32 that is not larger."""
+    if bound < np.inf:
+        return min(bound * (1 - 1e-6), _FLOAT32_MAX)
+    return bound
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def filter_rows(X, neg2, csq, pos_of, move, drift, sep, labels, upper, lower, xsq, err,
+                rows, own):
+    """Move every row's bounds with the centres; find the rows they leave open.
+
+    ``upper`` grows by the row's centre's move and ``lower`` shrinks by
+    each group's largest move (``drift``, float32 rounded up, subtracted
+    and rounded down).  A row whose bounds still prove its centre is the
+    nearest, by the ``4 E`` margin, is done.  Otherwise Hamerly's step:
+    rank the row against its own centre, tighten ``upper`` with it and test
+    again.  The rows still open are written to ``rows``, their own ranked
+    value to ``own``.
+
+    Returns
+    -------
+    n_looked : int
+        Rows that were ranked against their own centre.
+    n_open : int
+        Rows left open (the first ``n_open`` of ``rows``).
+    """
+    m, d = X.shape
+    t = lower.shape[1]
+    xf = np.empty(d, dtype=neg2.dtype)
+    n_looked = 0
+    n_open = 0
+    for i in range(m):
+        a = pos_of[labels[i]]
+        u = upper[i] + move[a]
+        e = err[i]
+        nearest_group = np.inf
+        for G in range(t):
+            v = np.float32(lower[i, G] - drift[G])
+            v = np.nextafter(v, np.float32(-np.inf))
+            lower[i, G] = v
+            nearest_group = min(nearest_group, np.float64(v))
+        low = max(nearest_group, sep[a] - u)
+        if low > _threshold(u, e):
+            upper[i] = u
+            continue
+        n_looked += 1
+        s = neg2[a, 0] - neg2[a, 0]
+        for q in range(d):
+            xf[q] = X[i, q]
+        for q in range(d):
+            s += xf[q] * neg2[a, q]
+        ga = np.float64(s + csq[a])
+        u = min(u, np.sqrt(max(ga + xsq[i] + e, 0.0)))
+        upper[i] = u
+        if max(nearest_group, sep[a] - u) > _threshold(u, e):
+            continue
+        rows[n_open] = i
+        own[n_open] = ga
+        n_open += 1
+    return n_looked, n_open
+
+
+@numba.njit(nogil=True, cache=True)
+def open_groups(rows, own, pos_of, group_of_pos, labels, upper, lower, err, need,
+                best, second, pick):
+    """Which groups each row must rank, and the row's minima seeded.
+
+    ``need[r, G]`` is set where the row's bound for group G does not rule
+    the group out.  Where the row's own group is ruled out, its own ranked
+    value ``own[r]`` seeds ``best``; otherwise the GEMM of that group will
+    rank the own centre with the others.  Returns the number of open
+    (row, group) pairs.
+    """
+    t = lower.shape[1]
+    total = 0
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        threshold = _threshold(upper[i], err[i])
+        for G in range(t):
+            opened = np.float64(lower[i, G]) <= threshold
+            need[r, G] = opened
+            total += opened
+        a = pos_of[labels[i]]
+        second[r] = np.inf
+        if need[r, group_of_pos[a]]:
+            best[r] = np.inf
+            pick[r] = -1
+        else:
+            best[r] = own[r]
+            pick[r] = a
+    return total
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _two_smallest(cross, csq):
+    """Position of the smallest of ``cross + csq`` (first of equals), it and the second smallest."""
+    w = cross.shape[0]
+    v = cross[0] + csq[0]
+    m1 = v
+    for q in range(1, w):
+        v = cross[q] + csq[q]
+        m1 = v if v < m1 else m1
+    pos = 0
+    for q in range(w):
+        if cross[q] + csq[q] == m1:
+            pos = q
+            break
+    m2 = np.inf
+    for q in range(w):
+        v = cross[q] + csq[q]
+        if q != pos and v < m2:
+            m2 = v
+    return pos, np.float64(m1), np.float64(m2)
+
+
+@numba.njit(nogil=True, cache=True)
+def rank_groups(X, rows, need, neg2, csq, starts, block, sub, cross,
+                best, second, pick, g_first, g_pick, g_second):
+    """Rank the open rows against their open groups, one GEMM per block and group.
+
+    Rows are converted to the compute dtype a block at a time (``block``,
+    read from ``X`` once); for each group, the rows of the block that need
+    it are copied side by side (``sub``) and multiplied with the group's
+    centres by BLAS.  Each ranked value (``|c|^2`` added in the compute
+    dtype, as a full pass does) is folded into the row's best and second
+    value over all groups and, per group, into its two smallest values and
+    the first one's position.  Returns the number of distances ranked.
+    """
+    n = rows.shape[0]
+    d = X.shape[1]
+    t = starts.shape[0] - 1
+    step = block.shape[0]
+    which = np.empty(step, dtype=np.int64)
+    pairs = 0
+    for b0 in range(0, n, step):
+        nb = min(step, n - b0)
+        for r in range(nb):
+            i = rows[b0 + r]
+            for q in range(d):
+                block[r, q] = X[i, q]
+        for G in range(t):
+            lo = starts[G]
+            w = starts[G + 1] - lo
+            cnt = 0
+            for r in range(nb):
+                if need[b0 + r, G]:
+                    which[cnt] = r
+                    cnt += 1
+            if cnt == 0:
+                continue
+            if cnt == nb:
+                xs = block[:nb]
+            else:
+                for c in range(cnt):
+                    sub[c] = block[which[c]]
+                xs = sub[:cnt]
+            out = cross[: cnt * w].reshape((cnt, w))
+            np.dot(xs, neg2[lo:lo + w].T, out)
+            pairs += cnt * w
+            for c in range(cnt):
+                m1pos, m1, m2 = _two_smallest(out[c], csq[lo:lo + w])
+                row = b0 + which[c]
+                if m1 < best[row]:
+                    second[row] = min(best[row], m2)
+                    best[row] = m1
+                    pick[row] = lo + m1pos
+                elif m1 < second[row]:
+                    second[row] = m1
+                g_first[row, G] = m1
+                g_second[row, G] = m2
+                g_pick[row, G] = lo + m1pos
+    return pairs
+
+
+@numba.njit(nogil=True, cache=True)
+def settle(rows, own, need, best, second, pick, g_first, g_pick, g_second, pos_of,
+           group_of_pos, order, labels, upper, lower, xsq, err, flagged):
+    """New labels and bounds of the open rows; near ties are handed back.
+
+    A row whose two best ranked values are within ``2 E`` is written to
+    ``flagged`` and left as it was.  Returns how many were.
+    """
+    t = lower.shape[1]
+    n_flagged = 0
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        e = err[i]
+        xs = xsq[i]
+        if second[r] - best[r] <= 2.0 * e:
+            flagged[n_flagged] = i
+            n_flagged += 1
+            continue
+        p = pick[r]
+        a = pos_of[labels[i]]
+        labels[i] = order[p]
+        upper[i] = np.sqrt(best[r] + xs + e)
+        for G in range(t):
+            if not need[r, G]:
+                continue
+            v = g_second[r, G] if g_pick[r, G] == p else g_first[r, G]
+            bound = np.sqrt(max(v + xs - e, 0.0)) if v < np.inf else np.inf
+            lower[i, G] = _down(bound)
+        ga = group_of_pos[a]
+        if p != a and not need[r, ga]:
+            # The old centre now belongs to the "others" of its group.
+            bound = _down(np.sqrt(max(own[r] + xs - e, 0.0)))
+            if bound < lower[i, ga]:
+                lower[i, ga] = bound
+    return n_flagged
+
+
+def warm_up(x_dtype, compute_dtype) -> None:
+    """Compile (or load from the cache) every loop here for rows of ``x_dtype``.
+
+    Called where rows are first held (a worker's actor), so that the first
+    iteration timed is not the one that compiles.  The arguments are empty
+    but of the types :mod:`kmeans_dask._kernels` passes.
+    """
+    f = np.dtype(compute_dtype)
+    X = np.zeros((0, 2), dtype=x_dtype)
+    ints = np.zeros(1, dtype=np.intp)
+    f64 = np.zeros(1)
+    vec, mat = np.zeros(1, dtype=f), np.zeros((1, 2), dtype=f)
+    lower = np.zeros((0, 1), dtype=np.float32)
+    rows, none = np.zeros(0, dtype=np.intp), np.zeros(0)
+    filter_rows(X, mat, vec, ints, f64, np.zeros(1, dtype=np.float32), f64, rows, none, lower,
+                none, none, rows, none)
+    need = np.zeros((0, 1), dtype=np.bool_)
+    firsts, picks = np.zeros((0, 1), dtype=f), np.zeros((0, 1), dtype=np.int32)
+    open_groups(rows, none, ints, ints, rows, none, lower, none, need, none, none, rows)
+    rank_groups(X, rows, need, mat, vec, np.zeros(2, dtype=np.intp), mat, mat, vec,
+                none, none, rows, firsts, picks, firsts)
+    settle(rows, none, need, none, none, rows, firsts, picks, firsts, ints, ints, ints, rows,
+           none, lower, none, none, np.zeros(0, dtype=np.int64))
