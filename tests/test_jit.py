@@ -1,0 +1,100 @@
+"""The compiled loops of the bounded pass (kmeans_dask._jit), through the kernel that uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kmeans_dask import _jit
+from kmeans_dask import _kernels as K
+
+LOOPS = ("filter_rows", "open_groups", "rank_groups", "settle")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the calls the bounded kernel makes to each compiled loop (and the rows flagged)."""
+    counts = dict.fromkeys(LOOPS, 0)
+    counts["flagged"] = 0
+    for name in LOOPS:
+        loop = getattr(_jit, name)
+
+        def counted(*args, _loop=loop, _name=name):
+            counts[_name] += 1
+            out = _loop(*args)
+            if _name == "settle":
+                counts["flagged"] += out
+            return out
+
+        monkeypatch.setattr(_jit, name, counted)
+    return counts
+
+
+def lloyd_step(part, centers):
+    keep = part["counts"] > 0
+    new = centers.copy()
+    new[keep] = part["sums"][keep] / part["counts"][keep, None]
+    return new
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_warm_up_compiles_every_loop_the_pass_uses(dtype):
+    K.warm_up(dtype)
+    loops = [getattr(_jit, name) for name in LOOPS]
+    compiled = [len(loop.signatures) for loop in loops]
+    assert all(n >= 1 for n in compiled)
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(loc, 3.0, (300, 12)) for loc in range(0, 200, 25)])
+    X = np.clip(X, 0, 255).astype(dtype)
+    scale = 1 / 255 if dtype == np.uint8 else 1.0
+    centers = X[rng.choice(len(X), 40, replace=False)].astype(np.float64) * scale
+    state = K.ChunkState(X, scale=scale)
+    for _ in range(6):
+        centers = lloyd_step(K.bounded_lloyd_chunk(X, state, centers, scale=scale), centers)
+    # Nothing new was compiled inside the passes.
+    assert [len(loop.signatures) for loop in loops] == compiled
+
+
+def test_group_by_group_ranking_is_used_and_equals_a_full_pass(fashion_rows, calls):
+    X = fashion_rows[:5000].compute()
+    scale = 1 / 255
+    centers = X[np.random.default_rng(1).choice(len(X), 64, replace=False)] * scale
+    state = K.ChunkState(X, scale=scale)
+    for _ in range(10):
+        got = K.bounded_lloyd_chunk(X, state, centers, scale=scale)
+        want = K.lloyd_chunk(X, centers, scale=scale)
+        np.testing.assert_array_equal(got["sums"], want["sums"])
+        np.testing.assert_array_equal(got["counts"], want["counts"])
+        np.testing.assert_array_equal(state.labels, K.predict_chunk(X, centers, scale=scale))
+        centers = lloyd_step(got, centers)
+    # 64 centres make 4 groups; once the centres settle the rows are ranked
+    # group by group, not against all 64.
+    assert state.starts.size == 4
+    assert calls["rank_groups"] >= 3 and calls["settle"] == calls["rank_groups"]
+    assert got["pairs"] < 0.5 * len(X) * 64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_ties_in_the_group_ranking_go_to_the_lower_centre(dtype, calls):
+    # Rows halfway between centres 0 and 1 (first coordinate 1, the centres'
+    # 0 and 2) are exactly as far from both, however the centres shift in
+    # the other coordinates.  62 more centres, far away, fill three more
+    # groups, so the tied rows need one group in four: the group ranking.
+    rng = np.random.default_rng(7)
+    ties = np.column_stack([np.ones(200), rng.normal(0, 1, (200, 3))])
+    near0 = np.column_stack([rng.normal(-0.5, 0.2, 200), rng.normal(0, 1, (200, 3))])
+    far = rng.normal(0, 1, (62, 4)) + np.repeat(np.eye(4)[1:] * 80, [21, 21, 20], axis=0)
+    X = np.concatenate([ties, near0, far[:, None, :].repeat(5, axis=1).reshape(-1, 4)])
+    X = X.astype(dtype)
+    centers = np.concatenate([[[0.0, 0, 0, 0], [2.0, 0, 0, 0]], far])
+    state = K.ChunkState(X)
+    for i in range(8):
+        shift = np.zeros(4)
+        shift[1:] = 0.01 * i
+        moved = centers + shift
+        K.bounded_lloyd_chunk(X, state, moved)
+        np.testing.assert_array_equal(state.labels, K.predict_chunk(X, moved))
+        assert (state.labels[:200] == 0).all()
+    assert state.starts.size == 4
+    # The tied rows were handed back by the group ranking, every iteration.
+    assert calls["settle"] >= 1 and calls["flagged"] >= 200 * calls["settle"]
