@@ -141,6 +141,31 @@ def open_groups(rows, own, pos_of, group_of_pos, labels, upper, lower, err, need
     return total
 
 
+@numba.njit(nogil=True, cache=True)
+def best_two(g, pos, best, second):
+    """Per row of ``g``: the first position of the smallest value, it, and the second smallest.
+
+    What ``np.argmin`` and a minimum over the other columns give, in one
+    pass per row; for narrow rankings (few centres) several times faster
+    than those NumPy calls, whose per-row set-up dominates there.
+    """
+    n, k = g.shape
+    for i in range(n):
+        m1 = g[i, 0]
+        p = 0
+        for j in range(1, k):
+            if g[i, j] < m1:
+                m1 = g[i, j]
+                p = j
+        m2 = np.inf
+        for j in range(k):
+            if j != p and g[i, j] < m2:
+                m2 = g[i, j]
+        pos[i] = p
+        best[i] = m1
+        second[i] = m2
+
+
 @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _two_smallest(cross, csq):
     """Position of the smallest of ``cross + csq`` (first of equals), it and the second smallest."""
@@ -161,6 +186,31 @@ def _two_smallest(cross, csq):
         if q != pos and v < m2:
             m2 = v
     return pos, np.float64(m1), np.float64(m2)
+
+
+@numba.njit(nogil=True, cache=True)
+def gather(X, rows, out):
+    """``out[r] = X[rows[r]]`` converted to ``out``'s dtype, in one pass without a temporary."""
+    d = X.shape[1]
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        for q in range(d):
+            out[r, q] = X[i, q]
+
+
+@numba.njit(nogil=True, cache=True)
+def add_rows(X, rows, labels, out, sign):
+    """``out[labels[r]] += sign * X[rows[r]]`` with integer rows and sums: exact in any order."""
+    d = X.shape[1]
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        target = out[labels[r]]
+        if sign > 0:
+            for q in range(d):
+                target[q] += X[i, q]
+        else:
+            for q in range(d):
+                target[q] -= X[i, q]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -282,3 +332,7 @@ def warm_up(x_dtype, compute_dtype) -> None:
                 none, none, rows, firsts, picks, firsts)
     settle(rows, none, need, none, none, rows, firsts, picks, firsts, ints, ints, ints, rows,
            none, lower, none, none, np.zeros(0, dtype=np.int64))
+    best_two(mat, ints, f64, f64)
+    gather(X, rows, mat[:0])
+    if X.dtype.kind in "ui":
+        add_rows(X, rows, rows, np.zeros((1, 2), dtype=np.int64), 1)

@@ -36,6 +36,9 @@ import numpy as np
 from kmeans_dask import _jit
 
 DEFAULT_BLOCK_ROWS = 256
+# Up to this many centres, a ranking's best two per row are found by a
+# compiled per-row loop (much faster there); beyond, by NumPy's reductions.
+NARROW = 64
 
 
 def warm_up(dtype) -> None:
@@ -170,18 +173,20 @@ class _Nearest:
         """
         err = self.err if err is None else err
         b, k = g.shape
-        pos = np.argmin(g, axis=1)
-        at = pos[:, None]
-        best = np.take_along_axis(g, at, axis=1)[:, 0]
-        # The second smallest, without a (b, k) temporary: blank the best out
-        # in place, take the minimum, put it back.
-        if k > 1:
+        if k <= NARROW:
+            pos, best64, second = np.empty(b, dtype=np.intp), np.empty(b), np.empty(b)
+            _jit.best_two(g, pos, best64, second)
+        else:
+            # NumPy's reductions are vectorised, which a per-row loop is not.
+            pos = np.argmin(g, axis=1)
+            at = pos[:, None]
+            best = np.take_along_axis(g, at, axis=1)[:, 0]
+            # The second smallest, without a (b, k) temporary: blank the best
+            # out in place, take the minimum, put it back.
             np.put_along_axis(g, at, np.inf, axis=1)
             second = g.min(axis=1).astype(np.float64)
             np.put_along_axis(g, at, best[:, None], axis=1)
-        else:
-            second = np.full(b, np.inf)
-        best64 = best.astype(np.float64)
+            best64 = best.astype(np.float64)
         if upper2 is not None:
             np.add(best64, xsq + err, out=upper2)
         amb = np.flatnonzero(second - best64 <= 2.0 * err)
@@ -212,7 +217,8 @@ class _Nearest:
         # Lowest exact distance per row; ties go to the lower centre index.
         index = cand if self.order is None else self.order[cand]
         order = np.lexsort((index, exact, rows))
-        first = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
+        sorted_rows = rows[order]
+        first = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1])))
         pick = order[first]
         pos[amb] = cand[pick]
         if upper2 is not None:
@@ -368,11 +374,12 @@ def _inertia(centers, dtype, sums, counts, sqnorm) -> float:
 def _accumulate(X, labels, weights, scale, block_rows, sums, counts):
     """Add every row into ``sums[label]``: O(m d) work, never O(m k d).
 
-    Rows are visited in label order, so each centre's rows form one segment;
-    a segment is gathered block by block into a reused buffer and summed
-    along rows.  (``np.add.reduceat`` over axis 0 and ``np.add.at`` are both
-    several times slower here.)  Unweighted integer rows are summed exactly
-    in uint32 and scaled once at the end.
+    Unweighted integer rows are summed exactly in int64, row by row in a
+    compiled loop, and scaled once at the end.  Float or weighted rows are
+    visited in label order, so each centre's rows form one segment; a
+    segment is gathered block by block into a reused buffer and summed along
+    rows.  (``np.add.reduceat`` over axis 0 and ``np.add.at`` are both
+    several times slower here.)
     """
     k = sums.shape[0]
     counts += np.bincount(labels, weights=weights, minlength=k)
@@ -400,33 +407,30 @@ def _segment_sums(X, rows, labels, out, weights, scale, block_rows, sign=1):
     m, d = rows.size, X.shape[1]
     if m == 0:
         return
+    if out.dtype.kind == "i":
+        # Integer sums are exact in any order: one compiled pass, no sort.
+        _jit.add_rows(X, rows, labels, out, sign)
+        return
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
     cuts = np.flatnonzero(np.diff(sorted_labels)) + 1
     starts = np.concatenate([[0], cuts])
     ends = np.concatenate([cuts, [m]])
-    exact = out.dtype.kind == "i"
-    step = min(block_rows, m, 1 << 24)  # uint32 cannot overflow: 2^24 * 255 < 2^32
+    step = min(block_rows, m)
     gathered = np.empty((step, d), dtype=X.dtype)
-    if exact:
-        acc = np.empty(d, dtype=np.uint32)
-    else:
-        wide = np.empty((step, d), dtype=np.float64)
-        acc = np.empty(d, dtype=np.float64)
+    wide = np.empty((step, d), dtype=np.float64)
+    acc = np.empty(d, dtype=np.float64)
     for a, e in zip(starts, ends):
         target = out[sorted_labels[a]]
         for lo in range(a, e, step):
             hi = min(lo + step, e)
             idx = rows[order[lo:hi]]
             g = np.take(X, idx, axis=0, out=gathered[: hi - lo], mode="clip")
-            if exact:
-                np.add.reduce(g, axis=0, dtype=np.uint32, out=acc)
-            else:
-                f = wide[: hi - lo]
-                np.multiply(g, scale, out=f, casting="unsafe")
-                if weights is not None:
-                    f *= weights[idx, None]
-                f.sum(axis=0, out=acc)
+            f = wide[: hi - lo]
+            np.multiply(g, scale, out=f, casting="unsafe")
+            if weights is not None:
+                f *= weights[idx, None]
+            f.sum(axis=0, out=acc)
             if sign > 0:
                 target += acc
             else:
@@ -600,6 +604,16 @@ def _rank_open(X, st: ChunkState, near: _Nearest, err, move, sep):
     return rows, old, looked, pairs + _rank_all(X, flagged[:n_flagged], st, near, err)
 
 
+class _Picked:
+    """The rows ``X[idx]`` as stored, read only where indexed (the few near ties)."""
+
+    def __init__(self, X: np.ndarray, idx: np.ndarray):
+        self.X, self.idx = X, idx
+
+    def __getitem__(self, which):
+        return self.X[self.idx[which]]
+
+
 def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
     """Rank ``rows`` against every centre, one GEMM per block, and renew their bounds.
 
@@ -609,7 +623,6 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
     if rows.size == 0:
         return 0
     step = max(1, min(BOUNDED_BLOCK_ROWS, rows.size))
-    raw = np.empty((step, d), dtype=X.dtype)
     flt = np.empty((step, d), dtype=near.dtype)
     g = np.empty((step, k), dtype=near.dtype)
     lab = np.empty(step, dtype=np.intp)
@@ -617,17 +630,14 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
     for lo in range(0, rows.size, step):
         n = min(step, rows.size - lo)
         idx = rows[lo:lo + n]
-        if idx[-1] - idx[0] == n - 1:
-            r = X[idx[0]:idx[0] + n]  # consecutive rows (a first pass): no gather
-        else:
-            r = np.take(X, idx, axis=0, out=raw[:n], mode="clip")
         x = flt[:n]
-        np.copyto(x, r, casting="unsafe")
+        _jit.gather(X, idx, x)
         gb = g[:n]
         np.dot(x, near.neg2_t, out=gb)
         gb += near.csq
         e_idx, xsq_idx = err[idx], st.xsq[idx]
-        pos, ranked_pos, best, second = near.decide(gb, r, lab[:n], xsq_idx, up2[:n], e_idx)
+        pos, ranked_pos, best, second = near.decide(gb, _Picked(X, idx), lab[:n], xsq_idx,
+                                                    up2[:n], e_idx)
         st.labels[idx] = lab[:n]
         st.upper[idx] = np.sqrt(up2[:n])
         # New lower bounds per group, the row's own centre left out.
