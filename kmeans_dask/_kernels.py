@@ -1,4 +1,7 @@
-"""NumPy kernels on one block of rows: no Dask, no Zarr, nothing above.
+"""Kernels on one block of rows: no Dask, no Zarr, nothing above.
+
+NumPy and BLAS do the arithmetic; the per-row loops NumPy cannot express
+without many passes are compiled (:mod:`kmeans_dask._jit`).
 
 Every function here takes one chunk of the data (``X`` of shape (m, d), dtype
 uint8, float32 or float64, plus optional per-row weights) and returns small
@@ -21,9 +24,10 @@ Design notes (why, not what):
   settle near ties.  A label is a function of the row and the centres only,
   which is what lets :func:`bounded_lloyd_chunk` skip rows and still equal
   :func:`lloyd_chunk` bit for bit.
-* Per-centre sums cost O(m d), not O(m k d): rows are visited in label order
-  and each centre's segment is gathered and summed block by block.  For
-  unweighted uint8 data the sums are exact integers, scaled once at the end.
+* Per-centre sums cost O(m d), not O(m k d).  For unweighted uint8 data they
+  are exact integers (one compiled pass, any order), scaled once at the end;
+  otherwise rows are visited in label order and each centre's segment is
+  gathered and summed block by block.
 * Inertia is not summed from float32 distances (which lose digits to
   cancellation): it is ``sum w|x|^2 - sum_j (2 c_j.S_j - W_j |c_j|^2)`` in
   float64, with the chunk's ``sum w|x|^2`` computed once per fit.
