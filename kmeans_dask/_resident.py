@@ -189,12 +189,3 @@ def _chunk_futures(x) -> list:
         raise ValueError(f"rows are not persisted on the cluster (chunk {missing[0]} has no future)")
     return [by_key[k] for k in keys]
 
-
-def active_client():
-    """The current ``distributed`` client, or None."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None

@@ -233,6 +233,16 @@ def describe(client) -> str:
             f"dashboard {link}")
 
 
+def active_client():
+    """The current ``distributed`` client, or None (no client, or distributed not installed)."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
 def worker_info(client) -> dict:
     """Every worker's entry in the scheduler's info, ``{address: info}``.
 

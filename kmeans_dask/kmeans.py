@@ -21,6 +21,7 @@ from sklearn.utils import check_random_state
 
 from . import _kernels, store
 from ._passes import DEFAULT_SPLIT_EVERY, ChunkedRows
+from .cluster import active_client, worker_info
 from .init import INITS
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         """What runs a Lloyd pass: worker-resident actors when possible, else ``rows``."""
         from . import _resident
 
-        client = _resident.active_client()
+        client = active_client()
         if self.resident is False or not persisted or client is None:
             if self.resident is True:
                 raise ValueError("resident=True needs a distributed client and persisted rows")
@@ -462,14 +463,9 @@ def _regroup(X: da.Array, w, task_rows):
 
 def _memory_budget():
     """Total memory limit of the current distributed cluster's workers, or None."""
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
+    client = active_client()
+    if client is None:
         return None
-    from .cluster import worker_info
-
     total = sum(w.get("memory_limit") or 0 for w in worker_info(client).values())
     return total or None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics, plots, store
+from .cluster import active_client
 from .errors import StoreError
 from .kmeans import KMeans, from_result, load, save
 
@@ -108,20 +109,15 @@ def _same_run(doc: dict, record: dict, path: Path) -> None:
 
 
 def _client_status() -> str | None:
-    try:
-        from distributed import default_client
-
-        return default_client().status
-    except (ImportError, ValueError):
-        return None
+    client = active_client()
+    return None if client is None else client.status
 
 
 def _scheduler_address() -> str | None:
+    client = active_client()
     try:
-        from distributed import default_client
-
-        return default_client().scheduler.address
-    except (ImportError, ValueError, AttributeError):
+        return client.scheduler.address
+    except AttributeError:  # no client, or one without a scheduler connection
         return None
 
 
