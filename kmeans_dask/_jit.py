@@ -142,50 +142,34 @@ def open_groups(rows, own, pos_of, group_of_pos, labels, upper, lower, err, need
 
 
 @numba.njit(nogil=True, cache=True)
-def best_two(g, pos, best, second):
-    """Per row of ``g``: the first position of the smallest value, it, and the second smallest.
+def _two_smallest(a, i):
+    """In row ``i`` of ``a``: the first position of the smallest value, it, and the second smallest.
 
-    What ``np.argmin`` and a minimum over the other columns give, in one
-    pass per row; for narrow rankings (few centres) several times faster
-    than those NumPy calls, whose per-row set-up dominates there.
+    What ``np.argmin`` and a minimum over the other positions give; the
+    values are returned as float64.
     """
-    n, k = g.shape
-    for i in range(n):
-        m1 = g[i, 0]
-        p = 0
-        for j in range(1, k):
-            if g[i, j] < m1:
-                m1 = g[i, j]
-                p = j
-        m2 = np.inf
-        for j in range(k):
-            if j != p and g[i, j] < m2:
-                m2 = g[i, j]
-        pos[i] = p
-        best[i] = m1
-        second[i] = m2
-
-
-@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _two_smallest(cross, csq):
-    """Position of the smallest of ``cross + csq`` (first of equals), it and the second smallest."""
-    w = cross.shape[0]
-    v = cross[0] + csq[0]
-    m1 = v
-    for q in range(1, w):
-        v = cross[q] + csq[q]
-        m1 = v if v < m1 else m1
-    pos = 0
-    for q in range(w):
-        if cross[q] + csq[q] == m1:
-            pos = q
-            break
+    m1 = a[i, 0]
+    p = 0
+    for j in range(1, a.shape[1]):
+        if a[i, j] < m1:
+            m1 = a[i, j]
+            p = j
     m2 = np.inf
-    for q in range(w):
-        v = cross[q] + csq[q]
-        if q != pos and v < m2:
-            m2 = v
-    return pos, np.float64(m1), np.float64(m2)
+    for j in range(a.shape[1]):
+        if j != p and a[i, j] < m2:
+            m2 = a[i, j]
+    return p, np.float64(m1), np.float64(m2)
+
+
+@numba.njit(nogil=True, cache=True)
+def best_two(g, pos, best, second):
+    """:func:`_two_smallest` of every row of ``g``.
+
+    For narrow rankings (few centres) several times faster than NumPy's
+    argmin and minimum, whose per-row set-up dominates there.
+    """
+    for i in range(g.shape[0]):
+        pos[i], best[i], second[i] = _two_smallest(g, i)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -227,17 +211,13 @@ def rank_groups(X, rows, need, neg2, csq, starts, block, sub, cross,
     the first one's position.  Returns the number of distances ranked.
     """
     n = rows.shape[0]
-    d = X.shape[1]
     t = starts.shape[0] - 1
     step = block.shape[0]
     which = np.empty(step, dtype=np.int64)
     pairs = 0
     for b0 in range(0, n, step):
         nb = min(step, n - b0)
-        for r in range(nb):
-            i = rows[b0 + r]
-            for q in range(d):
-                block[r, q] = X[i, q]
+        gather(X, rows[b0:b0 + nb], block[:nb])
         for G in range(t):
             lo = starts[G]
             w = starts[G + 1] - lo
@@ -258,7 +238,9 @@ def rank_groups(X, rows, need, neg2, csq, starts, block, sub, cross,
             np.dot(xs, neg2[lo:lo + w].T, out)
             pairs += cnt * w
             for c in range(cnt):
-                m1pos, m1, m2 = _two_smallest(out[c], csq[lo:lo + w])
+                for q in range(w):
+                    out[c, q] += csq[lo + q]  # in the compute dtype, as a full pass adds it
+                m1pos, m1, m2 = _two_smallest(out, c)
                 row = b0 + which[c]
                 if m1 < best[row]:
                     second[row] = min(best[row], m2)
