@@ -134,13 +134,14 @@ class DaskProcesses:
                             "--host", "127.0.0.1", "--no-dashboard", "--no-nanny", *extra],
                            "worker")
 
-    def client(self, n_workers: int):
-        """A scheduler with ``n_workers`` workers, and a Client that has seen them all."""
+    def client(self, n_workers: int, *worker_args):
+        """A scheduler with ``n_workers`` workers (each started with ``worker_args``), and a
+        Client that has seen them all."""
         from distributed import Client
 
         address = self.start_scheduler()
         for _ in range(n_workers):
-            self.start_worker()
+            self.start_worker(*worker_args)
         client = Client(address, timeout=30)
         client.wait_for_workers(n_workers, timeout=60)
         return client
@@ -159,10 +160,6 @@ class DaskProcesses:
     def stop_all(self):
         for proc in reversed(self.procs):
             self.stop(proc)
-
-
-def wait_for_workers(client, n, timeout=60):
-    client.wait_for_workers(n, timeout=timeout)
 
 
 @pytest.fixture
@@ -188,6 +185,14 @@ def run_job(name: str, *args, timeout: float = 600, env=None):
 
     return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def lloyd_step(part: dict, centers):
+    """The Lloyd update from a pass's sums and counts (empty centres stay where they are)."""
+    keep = part["counts"] > 0
+    new = centers.copy()
+    new[keep] = part["sums"][keep] / part["counts"][keep, None]
+    return new
 
 
 def free_port() -> int:

@@ -41,7 +41,7 @@ def test_same_centres_on_one_two_and_three_workers(dask_processes, fashion_test_
 
 def test_resident_bounds_and_task_graphs_agree_with_weights_and_groups(dask_processes,
                                                                      fashion_test_small_chunks):
-    # K = 64 splits the centres into 2 groups (Yinyang bounds); weights make
+    # K = 64 splits the centres into 4 groups (Yinyang bounds); weights make
     # the sums float, recomputed every pass instead of updated in place.
     with dask_processes.client(2):
         X = store.open_data(fashion_test_small_chunks, "test").images
@@ -63,10 +63,7 @@ def test_resident_bounds_and_task_graphs_agree_with_weights_and_groups(dask_proc
 def test_one_worker_with_two_threads_gives_the_same_result(dask_processes, fashion_test_small_chunks):
     # ``dask worker``'s default shape: one process, several threads; the actor
     # passes its chunks in a pool of the worker's size.
-    address = dask_processes.start_scheduler()
-    dask_processes.start_worker("--nthreads", "2")
-    with Client(address, timeout=30) as client:
-        client.wait_for_workers(1, timeout=60)
+    with dask_processes.client(1, "--nthreads", "2") as client:
         assert list(client.nthreads().values()) == [2]
         X = store.open_data(fashion_test_small_chunks, "test").images
         runs = [KMeans(10, init="k-means++", random_state=0, max_iter=15, tol=0, task_rows=2500,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import lloyd_step
 
 from kmeans_dask import _jit
 from kmeans_dask import _kernels as K
@@ -28,13 +29,6 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(_jit, name, counted)
     return counts
-
-
-def lloyd_step(part, centers):
-    keep = part["counts"] > 0
-    new = centers.copy()
-    new[keep] = part["sums"][keep] / part["counts"][keep, None]
-    return new
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import lloyd_step
 
 from kmeans_dask import _kernels as K
 
@@ -185,13 +186,6 @@ def test_labels_are_exact_nearest_on_real_images(fashion_rows):
 
 
 # ---------------------------------------------------------------- bounded Lloyd
-
-
-def lloyd_step(part, centers):
-    keep = part["counts"] > 0
-    new = centers.copy()
-    new[keep] = part["sums"][keep] / part["counts"][keep, None]
-    return new
 
 
 @pytest.mark.parametrize("k", [10, 40])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import lloyd_step
 
 from kmeans_dask import _kernels, _resident
 
@@ -26,10 +27,7 @@ def test_actor_passes_equal_the_plain_kernel_in_any_number_of_threads(fashion_ro
             want = _kernels.lloyd_chunk(chunk, centers, scale=scale, sqnorm=s)
             np.testing.assert_array_equal(part["sums"], want["sums"])
             assert part["inertia"] == want["inertia"]
-        total = _kernels.add(*[p for _, p in got])
-        keep = total["counts"] > 0
-        centers = centers.copy()
-        centers[keep] = total["sums"][keep] / total["counts"][keep, None]
+        centers = lloyd_step(_kernels.add(*[p for _, p in got]), centers)
 
 
 def test_auto_keeps_task_graphs_for_many_chunks(caplog):
