@@ -21,6 +21,7 @@ and repeating the call; fresh and kept states give the same answer.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +33,9 @@ from ._passes import combine_in_order
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+# Seconds a rebuild waits for lost row chunks to be recomputed before placing
+# their actor without them.
+HOLDER_WAIT = 60.0
 # resident="auto" is used up to this many row chunks (each returns a k x d
 # partial to the client every iteration).
 MAX_CHUNKS = 32
@@ -126,12 +130,35 @@ class ResidentRows:
         self.rebuilds = 0
         self._build()
 
-    def _build(self) -> None:
+    def _holders(self) -> dict:
+        """``who_has`` of the row chunks once every chunk has a holder.
+
+        Just after a worker dies, the futures of its chunks can still look
+        finished here while the scheduler, which has already removed the
+        worker, lists no holder for them and is recomputing them.  Waiting
+        for the holders keeps each actor next to its chunks; after
+        :data:`HOLDER_WAIT` seconds the chunks without one are placed
+        wherever the scheduler likes.
+        """
         from distributed import wait
 
+        deadline = time.monotonic() + HOLDER_WAIT
+        logged = False
+        while True:
+            wait(self.blocks + (self.wblocks or []))
+            who = self.client.who_has(self.blocks)
+            missing = sum(not who.get(f.key) for f in self.blocks)
+            if not missing or time.monotonic() > deadline:
+                return who
+            if not logged:
+                log.info("waiting for %d row chunk(s) lost with a worker to be recomputed",
+                         missing)
+                logged = True
+            time.sleep(0.05)
+
+    def _build(self) -> None:
         self.close()
-        wait(self.blocks + (self.wblocks or []))
-        who = self.client.who_has(self.blocks)
+        who = self._holders()
         by_worker: dict[str, list[int]] = {}
         for i, fut in enumerate(self.blocks):
             holders = sorted(who.get(fut.key, ()))
@@ -145,7 +172,8 @@ class ResidentRows:
             futures.append(self.client.submit(
                 self.actor_class, idx, *args, weighted=self.wblocks is not None, scale=rows.scale,
                 block_rows=rows.block_rows, sqnorms=[rows.chunk_sqnorm[i] for i in idx],
-                actor=True, workers=[address] if address else None, allow_other_workers=True,
+                actor=True, workers=[address] if address else None,
+                allow_other_workers=bool(address),
                 key=f"kmeans-resident-{uuid.uuid4().hex}"))
         self._futures = futures
         self.actors = [f.result() for f in futures]
