@@ -55,6 +55,14 @@ def _reset_peak():
         fh.write("5")
 
 
+def _trim():
+    # Hands memory that is free but kept by glibc's allocator back to the OS, so
+    # a second reading can tell live data from allocator retention.
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _memory():
     out = {}
     with open("/proc/self/status") as fh:
@@ -142,10 +150,16 @@ def run(args, scratch):
         Xp = Xp.persist()
         wait(Xp)
         after = client.run(_memory)
+        client.run(_trim)
+        trimmed = client.run(_memory)
         data_bytes = sum(after[w]["VmRSS"] - base[w]["VmRSS"] for w in after)
+        trimmed_bytes = sum(trimmed[w]["VmRSS"] - base[w]["VmRSS"] for w in after)
         report["data"]["task_chunks"] = len(Xp.chunks[0])
         report["data"]["worker_rss_for_data"] = data_bytes
         report["data"]["ratio_to_uint8"] = data_bytes / X.nbytes
+        report["data"]["worker_rss_for_data_after_trim"] = trimmed_bytes
+        report["data"]["per_worker_rss_growth"] = [after[w]["VmRSS"] - base[w]["VmRSS"]
+                                                   for w in sorted(after)]
         managed = sum(client.run(lambda dask_worker: sum(
             getattr(v, "nbytes", 0) for v in dask_worker.data.values())).values())
         report["data"]["dask_managed_bytes"] = managed
@@ -239,7 +253,9 @@ def run(args, scratch):
     print(f"worker memory for the data: RSS growth {report['data']['worker_rss_for_data'] / 2**20:.1f} MiB "
           f"= {report['data']['ratio_to_uint8']:.2f} x its uint8 size; held by Dask "
           f"{report['data']['dask_managed_bytes'] / 2**20:.1f} MiB "
-          f"({report['data']['task_chunks']} chunks)")
+          f"({report['data']['task_chunks']} chunks); after malloc_trim "
+          f"{report['data']['worker_rss_for_data_after_trim'] / 2**20:.1f} MiB "
+          f"= {report['data']['worker_rss_for_data_after_trim'] / report['data']['uint8_bytes']:.2f} x")
     print(f"wrote {args.json}")
 
 
