@@ -744,15 +744,30 @@ def predict_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
     return labels.astype(np.int32)
 
 
-def min_sqdist_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
-                     block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
-    """Squared distance of every row to its nearest centre (float64, (m,))."""
+def nearest_chunk(X: np.ndarray, centers: np.ndarray, near: np.ndarray | None = None, *,
+                  offset: int = 0, scale: float = 1.0,
+                  block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
+    """Squared distance to, and index of, the nearest centre of every row.
+
+    Returns an (m, 2) float64 array: column 0 the squared distance, column 1
+    the centre's index plus ``offset``.  Given ``near``, an earlier result for
+    the same rows, each row keeps the closer of the two (the earlier one on a
+    tie), so k-means|| can add candidates round by round and know every row's
+    nearest candidate at the end without ranking them all again.
+    """
     _check_chunk(X, None)
-    labels = np.empty(X.shape[0], dtype=np.intp)
-    dist = np.empty(X.shape[0], dtype=np.float64)
-    if X.shape[0]:
+    m = X.shape[0]
+    labels = np.empty(m, dtype=np.intp)
+    out = np.empty((m, 2), dtype=np.float64)
+    if m:
+        dist = np.empty(m, dtype=np.float64)
         _assign(X, centers, scale, block_rows, labels, dist)
-    return dist
+        out[:, 0] = dist
+        out[:, 1] = labels + offset
+    if near is not None:
+        keep = near[:, 0] <= out[:, 0]
+        out[keep] = near[keep]
+    return out
 
 
 def transform_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,

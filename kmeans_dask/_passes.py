@@ -193,11 +193,19 @@ class ChunkedRows:
         merge = functools.partial(_kernels.merge_farthest, n=n)
         return reduce_on_client(parts, merge, self.split_every, name)
 
-    def min_sqdist(self, centers: np.ndarray) -> da.Array:
-        """Lazy (n,) float64 squared distance of every row to its nearest centre."""
-        c = self._broadcast(centers, f"kmeans-mind-{uuid.uuid4().hex}")
-        return self.X.map_blocks(_kernels.min_sqdist_chunk, c, drop_axis=1, dtype=np.float64,
-                                 **self._kw())
+    def nearest(self, centers: np.ndarray, near: da.Array | None = None,
+                offset: int = 0) -> da.Array:
+        """Lazy (n, 2) float64: squared distance to, and index of, each row's nearest centre.
+
+        With ``near`` (an earlier result), each row keeps the closer of the
+        two, ``centers`` being numbered from ``offset``
+        (:func:`_kernels.nearest_chunk`).
+        """
+        c = self._broadcast(centers, f"kmeans-near-{uuid.uuid4().hex}")
+        kw = dict(offset=offset, dtype=np.float64, chunks=(self.row_chunks, (2,)), **self._kw())
+        if near is None:
+            return self.X.map_blocks(_kernels.nearest_chunk, c, **kw)
+        return da.map_blocks(_kernels.nearest_chunk, self.X, c, near, **kw)
 
     def sample(self, min_dist: da.Array, factor: float, total: float, seed) -> np.ndarray:
         """k-means|| oversampling over every chunk; returns the sampled rows (scaled)."""

@@ -73,10 +73,14 @@ def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor:
     weights = rows.weights
     first = _choice(rows.n, 1, rng, _weights_on_client(rows))
     candidates = rows.take(first)
-    min_dist = rows.min_sqdist(candidates).persist()
+    # Each row's (squared distance, index) of its nearest candidate so far: the
+    # sampling reads the distances, and the candidates' weights come from the
+    # indices, so no pass has to rank all candidates at the end.
+    near = rows.nearest(candidates).persist()
     seed = int(rng.randint(np.iinfo(np.int32).max))
     factor = oversampling_factor * k
     for r in range(rounds):
+        min_dist = near[:, 0]
         cost = min_dist if weights is None else min_dist * weights
         phi = float(cost.sum().compute())
         if phi <= 0:
@@ -85,9 +89,9 @@ def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor:
         log.debug("k-means|| round %d: cost %.6g, %d new candidates", r, phi, len(new))
         if len(new) == 0:
             continue
+        near = rows.nearest(new, near, offset=len(candidates)).persist()
         candidates = np.vstack([candidates, new])
-        min_dist = da.minimum(min_dist, rows.min_sqdist(new)).persist()
-    labels = rows.predict(candidates)
+    labels = near[:, 1].astype(np.intp)
     cand_w = da.bincount(labels, weights=weights, minlength=len(candidates)).compute()
     cand_w = np.asarray(cand_w, dtype=np.float64)
     n_pos = int(np.count_nonzero(cand_w > 0))

@@ -96,14 +96,24 @@ def test_transform_chunk(rng):
     np.testing.assert_allclose(K.transform_chunk(X, centers, block_rows=9), d, rtol=1e-10)
 
 
-def test_min_sqdist_chunk(rng):
+def test_nearest_chunk_folds_rounds_of_centres(rng):
     X = rng.integers(0, 256, (40, 5), dtype=np.uint8)
-    centers = rng.random((3, 5))
-    _, _, _, _ = brute(X, centers, None, 1 / 255)
+    centers = rng.random((7, 5))
     Xf = X / 255
     c32 = centers.astype(np.float32).astype(np.float64)
-    want = ((Xf[:, None] - c32[None]) ** 2).sum(-1).min(1)
-    np.testing.assert_allclose(K.min_sqdist_chunk(X, centers, scale=1 / 255), want, rtol=1e-5, atol=1e-6)
+    d = ((Xf[:, None] - c32[None]) ** 2).sum(-1)
+    # All seven at once, and in rounds of 3 + 1 + 3 numbered by offset: the same answer.
+    whole = K.nearest_chunk(X, centers, scale=1 / 255, block_rows=16)
+    near = K.nearest_chunk(X, centers[:3], scale=1 / 255)
+    near = K.nearest_chunk(X, centers[3:4], near, offset=3, scale=1 / 255)
+    near = K.nearest_chunk(X, centers[4:], near, offset=4, scale=1 / 255, block_rows=7)
+    for got in (whole, near):
+        np.testing.assert_allclose(got[:, 0], d.min(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[:, 1], d.argmin(1))
+    # A tie keeps the earlier centre.
+    same = K.nearest_chunk(X, centers[:1], K.nearest_chunk(X, centers[:1]), offset=5)
+    assert (same[:, 1] == 0).all()
+    assert K.nearest_chunk(X[:0], centers).shape == (0, 2)
 
 
 def test_farthest_rows_and_merge_break_ties_by_index():
