@@ -9,7 +9,7 @@ from conftest import lloyd_step
 from kmeans_dask import _jit
 from kmeans_dask import _kernels as K
 
-LOOPS = ("filter_rows", "open_groups", "rank_groups", "settle")
+LOOPS = ("filter_rows", "open_groups", "rank_groups", "settle", "rank_rows")
 
 
 @pytest.fixture
@@ -42,9 +42,11 @@ def test_warm_up_compiles_every_loop_the_pass_uses(dtype):
     X = np.clip(X, 0, 255).astype(dtype)
     scale = 1 / 255 if dtype == np.uint8 else 1.0
     centers = X[rng.choice(len(X), 40, replace=False)].astype(np.float64) * scale
-    state = K.ChunkState(X, scale=scale)
-    for _ in range(6):
-        centers = lloyd_step(K.bounded_lloyd_chunk(X, state, centers, scale=scale), centers)
+    # 40 centres are ranked group by group, 10 by the tiled loop.
+    for k in (40, 10):
+        state, ck = K.ChunkState(X, scale=scale), centers[:k]
+        for _ in range(6):
+            ck = lloyd_step(K.bounded_lloyd_chunk(X, state, ck, scale=scale), ck)
     # Nothing new was compiled inside the passes.
     assert [len(loop.signatures) for loop in loops] == compiled
 
@@ -92,3 +94,39 @@ def test_exact_ties_in_the_group_ranking_go_to_the_lower_centre(dtype, calls):
     assert state.starts.size == 4
     # The tied rows were handed back by the group ranking, every iteration.
     assert calls["settle"] >= 1 and calls["flagged"] >= 200 * calls["settle"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 3, 10, 16])
+def test_tiled_ranking_stays_within_the_rule_bound(dtype, k):
+    rng = np.random.default_rng(k)
+    X = rng.integers(0, 256, (1027, 784)).astype(dtype)  # not a whole number of tiles
+    scale = 1 / 255 if dtype == np.uint8 else 1.0
+    centers = X[rng.choice(len(X), k, replace=False)].astype(np.float64) * scale
+    near = K._Nearest(centers, K.compute_dtype(dtype), scale, 256, K._xmax(X, scale))
+    rows = np.sort(rng.choice(len(X), 1001, replace=False))
+    got = np.full((rows.size, k), np.nan, dtype=near.dtype)
+    _jit.rank_rows(X, rows, near.neg2, near.csq, np.empty((4, 784), dtype=near.dtype), got)
+    x = X[rows].astype(near.dtype)
+    want = x @ near.neg2_t + near.csq
+    exact = (X[rows].astype(np.float64) * scale) @ (-2.0 * centers.T) + (centers ** 2).sum(1)
+    assert np.isfinite(got).all()
+    # Both rankings stay within the error E the nearest-centre rule allows for.
+    assert np.abs(got - exact).max() <= near.err
+    assert np.abs(want - exact).max() <= near.err
+
+
+def test_tiled_ranking_is_used_for_few_centres_and_equals_a_full_pass(fashion_rows, calls):
+    X = fashion_rows[:5000].compute()
+    scale = 1 / 255
+    centers = X[np.random.default_rng(2).choice(len(X), 10, replace=False)] * scale
+    state = K.ChunkState(X, scale=scale)
+    for _ in range(10):
+        got = K.bounded_lloyd_chunk(X, state, centers, scale=scale)
+        want = K.lloyd_chunk(X, centers, scale=scale)
+        np.testing.assert_array_equal(got["sums"], want["sums"])
+        np.testing.assert_array_equal(got["counts"], want["counts"])
+        assert got["inertia"] == want["inertia"]
+        np.testing.assert_array_equal(state.labels, K.predict_chunk(X, centers, scale=scale))
+        centers = lloyd_step(got, centers)
+    assert calls["rank_rows"] >= 1
