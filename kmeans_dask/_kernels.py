@@ -137,6 +137,7 @@ class _Nearest:
         self.err = self.kappa * (2.0 * float(xmax) * l1 + self.cmax2) + 1e-300
         self.block_rows = max(1, block_rows)
         self.g = None  # ranking buffer of block(), made on first use
+        self._x = None  # converted rows for rank(), made on first use
         self._diff = self._cen = None
 
     @property
@@ -152,21 +153,41 @@ class _Nearest:
                               + self.cmax2) + 1e-300
         return np.minimum(bound, self.err)
 
-    def block(self, x: np.ndarray, raw: np.ndarray, labels: np.ndarray,
-              xsq=None, upper2=None) -> None:
-        """Label the rows of one block.
+    def rank(self, X: np.ndarray, rows, g: np.ndarray) -> None:
+        """Ranked values ``-2 x.c + |c|^2`` of the rows ``X[rows]`` into ``g``.
 
-        ``x`` is the block cast to the compute dtype (unscaled), ``raw`` the
-        same rows as stored.  With ``xsq`` (their scaled ``|x|^2``, float64),
-        ``upper2`` receives a bound on the squared distance to the chosen
-        centre.
+        ``rows`` is an index array or a slice of consecutive rows; the rows
+        are read as stored and converted here.  Up to :data:`TILED_MAX`
+        centres a compiled tiled loop ranks them, otherwise a GEMM.
         """
-        if self.g is None:
-            self.g = np.empty((self.block_rows, self.c.shape[0]), dtype=self.dtype)
-        g = self.g[: x.shape[0]]
+        n, d = g.shape[0], self.c.shape[1]
+        if isinstance(rows, slice):
+            if not self.tiled and X.dtype == self.dtype:
+                np.dot(X[rows], self.neg2_t, out=g)  # float rows are ranked in place
+                g += self.csq
+                return
+            rows = np.arange(rows.start, rows.stop)
+        if self._x is None or self._x.shape[0] < (4 if self.tiled else n):
+            self._x = np.empty((4 if self.tiled else max(n, 4), d), dtype=self.dtype)
+        if self.tiled:
+            _jit.rank_rows(X, rows, self.neg2, self.csq, self._x, g)
+            return
+        x = self._x[:n]
+        _jit.gather(X, rows, x)
         np.dot(x, self.neg2_t, out=g)
         g += self.csq
-        self.decide(g, raw, labels, xsq, upper2)
+
+    @property
+    def tiled(self) -> bool:
+        return self.c.shape[0] <= TILED_MAX
+
+    def block(self, X: np.ndarray, start: int, stop: int, labels: np.ndarray) -> None:
+        """Label the consecutive rows ``X[start:stop]`` into ``labels``."""
+        if self.g is None:
+            self.g = np.empty((self.block_rows, self.c.shape[0]), dtype=self.dtype)
+        g = self.g[: stop - start]
+        self.rank(X, slice(start, stop), g)
+        self.decide(g, X[start:stop], labels)
 
     def decide(self, g: np.ndarray, raw: np.ndarray, labels: np.ndarray,
                xsq=None, upper2=None, err=None) -> np.ndarray:
@@ -262,14 +283,15 @@ def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
 
 def _assign(X, centers, scale, block_rows, labels, min_dist=None):
     """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
-    blocks = _Blocks(X, 1.0, block_rows)
-    near = _Nearest(centers, blocks.dtype, scale, blocks.block_rows, _xmax(X, scale))
-    for start, stop, x in blocks:
-        near.block(x, X[start:stop], labels[start:stop])
+    step = max(1, int(block_rows))
+    near = _Nearest(centers, compute_dtype(X.dtype), scale, step, _xmax(X, scale))
+    for start in range(0, X.shape[0], step):
+        stop = min(start + step, X.shape[0])
+        near.block(X, start, stop, labels[start:stop])
     if min_dist is not None:
         # Exact float64 distances to the chosen centres, row by row.
-        for start in range(0, X.shape[0], blocks.block_rows):
-            stop = min(start + blocks.block_rows, X.shape[0])
+        for start in range(0, X.shape[0], step):
+            stop = min(start + step, X.shape[0])
             diff = np.asarray(X[start:stop], dtype=np.float64) * scale - near.c[labels[start:stop]]
             min_dist[start:stop] = np.einsum("ij,ij->i", diff, diff)
 
@@ -636,12 +658,10 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
 
     Returns the number of (row, centre) distances ranked.
     """
-    k, d = near.c.shape
+    k = near.c.shape[0]
     if rows.size == 0:
         return 0
     step = max(1, min(BOUNDED_BLOCK_ROWS, rows.size))
-    tiled = k <= TILED_MAX
-    flt = np.empty((4, d) if tiled else (step, d), dtype=near.dtype)
     g = np.empty((step, k), dtype=near.dtype)
     lab = np.empty(step, dtype=np.intp)
     up2 = np.empty(step)
@@ -649,13 +669,7 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
         n = min(step, rows.size - lo)
         idx = rows[lo:lo + n]
         gb = g[:n]
-        if tiled:
-            _jit.rank_rows(X, idx, near.neg2, near.csq, flt, gb)
-        else:
-            x = flt[:n]
-            _jit.gather(X, idx, x)
-            np.dot(x, near.neg2_t, out=gb)
-            gb += near.csq
+        near.rank(X, idx, gb)
         e_idx, xsq_idx = err[idx], st.xsq[idx]
         pos, ranked_pos, best, second = near.decide(gb, _Picked(X, idx), lab[:n], xsq_idx,
                                                     up2[:n], e_idx)
