@@ -138,6 +138,7 @@ class _Nearest:
         self.block_rows = max(1, block_rows)
         self.g = None  # ranking buffer of block(), made on first use
         self._x = None  # converted rows for rank(), made on first use
+        self.tiled = k <= TILED_MAX
         self._diff = self._cen = None
 
     @property
@@ -160,26 +161,23 @@ class _Nearest:
         are read as stored and converted here.  Up to :data:`TILED_MAX`
         centres a compiled tiled loop ranks them, otherwise a GEMM.
         """
-        n, d = g.shape[0], self.c.shape[1]
         if isinstance(rows, slice):
             if not self.tiled and X.dtype == self.dtype:
                 np.dot(X[rows], self.neg2_t, out=g)  # float rows are ranked in place
                 g += self.csq
                 return
             rows = np.arange(rows.start, rows.stop)
-        if self._x is None or self._x.shape[0] < (4 if self.tiled else n):
-            self._x = np.empty((4 if self.tiled else max(n, 4), d), dtype=self.dtype)
+        # The tiled loop converts four rows at a time, the GEMM a whole block.
+        need = 4 if self.tiled else g.shape[0]
+        if self._x is None or self._x.shape[0] < need:
+            self._x = np.empty((need, self.c.shape[1]), dtype=self.dtype)
+        x = self._x[:need]
         if self.tiled:
-            _jit.rank_rows(X, rows, self.neg2, self.csq, self._x, g)
-            return
-        x = self._x[:n]
-        _jit.gather(X, rows, x)
-        np.dot(x, self.neg2_t, out=g)
-        g += self.csq
-
-    @property
-    def tiled(self) -> bool:
-        return self.c.shape[0] <= TILED_MAX
+            _jit.rank_rows(X, rows, self.neg2, self.csq, x, g)
+        else:
+            _jit.gather(X, rows, x)
+            np.dot(x, self.neg2_t, out=g)
+            g += self.csq
 
     def block(self, X: np.ndarray, start: int, stop: int, labels: np.ndarray) -> None:
         """Label the consecutive rows ``X[start:stop]`` into ``labels``."""

@@ -51,18 +51,25 @@ def test_warm_up_compiles_every_loop_the_pass_uses(dtype):
     assert [len(loop.signatures) for loop in loops] == compiled
 
 
-def test_group_by_group_ranking_is_used_and_equals_a_full_pass(fashion_rows, calls):
-    X = fashion_rows[:5000].compute()
+def _bounded_alongside_full_passes(X, k, seed, iterations=10):
+    """Bounded passes on real rows, each checked bit for bit against a full pass."""
     scale = 1 / 255
-    centers = X[np.random.default_rng(1).choice(len(X), 64, replace=False)] * scale
+    centers = X[np.random.default_rng(seed).choice(len(X), k, replace=False)] * scale
     state = K.ChunkState(X, scale=scale)
-    for _ in range(10):
+    for _ in range(iterations):
         got = K.bounded_lloyd_chunk(X, state, centers, scale=scale)
         want = K.lloyd_chunk(X, centers, scale=scale)
         np.testing.assert_array_equal(got["sums"], want["sums"])
         np.testing.assert_array_equal(got["counts"], want["counts"])
+        assert got["inertia"] == want["inertia"]
         np.testing.assert_array_equal(state.labels, K.predict_chunk(X, centers, scale=scale))
         centers = lloyd_step(got, centers)
+    return state, got
+
+
+def test_group_by_group_ranking_is_used_and_equals_a_full_pass(fashion_rows, calls):
+    X = fashion_rows[:5000].compute()
+    state, got = _bounded_alongside_full_passes(X, 64, seed=1)
     # 64 centres make 4 groups; once the centres settle the rows are ranked
     # group by group, not against all 64.
     assert state.starts.size == 4
@@ -117,16 +124,5 @@ def test_tiled_ranking_stays_within_the_rule_bound(dtype, k):
 
 
 def test_tiled_ranking_is_used_for_few_centres_and_equals_a_full_pass(fashion_rows, calls):
-    X = fashion_rows[:5000].compute()
-    scale = 1 / 255
-    centers = X[np.random.default_rng(2).choice(len(X), 10, replace=False)] * scale
-    state = K.ChunkState(X, scale=scale)
-    for _ in range(10):
-        got = K.bounded_lloyd_chunk(X, state, centers, scale=scale)
-        want = K.lloyd_chunk(X, centers, scale=scale)
-        np.testing.assert_array_equal(got["sums"], want["sums"])
-        np.testing.assert_array_equal(got["counts"], want["counts"])
-        assert got["inertia"] == want["inertia"]
-        np.testing.assert_array_equal(state.labels, K.predict_chunk(X, centers, scale=scale))
-        centers = lloyd_step(got, centers)
+    _bounded_alongside_full_passes(fashion_rows[:5000].compute(), 10, seed=2)
     assert calls["rank_rows"] >= 1
