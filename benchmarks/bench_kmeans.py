@@ -111,12 +111,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=None, help="directory with the IDX files (default: sources as ingest)")
     p.add_argument("--store", default=None, help="an existing fashion-mnist.zarr to read instead")
-    p.add_argument("--ks", default="10,256")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-default-fits", action="store_true")
-    p.add_argument("--json", default="benchmarks/results.json")
+    p.add_argument("--ks", default="10,256", help="comma-separated numbers of clusters (default: 10,256)")
+    p.add_argument("--iters", type=int, default=20,
+                   help="Lloyd iterations per timed fit, at least 2 (default: 20)")
+    p.add_argument("--repeats", type=int, default=3, help="timed fits per engine; the median is kept (default: 3)")
+    p.add_argument("--skip-default-fits", action="store_true",
+                   help="leave out the default fits to convergence (the longest part)")
+    p.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     args = p.parse_args(argv)
+    if args.iters < 2:
+        p.error(f"--iters must be at least 2 (the per-iteration time is (T(iters) - T(1)) / "
+                f"(iters - 1)), got {args.iters}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="kmeans-bench-") as scratch:
         run(args, scratch)
 
@@ -280,9 +287,14 @@ def print_table(results, report):
             peak = f"{r['peak_worker_rss'] / mib:.0f}" if "peak_worker_rss" in r else "-"
             print(f"{name:<24}{per:>9}{fit:>8}{inert:>14}{dfit:>15}{dn!s:>7}{dinert:>17}{peak:>10}")
         ours, dm, sk = res["kmeans_dask"], res["dask_ml"], res["sklearn"]
-        print(f"kmeans-dask per iteration: {ours['per_iter_s'] / dm['per_iter_s']:.3f} x dask-ml, "
-              f"{ours['per_iter_s'] / sk['per_iter_s']:.2f} x scikit-learn "
-              f"(own record: {1e3 * ours['per_iter_history_median_s']:.1f} ms)")
+        own = f"(own record: {1e3 * ours['per_iter_history_median_s']:.1f} ms)"
+        if min(ours["per_iter_s"], dm["per_iter_s"], sk["per_iter_s"]) <= 0:
+            # T(iters) - T(1) was lost in the noise: too few iterations to tell.
+            print(f"kmeans-dask per iteration: no ratio, an engine's iterations were within "
+                  f"the timing noise; use more --iters {own}")
+        else:
+            print(f"kmeans-dask per iteration: {ours['per_iter_s'] / dm['per_iter_s']:.3f} x dask-ml, "
+                  f"{ours['per_iter_s'] / sk['per_iter_s']:.2f} x scikit-learn {own}")
 
 
 if __name__ == "__main__":
