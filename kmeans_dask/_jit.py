@@ -197,13 +197,8 @@ def rank_rows(X, rows, neg2, csq, tile, g):
     n = rows.shape[0]
     for r0 in range(0, n, 4):
         h = min(4, n - r0)
-        for t in range(4):
-            if t < h:
-                i = rows[r0 + t]
-                for q in range(d):
-                    tile[t, q] = X[i, q]
-            else:
-                tile[t, :] = 0
+        gather(X, rows[r0:r0 + h], tile[:h])
+        tile[h:] = 0
         b0, b1, b2, b3 = tile[0], tile[1], tile[2], tile[3]
         for j in range(0, k, 2):
             j1 = min(j + 1, k - 1)  # an odd last centre is ranked twice

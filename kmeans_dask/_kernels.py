@@ -522,8 +522,9 @@ MAX_GROUPS = 16
 GROUP_SIZE = 16
 BOUNDED_BLOCK_ROWS = 1024
 # Up to this many centres the dense ranking is _jit.rank_rows rather than a
-# GEMM (35,000 Fashion rows, one thread: 11 against 18 ms at K = 10, 14
-# against 17 at K = 16, level at K = 32).
+# GEMM (35,000 Fashion rows, one thread, repeated runs: 10-12 against 14-18 ms
+# at K = 10; about level at K = 16, 13.5-16.8 against 13.9-17.5 ms; slower
+# beyond).
 TILED_MAX = 16
 # Rows converted at a time by the group-by-group ranking: the block stays in
 # a core's L2 cache while every group's rows are copied out of it.
@@ -652,7 +653,7 @@ class _Picked:
 
 
 def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
-    """Rank ``rows`` against every centre, one GEMM per block, and renew their bounds.
+    """Rank ``rows`` against every centre, block by block, and renew their bounds.
 
     Returns the number of (row, centre) distances ranked.
     """

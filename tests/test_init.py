@@ -15,7 +15,6 @@ def test_kmeans_parallel_weighs_each_candidate_by_the_rows_nearest_to_it(fashion
     # they must equal what ranking every row against all candidates at once gives.
     rows = ChunkedRows(fashion_rows[:12_000].rechunk((4_000, -1)), None, scale=1 / 255,
                        block_rows=256)
-    rows.stats()
     seen = {}
     real = init.kmeans_plusplus
 
