@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/blobs2d", metavar="DIR")
     p.add_argument("--init", default="random", choices=["k-means||", "k-means++", "random"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier blobs2d folder")
     _cli.add_cluster_options(p)
     return p
 
@@ -24,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
+    from kmeans_dask import store
+
+    store.check_output(args.out, workflows.BLOBS_FORMAT, overwrite=args.overwrite)
     with _cli.open_client(args):
-        out = workflows.blobs_demo(args.out, init=args.init, seed=args.seed)
+        out = workflows.blobs_demo(args.out, init=args.init, seed=args.seed,
+                                   overwrite=args.overwrite)
     print(json.dumps({k: out[k] for k in ("init", "centers", "inertia", "n_iter", "ari")}, indent=1))
     print(f"picture {out['picture']}")
     return 0

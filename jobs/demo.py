@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                 model, result = workflows.fit_store(
                     data, result, {"n_clusters": args.k, "random_state": args.seed},
                     overwrite=True, callback=callback)
-            ev = workflows.evaluate_result(result, "test")
+            ev = workflows.evaluate_result(result, "test", overwrite=True)
             print(metrics.format_report(
                 ev, f"\n{name}: K={args.k} fitted on {fit_split} ({data.images.shape[0]} images), "
                     f"scored on test"))

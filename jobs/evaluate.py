@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data store (default: the one recorded in the result)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: RESULT-eval-SPLIT next to the result)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation folder at --out; anything else is never "
+                        "replaced")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="evaluate on a data store other than the one the result was fitted on "
+                        "(clusters are then mapped to labels on its rows)")
     _cli.add_cluster_options(p)
     return p
 
@@ -31,12 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
-    from kmeans_dask import load
+    from kmeans_dask import store
 
-    load(args.result)  # schema check before any cluster work
+    # Every check before any cluster work.
+    result = store.read_result(args.result)
+    store.check_output(workflows.evaluation_dir(result.path, args.split, args.out),
+                       store.EVALUATION_FORMAT, overwrite=args.overwrite, inputs=[result.path])
     with _cli.open_client(args):
         report = workflows.evaluate_result(args.result, args.split, data_path=args.data,
-                                           out_dir=args.out)
+                                           out_dir=args.out, overwrite=args.overwrite,
+                                           allow_other_data=args.allow_other_data)
     print(metrics.format_report(
         report, f"{report['dataset']} K={report['k']} on {report['split']} "
                 f"(labels mapped on {report['mapping_split']})"))

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="STORE.zarr", help="a data store from ingest.py")
     p.add_argument("--split", default="train", help="split to fit (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="RESULT.zarr")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing RESULT.zarr")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result store (and its report) at --out; anything "
+                        "else there is never replaced")
     p.add_argument("--no-report", action="store_true", help="skip the Dask performance report")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted fit from RESULT.zarr.checkpoint.json "
@@ -36,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
-    data = workflows.open_fit_input(args.data, args.split, args.k)
-    out = args.out if args.resume else workflows.check_output(args.out, args.overwrite)
     params = _cli.model_params(args)
+    _cli.check_model_params(params)
+    data = workflows.open_fit_input(args.data, args.split, args.k)
+    out = workflows.check_fit_outputs(data, args.out, overwrite=args.overwrite,
+                                      resume=args.resume, with_report=not args.no_report)
     with _cli.open_client(args):
         total = args.max_iter if args.algorithm == "lloyd" else None
         bar, callback = _cli.iteration_bar(total, f"fit K={args.k}", args.quiet)

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
+    if args.chunk_rows < 1:
+        raise ValueError(f"--chunk-rows must be a positive integer, got {args.chunk_rows}")
+    final = store.data_store_path(args.out, args.dataset)
+    if store.output_kind(final) not in (None, store.DATA_FORMAT):
+        store.check_output(final, store.DATA_FORMAT, overwrite=args.overwrite)
     sources = datasets.resolve(args.dataset, args.source, download=not args.no_download,
                                mirrors=args.mirror)
     for split, src in sources.items():
@@ -42,8 +47,10 @@ def main(argv=None) -> int:
         print(f"{args.dataset}: split(s) {missing} not available from any source; "
               f"ingesting {sorted(sources)} only", file=sys.stderr)
     with _cli.open_client(args):
-        report = store.ingest(args.dataset, args.out, sources, chunk_rows=args.chunk_rows,
-                              overwrite=args.overwrite)
+        bar, progress = _cli.chunk_bar(f"ingest {args.dataset}", args.quiet)
+        with bar:
+            report = store.ingest(args.dataset, args.out, sources, chunk_rows=args.chunk_rows,
+                                  overwrite=args.overwrite, progress=progress)
     verb = "already up to date" if report.skipped else "wrote"
     rows = ", ".join(f"{s}: {n} rows" for s, n in report.splits.items())
     print(f"{verb} {report.path} ({rows})")

@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="STORE.zarr")
     p.add_argument("--split", default="test", help="default: %(default)s")
     p.add_argument("--out", required=True, metavar="LABELS.zarr")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier labels store at --out; anything else is never replaced")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="apply the result to a data store of another data set than it was fitted on")
     _cli.add_cluster_options(p)
     return p
 
@@ -27,14 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
-    from kmeans_dask import load, store
+    from kmeans_dask import store
 
-    load(args.result)  # schema check before any cluster work
-    store.open_data(args.data, args.split)
-    workflows.check_output(args.out, args.overwrite)
+    # Every check before any cluster work.
+    result = store.read_result(args.result)
+    data = store.open_data(args.data, args.split)
+    workflows.check_same_data(result.attrs, data, result.path,
+                              allow_other_data=args.allow_other_data)
+    store.check_output(args.out, store.LABELS_FORMAT, overwrite=args.overwrite,
+                       inputs=[result.path, data.path])
     with _cli.open_client(args):
         path = workflows.predict_store(args.result, args.data, args.split, args.out,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite,
+                                       allow_other_data=args.allow_other_data)
     print(f"wrote {path}")
     return 0
 

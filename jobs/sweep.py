@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="STORE.zarr")
     p.add_argument("--ks", required=True, help="comma-separated K values, e.g. 10,16,36,64")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier sweep folder at --out; anything else is never replaced")
     _cli.add_model_options(p, k_required=False)
     _cli.add_cluster_options(p)
     return p
@@ -33,6 +34,9 @@ def parse_ks(text: str) -> list[int]:
         raise ValueError(f"--ks must be comma-separated integers, got {text!r}") from None
     if not ks:
         raise ValueError("--ks is empty")
+    bad = [k for k in ks if k < 1]
+    if bad:
+        raise ValueError(f"--ks must be positive integers, got {bad}")
     return ks
 
 
@@ -42,9 +46,12 @@ def main(argv=None) -> int:
     ks = parse_ks(args.ks)
     from kmeans_dask import store
 
-    store.list_splits(args.data)  # schema check before any cluster work
-    workflows.check_output(args.out, args.overwrite)
     params = _cli.model_params(args)
+    _cli.check_model_params({**params, "n_clusters": max(ks)})
+    # Every check before any cluster work.
+    for split in store.list_splits(args.data):
+        data = store.open_data(args.data, split)
+    store.check_output(args.out, store.SWEEP_FORMAT, overwrite=args.overwrite, inputs=[data.path])
     with _cli.open_client(args):
         print(f"{'K':>5} {'train inertia':>14} {'test inertia':>14} {'accuracy':>9} "
               f"{'homog.':>7} {'NMI':>7} {'iters':>6} {'s':>6}")
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
                   f"{r['homogeneity']:>7.4f} {r['nmi']:>7.4f} {r['n_iter']:>6} {r['seconds']:>6.1f}",
                   flush=True)
 
-        workflows.sweep(args.data, ks, params, args.out, progress=show)
+        workflows.sweep(args.data, ks, params, args.out, progress=show, overwrite=args.overwrite)
     print(f"wrote {args.out}/sweep.csv, sweep.json and elbow.png")
     return 0
 

@@ -56,6 +56,13 @@ def model_params(args) -> dict:
     return params
 
 
+def check_model_params(params: dict) -> None:
+    """The estimator's own parameter checks, run before a cluster starts."""
+    from .kmeans import KMeans
+
+    KMeans(**params)._validate_params()
+
+
 def iteration_bar(total, desc: str, quiet: bool):
     """Progress for KMeans.fit's callback: a tqdm bar on a terminal, a log line every
     10 iterations otherwise (so redirected output stays readable)."""
@@ -77,6 +84,21 @@ def iteration_bar(total, desc: str, quiet: bool):
     return bar, callback
 
 
+def chunk_bar(desc: str, quiet: bool):
+    """A tqdm bar for ``progress(done, total)`` callbacks (chunks written); silent when
+    stderr is not a terminal or ``quiet``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="chunk", disable=quiet or not sys.stderr.isatty(),
+               file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, progress
+
+
 @contextlib.contextmanager
 def open_client(args):
     """A connected Client for the job's cluster options; says where it is on stderr."""
@@ -91,8 +113,16 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _interrupt(signum, frame):
+    # What the cluster logs while it shuts down after Ctrl-C is noise to the user.
+    logging.disable(logging.CRITICAL)
+    raise KeyboardInterrupt
+
+
 def run(main, argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return main(argv) or 0
     except (KMeansDaskError, ValueError) as exc:
@@ -106,7 +136,7 @@ def run(main, argv=None) -> int:
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; no partial output is left", file=sys.stderr)
         return 130
 
 

@@ -301,6 +301,13 @@ def _check_chunk(X, weights):
         raise ValueError(f"weights of shape {weights.shape} do not match {X.shape[0]} rows")
 
 
+def _check_finite(X):
+    """Rows to label must be finite, as the rows to fit and score are (uint8 always is)."""
+    if X.dtype.kind == "f" and X.size and not np.isfinite(X).all():
+        first = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
+        raise ValueError(f"X contains NaN or infinity (row {first} of a chunk of {X.shape[0]})")
+
+
 def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
                 block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
     """One-time statistics of a chunk, combined across chunks by addition.
@@ -400,7 +407,8 @@ def _inertia(centers, dtype, sums, counts, sqnorm) -> float:
     """
     c = np.asarray(centers, dtype=dtype).astype(np.float64)
     cross = np.einsum("ij,ij->", c, sums)
-    return float(sqnorm - 2.0 * cross + float(counts @ np.einsum("ij,ij->i", c, c)))
+    # Rounding can leave a tiny negative total where every row sits on its centre.
+    return max(0.0, float(sqnorm - 2.0 * cross + float(counts @ np.einsum("ij,ij->i", c, c))))
 
 
 def _accumulate(X, labels, weights, scale, block_rows, sums, counts):
@@ -767,6 +775,7 @@ def predict_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
                   block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """Index of the nearest centre of every row, as int32."""
     _check_chunk(X, None)
+    _check_finite(X)
     labels = np.empty(X.shape[0], dtype=np.intp)
     if X.shape[0]:
         _assign(X, centers, scale, block_rows, labels)
@@ -803,6 +812,7 @@ def transform_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
                     block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """Euclidean distance of every row to every centre, (m, k) in the compute dtype."""
     _check_chunk(X, None)
+    _check_finite(X)
     dtype = compute_dtype(X.dtype)
     neg2_t, csq = _prepared_centers(centers, dtype, scale)
     out = np.empty((X.shape[0], centers.shape[0]), dtype=dtype)

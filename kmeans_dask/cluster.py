@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import signal
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -105,6 +107,8 @@ def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
     local = LocalConfig(**loc)
     if local.n_workers < 1 or local.threads_per_worker < 1:
         raise ConfigError(f"{origin}: local.n_workers and local.threads_per_worker must be >= 1")
+    _check_memory_limit(local.memory_limit, origin)
+    _check_dashboard_address(local.dashboard_address, origin)
     remote = None
     if raw.get("remote") is not None:
         rem = dict(_typed(f"{origin}: remote", RemoteConfig, raw["remote"], {
@@ -121,10 +125,34 @@ def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
                 raise ConfigError(f"{origin}: remote.tls lacks {missing}")
             rem["tls"] = TLSConfig(**tls)
         remote = RemoteConfig(**rem)
+        if not (math.isfinite(remote.timeout) and remote.timeout > 0):
+            raise ConfigError(f"{origin}: remote.timeout: expected a number of seconds > 0, "
+                              f"got {remote.timeout!r}")
         _check_address(remote, origin)
     if mode == "remote" and remote is None:
         raise ConfigError(f"{origin}: mode is 'remote' but there is no remote section")
     return ClusterConfig(mode=mode, local=local, remote=remote)
+
+
+def _check_memory_limit(value, origin: str) -> None:
+    from dask.utils import parse_bytes
+
+    if value == "auto":
+        return
+    try:
+        nbytes = parse_bytes(value) if isinstance(value, str) else value
+    except (ValueError, TypeError):
+        nbytes = None
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        raise ConfigError(f"{origin}: local.memory_limit: expected 'auto', a number of bytes > 0 "
+                          f"or a size such as '4GiB', got {value!r}")
+
+
+def _check_dashboard_address(value: str, origin: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or " " in host:
+        raise ConfigError(f"{origin}: local.dashboard_address: expected HOST:PORT or :PORT "
+                          f"(port 0-65535), got {value!r}")
 
 
 def _check_address(remote: RemoteConfig, origin: str) -> None:
@@ -212,15 +240,33 @@ def connect(config: ClusterConfig):
             client.close()
         return
     local = config.local
-    with LocalCluster(
-        n_workers=local.n_workers,
-        threads_per_worker=local.threads_per_worker,
-        memory_limit=local.memory_limit,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=local.dashboard_address,
-    ) as cluster, Client(cluster) as client:
+    # Worker processes start with SIGINT ignored (a child keeps an ignored signal), so
+    # Ctrl-C reaches only the job, which then shuts its cluster down in order instead
+    # of every worker printing its own traceback.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        cluster = LocalCluster(
+            n_workers=local.n_workers,
+            threads_per_worker=local.threads_per_worker,
+            memory_limit=local.memory_limit,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=local.dashboard_address,
+        )
+    except Exception as exc:
+        raise ClusterError(f"could not start the local cluster ({type(exc).__name__}: {exc}); "
+                           f"check the local section of the cluster configuration") from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    with cluster, Client(cluster) as client:
         yield client
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def describe(client) -> str:

@@ -9,10 +9,12 @@ client.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import dask.array as da
 import numpy as np
 from sklearn.cluster import kmeans_plusplus
+from sklearn.exceptions import ConvergenceWarning
 
 from ._passes import ChunkedRows
 
@@ -105,7 +107,10 @@ def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor:
     local_seed = int(rng.randint(np.iinfo(np.int32).max))
     centers, _ = kmeans_plusplus(candidates, k, sample_weight=cand_w, random_state=local_seed)
     refined = _LocalKMeans(n_clusters=k, init=centers, n_init=1, random_state=local_seed)
-    refined.fit(candidates, sample_weight=cand_w)
+    with warnings.catch_warnings():
+        # Too few distinct candidates: the fit itself says so once, about the rows.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        refined.fit(candidates, sample_weight=cand_w)
     return refined.cluster_centers_.astype(np.float64)
 
 

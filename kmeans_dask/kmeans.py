@@ -13,10 +13,12 @@ import logging
 import math
 import numbers
 import time
+import warnings
 
 import dask.array as da
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
 from . import _kernels, store
@@ -496,12 +498,21 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
 
     As in scikit-learn, an empty cluster takes one of the rows farthest from
     their current centre, and that row's weight leaves its old cluster; a
-    centre never falls to the origin.
+    centre never falls to the origin.  Only rows off their centre can seed
+    a cluster: the third value returned is the number of empty clusters
+    left because every row already sits on a centre (fewer distinct rows
+    than clusters).
     """
     sums, counts = part["sums"].copy(), part["counts"].copy()
     empty = np.flatnonzero(counts <= 0)
+    stuck = 0
     if empty.size:
         far = rows.farthest(centers, empty.size)
+        off = far["dist"] > 0
+        stuck = int(empty.size - off.sum())
+        empty = empty[:int(off.sum())]
+        far = {key: value[off] for key, value in far.items()}
+    if empty.size:
         for j, row, weight, old in zip(empty, far["rows"], far["weight"], far["label"]):
             sums[old] -= weight * row
             counts[old] -= weight
@@ -512,7 +523,7 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
     new = centers.copy()
     keep = counts > 0
     new[keep] = sums[keep] / counts[keep, None]
-    return new, int(empty.size)
+    return new, int(empty.size), stuck
 
 
 def _close(driver) -> None:
@@ -535,7 +546,7 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
     for n_iter in range(len(history) + 1, est.max_iter + 1 if not done else 0):
         t0 = time.perf_counter()
         part = driver.lloyd(centers)
-        new, relocated = _new_centers(rows, centers, part)
+        new, relocated, stuck = _new_centers(rows, centers, part)
         shift = float(((new - centers) ** 2).sum())
         record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
                   "seconds": time.perf_counter() - t0, "relocated": relocated}
@@ -547,6 +558,12 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
         centers = new
         if checkpoint is not None:
             checkpoint({"iteration": n_iter, "centers": centers, "init": init, "history": history})
+        if stuck:
+            # Nothing can fill the empty clusters: more iterations would change nothing.
+            warnings.warn(f"Number of distinct clusters ({est.n_clusters - stuck}) found smaller "
+                          f"than n_clusters ({est.n_clusters}). Possibly due to duplicate points "
+                          f"in X.", ConvergenceWarning, stacklevel=3)
+            break
         if shift <= est._tol:
             break
     n_iter = len(history)
@@ -639,7 +656,7 @@ def _json_params(model: KMeans) -> dict:
 
 
 def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = None,
-         overwrite: bool = False):
+         overwrite: bool = False, inputs=()):
     """Write a fitted model, its labels and its run record to a result store.
 
     The labels are written chunk by chunk by the workers; the store is
@@ -657,6 +674,9 @@ def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = 
     extra : dict, optional
         More JSON-serialisable attributes (elapsed time, ...).
     overwrite : bool, default=False
+        Replace an earlier result store at ``path`` (nothing else).
+    inputs : sequence of path-like
+        Stores the fit read: ``path`` must not be or contain them.
 
     Returns
     -------
@@ -677,7 +697,7 @@ def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = 
         **(extra or {}),
     }
     return store.write_result(path, model.cluster_centers_, model.labels_, record,
-                              init=model.init_centers_, overwrite=overwrite)
+                              init=model.init_centers_, overwrite=overwrite, inputs=inputs)
 
 
 def load(path) -> KMeans:

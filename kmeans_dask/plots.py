@@ -49,6 +49,10 @@ def _save(fig: Figure, path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
+        # mkstemp's private mode would survive the rename; readable as the umask says.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -185,4 +189,42 @@ def blobs(X: np.ndarray, truth: np.ndarray, init: np.ndarray, labels: np.ndarray
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def deformation_grid(originals: np.ndarray, deformed: np.ndarray, path, titles=None,
+                     title: str = "") -> Path:
+    """One row per original image: the original, then its deformations.
+
+    ``originals`` is (n, 784) and ``deformed`` (n, m, 784); the PNG is
+    ``(m + 1) * 60 + 20`` by ``n * 60 + 40`` pixels (plus 30 for a title).
+    ``titles`` (one per row) are written left of the originals.
+    """
+    originals = np.asarray(originals)
+    deformed = np.asarray(deformed)
+    n, m = deformed.shape[:2]
+    if len(originals) != n:
+        raise ValueError(f"{len(originals)} originals but {n} rows of deformations")
+    head, left = 0.3 + (0.3 if title else 0.0), (0.6 if titles is not None else 0.05)
+    fig = Figure(figsize=((m + 1) * 0.6 + left, n * 0.6 + head))
+    width, height = fig.get_size_inches()
+    grid = fig.add_gridspec(n, m + 2, left=left / width, right=1 - 0.02 / width,
+                            bottom=0.02 / height, top=1 - head / height, wspace=0.05,
+                            hspace=0.05, width_ratios=[1] + [0.25] + [1] * m)
+    for i in range(n):
+        cells = [(0, originals[i])] + [(j + 2, deformed[i, j]) for j in range(m)]
+        for col, image in cells:
+            ax = fig.add_subplot(grid[i, col])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(image.reshape(IMAGE_SHAPE), cmap="gray_r", vmin=0, vmax=255,
+                      interpolation="nearest")
+            if i == 0:
+                ax.set_title("original" if col == 0 else "", fontsize=7)
+            if col == 0 and titles is not None:
+                ax.set_ylabel(str(titles[i]), fontsize=7, rotation=0, ha="right", va="center")
+    fig.text((left + 0.6 * 2.25 + (m * 0.6) / 2) / width, 1 - (head - 0.12) / height,
+             "deformations", ha="center", va="top", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.05 / height, va="top")
     return _save(fig, path)

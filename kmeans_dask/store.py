@@ -1,22 +1,37 @@
 """Zarr v3 stores: the only module that knows their layout.
 
-Two kinds of store are written here, always under a temporary name that is
-renamed into place only once complete:
+Every output a job writes goes through here, always under a temporary name
+that is renamed into place only once complete:
 
 data store (``<dataset>.zarr``)
     attributes ``format = "kmeans-dask/data"``, ``dataset``, ``class_names``,
     ``image_shape``; one group per split (``train``, ``test``) holding
     ``images`` (n, 784) uint8 and ``labels`` (n,) uint8, both chunked by rows,
-    with the split's source and payload checksums in its attributes.
+    with the split's source, payload checksums and the CRC-32C of every
+    chunk (``chunk_crc32c``) in its attributes.
 
 result store (``RESULT.zarr``)
     attributes ``format = "kmeans-dask/result"`` and the run's record
-    (parameters, inertia, history, input store, versions); arrays
-    ``centroids`` (k, d) float32 and ``labels`` (n,) int32 chunked like the
-    input rows.
+    (parameters, inertia, history, input store and its fingerprint,
+    versions); arrays ``centroids`` (k, d) float32 and ``labels`` (n,) int32
+    chunked like the input rows.
 
-Every reader checks the schema (format tag, arrays present, dtype, shape) and
-refuses a store that fails by naming it.  Nothing is ever unpickled.
+labels store, evaluation and sweep directories
+    ``format`` ``kmeans-dask/labels``, ``kmeans-dask/evaluation`` and
+    ``kmeans-dask/sweep`` (directories carry it in ``kmeans-dask.json``).
+
+Guards:
+
+* ``--overwrite`` replaces only an earlier output of the same kind
+  (:func:`check_output`), never an input of the same job nor a path that
+  contains one, and the old output stays readable until the new one is
+  complete.
+* Every data chunk is checked against its recorded CRC-32C where it is read
+  (:func:`open_data`, :func:`read_rows`): a missing, swapped, or corrupt
+  chunk is an error naming the store, the array and the rows, never zeros.
+* Every reader checks the schema (format tag, arrays, dtype, shape and the
+  type of every attribute) and refuses a store that fails by naming it.
+  Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -33,8 +49,10 @@ from pathlib import Path
 
 import dask
 import dask.array as da
+import google_crc32c
 import numpy as np
 import zarr
+from dask.base import tokenize
 
 from . import datasets
 from .errors import IDXFormatError, StoreError
@@ -43,44 +61,178 @@ log = logging.getLogger(__name__)
 
 DATA_FORMAT = "kmeans-dask/data"
 RESULT_FORMAT = "kmeans-dask/result"
-SCHEMA_VERSION = 1
+LABELS_FORMAT = "kmeans-dask/labels"
+EVALUATION_FORMAT = "kmeans-dask/evaluation"
+SWEEP_FORMAT = "kmeans-dask/sweep"
+CHECKPOINT_FORMAT = "kmeans-dask/checkpoint"
+REPORT_KIND = "dask-performance-report"
+# 2: data stores record a CRC-32C per chunk, results their input's fingerprint.
+SCHEMA_VERSION = 2
 N_FEATURES = datasets.IMAGE_SHAPE[0] * datasets.IMAGE_SHAPE[1]
 DEFAULT_CHUNK_ROWS = 10_000
+MANIFEST = "kmeans-dask.json"
 
 
-# --------------------------------------------------------------------------- atomic writes
+def absolute(path) -> Path:
+    """Absolute, so that a worker started elsewhere resolves it as the client does."""
+    return Path(os.path.abspath(os.fspath(path)))
 
 
-@contextlib.contextmanager
-def atomic_path(final, *, overwrite: bool = False):
-    """Yield a temporary sibling path; rename it to ``final`` if the block succeeds.
+def crc32c(block: np.ndarray) -> int:
+    """CRC-32C of an array's bytes (about 0.5 ms for a 7.8 MB chunk)."""
+    return int(google_crc32c.extend(0, np.ascontiguousarray(block)))
 
-    On any exception the temporary path is removed and ``final`` is left as
-    it was.  With ``overwrite`` an existing ``final`` is replaced only after
-    the new one is complete.
+
+# --------------------------------------------------------------------------- output guards
+
+
+def output_kind(path) -> str | None:
+    """What ``path`` holds, as far as overwriting it is concerned.
+
+    ``None`` when it does not exist (or is an empty directory); a format
+    string such as ``"kmeans-dask/result"`` for a kmeans-dask output; a
+    description such as ``"a file"`` for anything else.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        for marker, key in (("zarr.json", "attributes"), (MANIFEST, None)):
+            meta = path / marker
+            if meta.is_file():
+                try:
+                    doc = json.loads(meta.read_text())
+                    fmt = (doc.get(key) or {}) if key else doc
+                    fmt = fmt.get("format") if isinstance(fmt, dict) else None
+                except (OSError, ValueError, AttributeError):
+                    fmt = None
+                if isinstance(fmt, str):
+                    return fmt
+                return "a directory that is not a kmeans-dask output"
+        if not any(path.iterdir()):
+            return None
+        return "a directory that is not a kmeans-dask output"
+    if path.suffix == ".json":
+        try:
+            fmt = json.loads(path.read_text()).get("format")
+            if isinstance(fmt, str) and fmt.startswith("kmeans-dask/"):
+                return fmt
+        except (OSError, ValueError, AttributeError):
+            pass
+    if path.suffix == ".html":
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as fh:
+                if b"Dask Performance Report" in fh.read(1 << 16):
+                    return REPORT_KIND
+    return "a file"
+
+
+def _describe(kind: str) -> str:
+    return f"a {kind} output" if kind.startswith(("kmeans-dask/", REPORT_KIND)) else kind
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path:
+    """Check that ``path`` may be written as an output of ``kind``; returns it absolute.
+
+    Refused, with the path and what it holds named: an existing output
+    without ``overwrite``; with ``overwrite``, anything that is not an
+    earlier output of the same ``kind``; and always any path that is, holds
+    or lies inside one of ``inputs``.  Called before a job starts its
+    cluster and again when the output is written.
 
     Raises
     ------
     StoreError
-        ``final`` exists and ``overwrite`` is false.
     """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise StoreError(f"{final} already exists; pass --overwrite to replace it")
+    final = absolute(path)
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp = absolute(inp)
+        if _related(final, inp.resolve()) or _related(final.resolve(), inp.resolve()):
+            what = ("is" if final.resolve() == inp.resolve() else
+                    "contains" if inp.resolve().is_relative_to(final.resolve()) else "lies inside")
+            raise StoreError(f"refusing to write {final}: it {what} the input {inp} of this job")
+    have = output_kind(final)
+    if have is None:
+        return final
+    if not overwrite:
+        raise StoreError(f"{final} already exists ({_describe(have)}); pass --overwrite to replace it")
+    if have != kind:
+        raise StoreError(f"refusing to overwrite {final}: it is {_describe(have)}, not "
+                         f"{_describe(kind)}; remove it yourself or choose another path")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_path(final, kind: str, *, overwrite: bool = False, inputs=()):
+    """Yield a temporary sibling path; rename it to ``final`` if the block succeeds.
+
+    :func:`check_output` decides first whether ``final`` may be written.  On
+    any exception the temporary path is removed and ``final`` is left as it
+    was; an existing ``final`` is replaced only after the new one is complete.
+    """
+    final = check_output(final, kind, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    if final.exists() or final.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "x")
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def output_dir(final, kind: str, *, overwrite: bool = False, inputs=(), record=None):
+    """A directory output (evaluation, sweep): written in a temporary directory that
+    gets a ``kmeans-dask.json`` manifest naming its kind and is renamed when complete."""
+    with atomic_path(final, kind, overwrite=overwrite, inputs=inputs) as tmp:
+        tmp.chmod(0o777 & ~_umask())
+        yield tmp
+        (tmp / MANIFEST).write_text(json.dumps(
+            {"format": kind, "schema_version": SCHEMA_VERSION, **(record or {})}, indent=1))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path, text: str, kind: str | None = None, *, overwrite: bool = True) -> Path:
+    """Replace a small file atomically (temporary file, fsync, rename), readable as
+    the umask says.  With ``kind``, :func:`check_output` guards ``path`` first."""
+    path = absolute(path) if kind is None else check_output(path, kind, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _open_group(path, fmt: str, what: str) -> zarr.Group:
@@ -97,8 +249,10 @@ def _open_group(path, fmt: str, what: str) -> zarr.Group:
             f"{path}: not a {what}: attribute 'format' is {attrs.get('format')!r}, expected {fmt!r}"
         )
     if attrs.get("schema_version") != SCHEMA_VERSION:
+        hint = ("; it was written by an older kmeans-dask without chunk checksums: write it "
+                "again (with --overwrite)") if attrs.get("schema_version") == 1 else ""
         raise StoreError(
-            f"{path}: schema_version {attrs.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+            f"{path}: schema_version {attrs.get('schema_version')!r}, expected {SCHEMA_VERSION}{hint}"
         )
     return group
 
@@ -117,12 +271,53 @@ def _array(group: zarr.Group, name: str, where: str, dtype, ndim: int) -> zarr.A
     return arr
 
 
+# --------------------------------------------------------------------------- attribute schemas
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)
+
+
+def check_attrs(attrs: dict, schema: dict, where: str) -> None:
+    """Check the attributes named in ``schema`` (``{name: (test, what)}``); a missing
+    or mistyped one is a :class:`StoreError` naming it and what was expected."""
+    for name, (test, what) in schema.items():
+        if name not in attrs:
+            raise StoreError(f"{where}: attribute {name!r} is missing")
+        if not test(attrs[name]):
+            raise StoreError(f"{where}: attribute {name!r} is {attrs[name]!r}; expected {what}")
+
+
+DATA_ROOT_SCHEMA = {
+    "dataset": (lambda v: isinstance(v, str) and v != "", "a data set name"),
+    "class_names": (lambda v: _str_list(v) and 1 <= len(v) <= 256, "a list of 1 to 256 strings"),
+    "image_shape": (lambda v: v == list(datasets.IMAGE_SHAPE), f"{list(datasets.IMAGE_SHAPE)}"),
+}
+DATA_SPLIT_SCHEMA = {
+    "n_rows": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "chunk_crc32c": (lambda v: isinstance(v, dict) and set(v) == {"images", "labels"}
+                     and all(_int_list(x) for x in v.values()),
+                     "{'images': [...], 'labels': [...]}, one CRC-32C per chunk"),
+}
 # --------------------------------------------------------------------------- data stores
 
 
 @dataclass(frozen=True)
 class DataSplit:
-    """One split of a data store, opened lazily as Dask arrays."""
+    """One split of a data store, opened lazily as Dask arrays whose every chunk is
+    checked against its recorded CRC-32C where it is read."""
 
     path: Path
     split: str
@@ -135,6 +330,25 @@ class DataSplit:
     def class_names(self) -> list[str]:
         return list(self.store_attrs["class_names"])
 
+    @property
+    def fingerprint(self) -> str:
+        """One checksum over every chunk's checksum: the split's contents, in short."""
+        return split_fingerprint(self.attrs)
+
+
+def split_fingerprint(split_attrs: dict) -> str:
+    sums = split_attrs["chunk_crc32c"]
+    return f"{crc32c(np.asarray(sums['images'] + sums['labels'], dtype='<u4')):08x}"
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """What :func:`write_data` writes as one split: row-chunked Dask arrays and attributes."""
+
+    images: da.Array  # (n, 784) uint8
+    labels: da.Array  # (n,) uint8, same row chunks
+    attrs: dict
+
 
 def data_store_path(out_dir, dataset: str) -> Path:
     return Path(out_dir) / f"{dataset}.zarr"
@@ -142,64 +356,293 @@ def data_store_path(out_dir, dataset: str) -> Path:
 
 def list_splits(path) -> list[str]:
     """The splits a data store holds, in the order train, test."""
-    group = _open_group(path, DATA_FORMAT, "data store")
+    group = _open_data_root(path)
     return [s for s in datasets.SPLITS if s in group]
 
 
-def open_data(path, split: str) -> DataSplit:
-    """Open ``split`` of a data store as Dask arrays, after checking its schema.
-
-    Raises
-    ------
-    StoreError
-        The store is missing, is not a data store, lacks ``split``, or its
-        arrays have the wrong dtype, shape or chunking.
-    """
-    path = Path(path)
+def _open_data_root(path) -> zarr.Group:
     root = _open_group(path, DATA_FORMAT, "data store")
+    check_attrs(dict(root.attrs), DATA_ROOT_SCHEMA, str(path))
+    return root
+
+
+def _chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _read_chunk(arr: zarr.Array, i: int, start: int, stop: int, expected: int,
+                where: str) -> np.ndarray:
+    """Task body: chunk ``i`` (rows ``start``..``stop``) of ``arr``, checked against its CRC-32C."""
+    label = f"{where} chunk {i} (rows {start}\u2013{stop - 1})"
+    try:
+        block = arr[start:stop]
+    except Exception as exc:  # a codec error on damaged bytes; zarr has no common type
+        raise StoreError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
+    if crc32c(block) != expected:
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
+        missing = _missing(arr, key)
+        raise StoreError(f"{label}: " + ("chunk missing (it would read as zeros)" if missing
+                                         else "checksum mismatch"))
+    return block
+
+
+def _missing(arr: zarr.Array, key: str) -> bool:
+    root = getattr(arr.store, "root", None)
+    return root is not None and not (Path(root) / key).exists()
+
+
+def _verified(arr: zarr.Array, sums: list, where: str) -> da.Array:
+    """A Dask array over ``arr``'s row chunks, each task reading and checking one chunk."""
+    n, rows = arr.shape[0], arr.chunks[0]
+    bounds = _chunk_bounds(n, rows)
+    if len(sums) != len(bounds):
+        raise StoreError(f"{where}: {len(sums)} chunk checksums recorded for {len(bounds)} chunks")
+    name = f"read-{arr.basename}-{tokenize(where, sums, arr.shape, arr.chunks)}"
+    tail = (0,) * (arr.ndim - 1)
+    dsk = {(name, i, *tail): (_read_chunk, arr, i, a, b, int(sums[i]), where)
+           for i, (a, b) in enumerate(bounds)}
+    chunks = (tuple(b - a for a, b in bounds),) + tuple((s,) for s in arr.shape[1:])
+    return da.Array(dsk, name, chunks, dtype=arr.dtype,
+                    meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+
+
+def _split_arrays(path, split: str):
+    path = absolute(path)
+    root = _open_data_root(path)
     if split not in root:
         have = [s for s in datasets.SPLITS if s in root]
         raise StoreError(f"{path}: split {split!r} not in the store (it holds {have})")
     group = root[split]
     where = f"{path}/{split}"
+    attrs = dict(group.attrs)
+    check_attrs(attrs, DATA_SPLIT_SCHEMA, where)
     images = _array(group, "images", where, np.uint8, 2)
     labels = _array(group, "labels", where, np.uint8, 1)
     if images.shape[1] != N_FEATURES:
         raise StoreError(f"{where}/images: shape {images.shape}, expected (n, {N_FEATURES})")
     if labels.shape[0] != images.shape[0]:
-        raise StoreError(
-            f"{where}: {images.shape[0]} images but {labels.shape[0]} labels"
-        )
+        raise StoreError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
         raise StoreError(f"{where}: the split holds no rows")
+    if attrs["n_rows"] != images.shape[0]:
+        raise StoreError(f"{where}: attribute 'n_rows' is {attrs['n_rows']}, but images holds "
+                         f"{images.shape[0]} rows")
     if images.chunks[1] != N_FEATURES or images.chunks[0] != labels.chunks[0]:
         raise StoreError(
             f"{where}: images chunked {images.chunks} and labels {labels.chunks}; expected "
             f"whole rows and the same row chunks"
         )
+    return path, root, attrs, images, labels
+
+
+def open_data(path, split: str) -> DataSplit:
+    """Open ``split`` of a data store as Dask arrays, after checking its schema.
+
+    The store's path is made absolute, so workers started in another
+    directory read the same files.  Each chunk is checked against its
+    recorded CRC-32C by the task that reads it.
+
+    Raises
+    ------
+    StoreError
+        The store is missing, is not a data store, lacks ``split``, or its
+        arrays or attributes are of the wrong type, dtype, shape or
+        chunking.  When the rows are read: a chunk that is missing,
+        unreadable or differs from its checksum.
+    """
+    path, root, attrs, images, labels = _split_arrays(path, split)
+    where = f"{path}/{split}"
+    sums = attrs["chunk_crc32c"]
     return DataSplit(
         path=path,
         split=split,
-        images=da.from_zarr(images),
-        labels=da.from_zarr(labels),
-        attrs=dict(group.attrs),
+        images=_verified(images, sums["images"], f"{where}/images"),
+        labels=_verified(labels, sums["labels"], f"{where}/labels"),
+        attrs=attrs,
         store_attrs=dict(root.attrs),
     )
 
 
-def _copy_rows(raw_path: str, offset: int, row_bytes: int, start: int, stop: int, target) -> int:
-    """Task body: copy rows [start, stop) of a raw IDX payload into a Zarr array."""
+def read_rows(path, split: str, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start``..``stop`` of array ``name`` of a split, read where this runs (a
+    worker) and checked chunk by chunk against the recorded CRC-32C."""
+    path, _, attrs, images, labels = _split_arrays(path, split)
+    arr = {"images": images, "labels": labels}[name]
+    rows, n = arr.chunks[0], arr.shape[0]
+    if not 0 <= start <= stop <= n:
+        raise StoreError(f"{path}/{split}/{name}: rows {start}:{stop} outside 0:{n}")
+    sums = attrs["chunk_crc32c"][name]
+    where = f"{path}/{split}/{name}"
+    parts = [_read_chunk(arr, i, a, b, int(sums[i]), where)
+             for i, (a, b) in enumerate(_chunk_bounds(n, rows)) if a < stop and b > start]
+    if not parts:
+        return arr[start:stop]
+    first = (start // rows) * rows
+    return np.concatenate(parts)[start - first:stop - first]
+
+
+def fingerprint(path) -> dict:
+    """What a process sees at a data store's path: its root attributes and every
+    split's fingerprint (compared between the client and each worker)."""
+    root = _open_data_root(path)
+    out = {"attrs": dict(root.attrs)}
+    for split in datasets.SPLITS:
+        if split in root:
+            attrs = dict(root[split].attrs)
+            check_attrs(attrs, DATA_SPLIT_SCHEMA, f"{path}/{split}")
+            out[split] = split_fingerprint(attrs)
+    return out
+
+
+def verify_data(path) -> None:
+    """Read every chunk of every split once and check it (ingest's up-to-date test)."""
+    parts = [open_data(path, split) for split in list_splits(path)]
+    dask.compute(*[arr.sum() for d in parts for arr in (d.images, d.labels)])
+
+
+def _store_chunk(start: int, stop: int, targets: tuple, *blocks) -> tuple:
+    """Task body: write one chunk of rows into each target; returns the CRC-32C of each
+    block as written."""
+    sums = []
+    for target, block in zip(targets, blocks):
+        want = (stop - start,) + target.shape[1:]
+        if block.shape != want:
+            raise StoreError(f"rows {start}:{stop}: got a block of shape {block.shape}, "
+                             f"expected {want}")
+        block = np.ascontiguousarray(block, dtype=target.dtype)
+        target[start:stop] = block
+        sums.append(crc32c(block))
+    return tuple(sums)
+
+
+# Every chunk is written, even one equal to the fill value, so a chunk file that is
+# missing always means damage.
+_ALL_CHUNKS = {"write_empty_chunks": True}
+
+
+def _compute(tasks: list, progress=None) -> list:
+    """Compute ``tasks`` on the active scheduler, calling ``progress(done, total)``."""
+    from .cluster import active_client
+
+    client = active_client()
+    total = len(tasks)
+    if client is None or progress is None:
+        out = list(dask.compute(*tasks))
+        if progress is not None:
+            progress(total, total)
+        return out
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    try:
+        for done, _ in enumerate(as_completed(futures), 1):
+            progress(done, total)
+        return client.gather(futures)
+    finally:
+        for f in futures:
+            f.release()
+
+
+def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,
+               overwrite: bool = False, inputs=(), progress=None) -> Path:
+    """Write a data store atomically: one task per chunk of rows, on the workers.
+
+    Parameters
+    ----------
+    path : path-like
+        The store (``NAME.zarr``).
+    dataset : str
+        A name known to :mod:`kmeans_dask.datasets`; gives the class names.
+    splits : dict of str to SplitData
+        Per split, uint8 rows chunked by rows in regular chunks (the last
+        may be shorter) and extra split attributes.
+    attrs : dict, optional
+        Extra root attributes (where the data came from, parameters).
+    overwrite : bool, default=False
+        Replace an earlier data store at ``path``.
+    inputs : sequence of path-like
+        Stores this write reads: ``path`` must not be or contain them.
+    progress : callable, optional
+        ``progress(done, total)`` as chunks are written.
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute path of the store.
+    """
+    spec = datasets.get_spec(dataset)
+    final = check_output(path, DATA_FORMAT, overwrite=overwrite, inputs=inputs)
+    for split, sd in splits.items():
+        if split not in datasets.SPLITS:
+            raise StoreError(f"{final}: unknown split {split!r} (expected {list(datasets.SPLITS)})")
+        n = sd.images.shape[0]
+        if sd.images.ndim != 2 or sd.images.shape[1] != N_FEATURES or sd.labels.shape != (n,):
+            raise StoreError(f"{final}/{split}: images {sd.images.shape} and labels "
+                             f"{sd.labels.shape}; expected (n, {N_FEATURES}) and (n,)")
+        rows = sd.images.chunks[0]
+        if n == 0 or len(set(rows[:-1])) > 1 or rows[-1] > rows[0] or \
+                sd.labels.chunks[0] != rows or len(sd.images.chunks[1]) != 1:
+            raise StoreError(f"{final}/{split}: rows must be chunked regularly by rows, images "
+                             f"and labels alike (got {sd.images.chunks} and {sd.labels.chunks})")
+    with atomic_path(final, DATA_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        tasks, where = [], []
+        groups = {}
+        for split, sd in splits.items():
+            n, c = sd.images.shape[0], sd.images.chunks[0][0]
+            group = root.create_group(split)
+            img = group.create_array("images", shape=(n, N_FEATURES), chunks=(c, N_FEATURES),
+                                     dtype="uint8", config=_ALL_CHUNKS)
+            lab = group.create_array("labels", shape=(n,), chunks=(c,), dtype="uint8",
+                                     config=_ALL_CHUNKS)
+            groups[split] = (group, sd, n, c)
+            blocks = zip(sd.images.to_delayed().ravel(), sd.labels.to_delayed().ravel())
+            for (a, b), (ib, lb) in zip(_chunk_bounds(n, c), blocks):
+                tasks.append(dask.delayed(_store_chunk, pure=False)(a, b, (img, lab), ib, lb))
+                where.append(split)
+        log.info("writing %d chunks to %s", len(tasks), final)
+        sums = _compute(tasks, progress)
+        for split, (group, sd, n, c) in groups.items():
+            mine = [s for s, w in zip(sums, where) if w == split]
+            group.attrs.update(split=split, n_rows=n, **sd.attrs, chunk_crc32c={
+                "images": [s[0] for s in mine], "labels": [s[1] for s in mine]})
+        chunk_rows = {split: c for split, (_, _, _, c) in groups.items()}
+        # The root's attributes last: a store without them is not a data store.
+        root.attrs.update({
+            "format": DATA_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "dataset": spec.name,
+            "class_names": list(spec.class_names),
+            "image_shape": list(datasets.IMAGE_SHAPE),
+            "chunk_rows": max(chunk_rows.values()),
+            **(attrs or {}),
+        })
+    return final
+
+
+def _raw_rows(raw_path: str, offset: int, row_bytes: int, start: int, stop: int) -> np.ndarray:
+    """Task body: rows [start, stop) of a decompressed IDX payload."""
     count = (stop - start) * row_bytes
     block = np.fromfile(raw_path, dtype=np.uint8, count=count, offset=offset + start * row_bytes)
     if block.size != count:
         raise IDXFormatError(f"{raw_path}: short read at rows {start}:{stop}")
-    target[start:stop] = block.reshape((stop - start,) + target.shape[1:])
-    return stop - start
+    return block.reshape((stop - start, row_bytes) if row_bytes > 1 else (stop - start,))
+
+
+def _raw_array(raw_path: Path, offset: int, row_bytes: int, n: int, rows: int) -> da.Array:
+    name = f"idx-rows-{tokenize(str(raw_path), offset, row_bytes, n, rows)}"
+    bounds = _chunk_bounds(n, rows)
+    tail = (0,) if row_bytes > 1 else ()
+    dsk = {(name, i, *tail): (_raw_rows, str(raw_path), offset, row_bytes, a, b)
+           for i, (a, b) in enumerate(bounds)}
+    chunks = (tuple(b - a for a, b in bounds),) + (((row_bytes,),) if row_bytes > 1 else ())
+    return da.Array(dsk, name, chunks, dtype=np.uint8,
+                    meta=np.empty((0,) * len(chunks), dtype=np.uint8))
 
 
 def _store_matches(path: Path, spec, splits, chunk_rows: int) -> bool:
     try:
-        root = _open_group(path, DATA_FORMAT, "data store")
+        root = _open_data_root(path)
     except StoreError:
         return False
     attrs = dict(root.attrs)
@@ -229,12 +672,15 @@ def ingest(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     overwrite: bool = False,
+    progress=None,
 ) -> IngestReport:
     """Write the IDX files of ``sources`` into ``out_dir/<dataset>.zarr``.
 
     Each split's files are decompressed once, checked (format, sizes,
     payload SHA-256) and then copied into Zarr by one Dask task per chunk,
     so the chunks are written in parallel by whatever scheduler is active.
+    A store already there is left alone when its attributes match and every
+    one of its chunks still matches its checksum.
 
     Parameters
     ----------
@@ -243,9 +689,11 @@ def ingest(
     sources : dict of str to datasets.SplitSource
         As returned by :func:`kmeans_dask.datasets.resolve`.
     chunk_rows : int, default=10000
-        Rows per chunk of the written arrays.
+        Rows per chunk of the written arrays (a split with fewer rows is one chunk).
     overwrite : bool, default=False
-        Replace an existing store that does not match.
+        Replace an existing data store that does not match.
+    progress : callable, optional
+        ``progress(done, total)`` as chunks are written.
 
     Returns
     -------
@@ -254,38 +702,30 @@ def ingest(
     Raises
     ------
     StoreError
-        The output exists, differs and ``overwrite`` is false.
+        The output exists, differs and ``overwrite`` is false; or it holds a
+        damaged chunk (named) and ``overwrite`` is false.
     IDXFormatError, ChecksumError
         A source file is malformed or not the published bytes; nothing is
         written.
     """
     spec = datasets.get_spec(dataset)
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
         raise StoreError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    final = data_store_path(out_dir, dataset)
-    if final.exists() and not overwrite:
+    final = absolute(data_store_path(out_dir, dataset))
+    if output_kind(final) is not None and not overwrite:
         if _store_matches(final, spec, list(sources), chunk_rows):
+            verify_data(final)  # a damaged chunk is an error naming it, not "up to date"
             log.info("%s already holds %s %s; nothing to do", final, dataset, sorted(sources))
             rows = {s: spec.files[s]["labels"].n_items for s in sources}
             return IngestReport(final, rows, sources, skipped=True)
-        raise StoreError(
-            f"{final} already exists and does not match {dataset} {sorted(sources)} with "
-            f"chunk_rows={chunk_rows}; pass --overwrite to replace it"
-        )
-    rows = {}
-    with atomic_path(final, overwrite=True) as tmp, tempfile.TemporaryDirectory(
-        prefix=f".{final.name}.raw-", dir=final.parent
-    ) as raw_dir:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs.update(
-            format=DATA_FORMAT,
-            schema_version=SCHEMA_VERSION,
-            dataset=spec.name,
-            class_names=list(spec.class_names),
-            image_shape=list(datasets.IMAGE_SHAPE),
-            chunk_rows=chunk_rows,
-        )
-        tasks = []
+        if output_kind(final) == DATA_FORMAT:
+            raise StoreError(
+                f"{final} already exists and does not match {dataset} {sorted(sources)} with "
+                f"chunk_rows={chunk_rows}; pass --overwrite to replace it")
+    check_output(final, DATA_FORMAT, overwrite=overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    with tempfile.TemporaryDirectory(prefix=f".{final.name}.raw-", dir=final.parent) as raw_dir:
         for split, src in sources.items():
             files = spec.files[split]
             raw = {k: Path(raw_dir) / f"{split}-{k}.idx" for k in files}
@@ -300,27 +740,19 @@ def ingest(
                 )
             datasets.verify_checksum(src.images, hdr_img, files["images"])
             datasets.verify_checksum(src.labels, hdr_lab, files["labels"])
-            group = root.create_group(split)
-            group.attrs.update(
-                split=split,
-                n_rows=n,
-                source=src.origin,
-                source_files={"images": str(src.images), "labels": str(src.labels)},
-                payload_sha256={k: f.raw_sha256 for k, f in files.items()},
+            rows = min(chunk_rows, n)
+            splits[split] = SplitData(
+                images=_raw_array(raw["images"], hdr_img.offset, N_FEATURES, n, rows),
+                labels=_raw_array(raw["labels"], hdr_lab.offset, 1, n, rows),
+                attrs={
+                    "source": src.origin,
+                    "source_files": {"images": str(src.images), "labels": str(src.labels)},
+                    "payload_sha256": {k: f.raw_sha256 for k, f in files.items()},
+                },
             )
-            images = group.create_array(
-                "images", shape=(n, N_FEATURES), chunks=(chunk_rows, N_FEATURES), dtype="uint8"
-            )
-            labels = group.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="uint8")
-            for start in range(0, n, chunk_rows):
-                stop = min(start + chunk_rows, n)
-                tasks.append(dask.delayed(_copy_rows, pure=False)(
-                    str(raw["images"]), hdr_img.offset, N_FEATURES, start, stop, images))
-                tasks.append(dask.delayed(_copy_rows, pure=False)(
-                    str(raw["labels"]), hdr_lab.offset, 1, start, stop, labels))
-            rows[split] = n
-        log.info("writing %d chunks", len(tasks))
-        dask.compute(*tasks)
+        write_data(final, dataset=dataset, splits=splits, overwrite=overwrite,
+                   attrs={"chunk_rows": chunk_rows}, progress=progress)
+    rows = {split: sd.images.shape[0] for split, sd in splits.items()}
     return IngestReport(final, rows, sources, skipped=False)
 
 
@@ -333,25 +765,47 @@ class Result:
 
     path: Path
     centroids: np.ndarray  # (k, d) float32 (float64 for float64 models)
-    labels: da.Array  # (n,) int32
+    labels: da.Array  # (n,) int32, each chunk checked against its CRC-32C when read
     attrs: dict
     init: np.ndarray | None = None  # (k, d) float64 initial centres, when stored
 
 
-RESULT_REQUIRED_ATTRS = ("params", "inertia", "n_iter", "history", "data", "scale", "n_features")
+def _history_ok(v) -> bool:
+    keys = ("iteration", "inertia", "center_shift")
+    return isinstance(v, list) and all(
+        isinstance(h, dict) and all(_is_num(h.get(k)) for k in keys) for h in v)
+
+
+RESULT_SCHEMA = {
+    "params": (lambda v: isinstance(v, dict) and _is_int(v.get("n_clusters"))
+               and v["n_clusters"] >= 1, "a mapping with an integer n_clusters >= 1"),
+    "inertia": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "n_iter": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "history": (_history_ok, "a list of per-iteration records (iteration, inertia, center_shift)"),
+    "data": (lambda v: isinstance(v, dict), "a mapping describing the input rows"),
+    "scale": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "n_features": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "labels_crc32c": (_int_list, "a list of one CRC-32C per label chunk"),
+}
+DATA_RECORD_SCHEMA = {
+    "class_names": (lambda v: v is None or _str_list(v), "a list of strings"),
+}
+LABELS_SCHEMA = {
+    "labels_crc32c": (_int_list, "a list of one CRC-32C per label chunk"),
+}
 
 
 def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, init=None,
-                 overwrite=False) -> Path:
+                 overwrite=False, inputs=()) -> Path:
     """Write a result store atomically.
 
     ``labels`` is stored by the workers chunk by chunk (one task per chunk of
     the Dask array); the client only sends the k × d centroids.
     """
-    path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    if not np.isfinite(centroids).all():
+        raise StoreError(f"{path}: refusing to write centroids that are NaN or infinite")
+    with atomic_path(path, RESULT_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs.update(format=RESULT_FORMAT, schema_version=SCHEMA_VERSION, **attrs)
         # float32 for images (as fitted), float64 only when the model is float64.
         dtype = np.float64 if centroids.dtype == np.float64 else np.float32
         cent = root.create_array("centroids", shape=centroids.shape, chunks=centroids.shape,
@@ -360,77 +814,98 @@ def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, 
         if init is not None:
             arr = root.create_array("init", shape=init.shape, chunks=init.shape, dtype="float64")
             arr[...] = init
-        _write_labels(root, labels)
-    return path
+        sums = _write_labels(root, labels, tmp)
+        root.attrs.update(format=RESULT_FORMAT, schema_version=SCHEMA_VERSION,
+                          labels_crc32c=sums, **attrs)
+    return absolute(path)
 
 
-def _write_labels(root: zarr.Group, labels: da.Array) -> None:
-    """Store ``labels`` as int32, one task per chunk, each writing whole Zarr chunks."""
+def _write_labels(root: zarr.Group, labels: da.Array, where: Path) -> list[int]:
+    """Store ``labels`` as int32, one task per chunk, each writing whole Zarr chunks;
+    returns their CRC-32C.  The fill value -1 is no label, so a chunk that did not
+    arrive can never read as cluster 0."""
     rows = labels.chunks[0]
-    lab = root.create_array("labels", shape=labels.shape, chunks=(max(rows),), dtype="int32")
     if len(set(rows[:-1])) > 1 or rows[-1] > rows[0]:
         # Zarr chunks are regular; rechunk so no two tasks write into one Zarr chunk.
         labels = labels.rechunk(max(rows))
-    da.store(labels.astype(np.int32), lab, lock=False)
+        rows = labels.chunks[0]
+    lab = root.create_array("labels", shape=labels.shape, chunks=(rows[0],), dtype="int32",
+                            fill_value=-1, config=_ALL_CHUNKS)
+    bounds = _chunk_bounds(labels.shape[0], rows[0])
+    tasks = [dask.delayed(_store_chunk, pure=False)(a, b, (lab,), blk)
+             for (a, b), blk in zip(bounds, labels.astype(np.int32).to_delayed().ravel())]
+    sums = [s[0] for s in _compute(tasks)]
+    if lab.nchunks_initialized != lab.nchunks:
+        raise StoreError(
+            f"{where}: the workers wrote {lab.nchunks} label chunks, but only "
+            f"{lab.nchunks_initialized} are visible here: the workers do not see this path as "
+            f"the client does; use a shared file system or an object store URL")
+    return sums
 
 
-LABELS_FORMAT = "kmeans-dask/labels"
-
-
-def write_labels(path, labels: da.Array, attrs: dict, *, overwrite=False) -> Path:
+def write_labels(path, labels: da.Array, attrs: dict, *, overwrite=False, inputs=()) -> Path:
     """Write a labels store (``labels`` (n,) int32 plus attributes) atomically."""
-    path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    with atomic_path(path, LABELS_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        root.attrs.update(format=LABELS_FORMAT, schema_version=SCHEMA_VERSION, **attrs)
-        _write_labels(root, labels)
-    return path
+        sums = _write_labels(root, labels, tmp)
+        root.attrs.update(format=LABELS_FORMAT, schema_version=SCHEMA_VERSION,
+                          labels_crc32c=sums, **attrs)
+    return absolute(path)
 
 
 def read_labels(path) -> tuple[da.Array, dict]:
     """Open a labels store written by :func:`write_labels`, schema checked."""
+    path = absolute(path)
     root = _open_group(path, LABELS_FORMAT, "labels store")
-    return da.from_zarr(_array(root, "labels", str(path), np.int32, 1)), dict(root.attrs)
+    attrs = dict(root.attrs)
+    check_attrs(attrs, LABELS_SCHEMA, str(path))
+    lab = _array(root, "labels", str(path), np.int32, 1)
+    return _verified(lab, attrs["labels_crc32c"], f"{path}/labels"), attrs
 
 
 def read_result(path) -> Result:
-    """Open a result store and check its schema.
+    """Open a result store and check its schema: arrays, attribute types, finite values.
 
     Raises
     ------
     StoreError
-        Missing store, wrong format, missing arrays or attributes, or arrays
-        of the wrong dtype or shape.
+        Missing store, wrong format, missing or mistyped attributes, arrays
+        of the wrong dtype or shape, or centroids that are not finite.
     """
-    path = Path(path)
+    path = absolute(path)
     root = _open_group(path, RESULT_FORMAT, "result store")
     attrs = dict(root.attrs)
-    missing = [a for a in RESULT_REQUIRED_ATTRS if a not in attrs]
-    if missing:
-        raise StoreError(f"{path}: result store lacks attribute(s) {missing}")
+    check_attrs(attrs, RESULT_SCHEMA, str(path))
+    if "class_names" in attrs["data"]:
+        check_attrs(attrs["data"], DATA_RECORD_SCHEMA, f"{path}: attribute 'data'")
     cent = root.get("centroids")
     dtype = cent.dtype if isinstance(cent, zarr.Array) and cent.dtype == np.float64 else np.float32
     cent = _array(root, "centroids", str(path), dtype, 2)
     labels = _array(root, "labels", str(path), np.int32, 1)
-    k = attrs["params"].get("n_clusters")
+    k = attrs["params"]["n_clusters"]
     if cent.shape != (k, attrs["n_features"]):
         raise StoreError(f"{path}/centroids: shape {cent.shape}, expected ({k}, {attrs['n_features']})")
+    centroids = np.asarray(cent[...])
+    if not np.isfinite(centroids).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(centroids))[:, 0]})
+        raise StoreError(f"{path}/centroids: centre(s) {bad[:10]} hold NaN or infinite values")
     init = None
     if "init" in root:
         init = np.asarray(_array(root, "init", str(path), np.float64, 2)[...])
         if init.shape != cent.shape:
             raise StoreError(f"{path}/init: shape {init.shape}, expected {cent.shape}")
-    return Result(path, np.asarray(cent[...]), da.from_zarr(labels), attrs, init)
+        if not np.isfinite(init).all():
+            raise StoreError(f"{path}/init: NaN or infinite values")
+    return Result(path, centroids, _verified(labels, attrs["labels_crc32c"], f"{path}/labels"),
+                  attrs, init)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_FORMAT = "kmeans-dask/checkpoint"
-
 
 def checkpoint_path(result_path) -> Path:
     """Where a fit writing ``RESULT.zarr`` keeps its checkpoint: ``RESULT.zarr.checkpoint.json``."""
-    result_path = Path(result_path)
+    result_path = absolute(result_path)
     return result_path.with_name(result_path.name + ".checkpoint.json")
 
 
@@ -468,17 +943,7 @@ def write_checkpoint(path, state: dict, record: dict) -> Path:
         "history": state["history"],
         **record,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_text(path, json.dumps(doc))
 
 
 def read_checkpoint(path) -> dict:

@@ -28,26 +28,69 @@ from .kmeans import KMeans, from_result, load, save
 log = logging.getLogger(__name__)
 
 
-def write_text_atomic(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def check_workers_see(data_paths=(), out_paths=()) -> None:
+    """Before any work, check that every worker sees the stores as the client does.
+
+    Each worker compares its view of every data store (root attributes and
+    every split's fingerprint) with the client's, and reads a probe file the
+    client writes where each output will go.  Paths are absolute by then, so
+    a worker started in another directory resolves them as the client does;
+    a worker on another machine without the same files is named.
+
+    Raises
+    ------
+    ClusterError
+    """
+    import uuid
+
+    from .errors import ClusterError
+
+    client = active_client()
+    if client is None:
+        return
+    want = {str(p): store.fingerprint(p) for p in data_paths}
+    probes = {}
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        for out in out_paths:
+            parent = Path(out).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            token = uuid.uuid4().hex
+            probe = parent / f".kmeans-dask-probe-{token}"
+            probe.write_text(token)
+            probes[str(probe)] = token
+        seen = client.run(_worker_view, list(want), probes)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        for probe in probes:
+            Path(probe).unlink(missing_ok=True)
+    for worker, view in sorted(seen.items()):
+        for path, fp in want.items():
+            got = view["data"].get(path)
+            if got != fp:
+                why = got if isinstance(got, str) else "it sees different contents"
+                raise ClusterError(f"worker {worker} cannot see {path} as the client does ({why}); "
+                                   f"use a shared file system or an object store URL")
+        for probe in probes:
+            if not view["probes"].get(probe):
+                raise ClusterError(f"worker {worker} cannot see {Path(probe).parent} as the client "
+                                   f"does (it cannot read a file the client wrote there); use a "
+                                   f"shared file system or an object store URL")
 
 
-def check_output(path, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite`` (checked before any work starts)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise StoreError(f"{path} already exists; pass --overwrite to replace it")
-    return path
+def _worker_view(data_paths: list, probes: dict) -> dict:
+    """Runs on each worker: its fingerprint of each store, and which probes it reads."""
+    data = {}
+    for path in data_paths:
+        try:
+            data[path] = store.fingerprint(path)
+        except Exception as exc:
+            data[path] = f"{type(exc).__name__}: {exc}"
+    seen = {}
+    for probe, token in probes.items():
+        try:
+            seen[probe] = Path(probe).read_text() == token
+        except OSError:
+            seen[probe] = False
+    return {"data": data, "probes": seen}
 
 
 def report_path(result_path) -> Path:
@@ -57,18 +100,18 @@ def report_path(result_path) -> Path:
 
 
 @contextlib.contextmanager
-def performance_report(path):
+def performance_report(path, *, overwrite=False):
     """Dask's HTML performance report, kept only if the block succeeds."""
     from distributed import performance_report as _report
 
-    path = Path(path)
+    path = store.check_output(path, store.REPORT_KIND, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".html", dir=path.parent)
     os.close(fd)
     try:
         with _report(filename=tmp):
             yield path
-        os.replace(tmp, path)
+        store.write_text(path, Path(tmp).read_text())
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -90,13 +133,33 @@ def open_fit_input(data_path, split: str, n_clusters: int) -> store.DataSplit:
 
 def data_record(data: store.DataSplit) -> dict:
     return {
-        "store": str(Path(data.path).resolve()),
+        "store": str(data.path),
         "split": data.split,
         "dataset": data.store_attrs.get("dataset"),
         "n_rows": int(data.images.shape[0]),
         "payload_sha256": data.attrs.get("payload_sha256"),
+        "fingerprint": data.fingerprint,
         "class_names": data.class_names,
     }
+
+
+def check_fit_outputs(data: store.DataSplit, out, *, overwrite=False, resume=False,
+                      with_report=True) -> Path:
+    """Every output a fit writes may be written (before a cluster starts): the result,
+    its performance report, its checkpoint."""
+    out = store.absolute(out)
+    if resume:
+        if store.output_kind(out) is not None:
+            raise StoreError(f"{out} already exists; there is nothing to resume")
+    else:
+        store.check_output(out, store.RESULT_FORMAT, overwrite=overwrite, inputs=[data.path])
+    if with_report:
+        store.check_output(report_path(out), store.REPORT_KIND, overwrite=overwrite or resume,
+                           inputs=[data.path])
+    ckpt = store.checkpoint_path(out)
+    if not resume:
+        store.check_output(ckpt, store.CHECKPOINT_FORMAT, overwrite=True, inputs=[data.path])
+    return out
 
 
 def _same_run(doc: dict, record: dict, path: Path) -> None:
@@ -141,32 +204,30 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
 
     from .errors import ClusterError
 
-    out = Path(out)
+    out = check_fit_outputs(data, out, overwrite=overwrite, resume=resume, with_report=with_report)
     ckpt = store.checkpoint_path(out)
     record = {"params": dict(sorted(params.items())), "data": data_record(data)}
     state = None
     if resume:
-        if out.exists():
-            raise StoreError(f"{out} is already complete; there is nothing to resume")
         doc = store.read_checkpoint(ckpt)
         _same_run(doc, record, ckpt)
         state = {"centers": doc["centers"], "init": doc["init"], "history": doc["history"]}
         _remove_stale_temporaries(out)
-    else:
-        check_output(out, overwrite)
     model = KMeans(**params)
+    check_workers_see([data.path], [out])
     checkpoint = None
     if model.algorithm == "lloyd" and model.n_init == 1:
         def checkpoint(st):
             store.write_checkpoint(ckpt, st, record)
     address = _scheduler_address()
     start = time.perf_counter()
-    ctx = performance_report(report_path(out)) if with_report else contextlib.nullcontext()
+    ctx = (performance_report(report_path(out), overwrite=overwrite or resume) if with_report
+           else contextlib.nullcontext())
     try:
         with ctx:
             model.fit(data.images, callback=callback, checkpoint=checkpoint, resume=state)
             elapsed = time.perf_counter() - start
-            save(model, out, data=data_record(data), overwrite=overwrite,
+            save(model, out, data=data_record(data), overwrite=overwrite, inputs=[data.path],
                  extra={"elapsed_s": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "resumed_from": len(state["history"]) if state else None})
     except (CancelledError, OSError) as exc:
@@ -196,17 +257,33 @@ def _remove_stale_temporaries(out: Path) -> None:
 # --------------------------------------------------------------------------- predict
 
 
-def predict_store(result_path, data_path, split: str, out, *, overwrite=False) -> Path:
+def check_same_data(result_attrs: dict, data: store.DataSplit, result_path, *,
+                    allow_other_data: bool = False) -> None:
+    """Refuse to apply a result to rows of another data set, unless the user says so."""
+    fitted = result_attrs.get("data") or {}
+    want, got = fitted.get("dataset"), data.store_attrs.get("dataset")
+    if allow_other_data or want is None or want == got:
+        return
+    raise StoreError(f"{result_path} was fitted on {want} ({fitted.get('store')}), but "
+                     f"{data.path} holds {got}; pass --allow-other-data to apply it anyway")
+
+
+def predict_store(result_path, data_path, split: str, out, *, overwrite=False,
+                  allow_other_data=False) -> Path:
     """Label every row of ``data_path``/``split`` with a fitted result; write LABELS.zarr."""
     model = load(result_path)
+    result = store.read_result(result_path)
     data = store.open_data(data_path, split)
-    check_output(out, overwrite)
+    check_same_data(result.attrs, data, result_path, allow_other_data=allow_other_data)
+    inputs = [result.path, data.path]
+    out = store.check_output(out, store.LABELS_FORMAT, overwrite=overwrite, inputs=inputs)
+    check_workers_see([data.path], [out])
     labels = model.predict(data.images)
     return store.write_labels(out, labels, {
-        "result": str(Path(result_path).resolve()),
+        "result": str(result.path),
         "data": data_record(data),
         "n_clusters": model.n_clusters,
-    }, overwrite=overwrite)
+    }, overwrite=overwrite, inputs=inputs)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -226,58 +303,84 @@ def _samples(images, labels: np.ndarray, k: int, per_cluster: int, seed: int = 0
     return [[where[int(i)] for i in p] for p in picks]
 
 
+def evaluation_dir(result_path, split: str, out_dir=None) -> Path:
+    """Where an evaluation goes: ``out_dir``, or RESULT-eval-SPLIT next to the result."""
+    if out_dir:
+        return store.absolute(out_dir)
+    result_path = store.absolute(result_path)
+    return result_path.with_name(result_path.name.removesuffix(".zarr") + f"-eval-{split}")
+
+
 def evaluate_result(result_path, split: str = "test", *, data_path=None, out_dir=None,
-                    per_cluster: int = 10, overwrite: bool = True) -> dict:
+                    per_cluster: int = 10, overwrite: bool = False,
+                    allow_other_data: bool = False) -> dict:
     """Majority-label accuracy and clustering scores of a fitted result on a split.
 
     Each cluster is mapped to the most common true label of its members in
     the split the model was fitted on (normally ``train``); that mapping is
     then scored on ``split``.  Writes ``metrics.json``, the centroid grid,
-    the confusion matrix and member strips into ``out_dir``.
+    the confusion matrix and member strips into ``out_dir``, a directory
+    written whole or not at all.
+
+    A ``data_path`` other than the one the result records must hold the
+    same data set, and its fitted split the same rows (by fingerprint);
+    ``allow_other_data`` lifts both checks (the mapping is then learned from
+    the model's predictions on that split).
     """
-    result_path = Path(result_path)
     result = store.read_result(result_path)
     model = from_result(result)
     attrs = result.attrs
-    data_path = Path(data_path or attrs["data"].get("store") or "")
-    fit_split = attrs["data"].get("split")
+    fitted = attrs["data"]
+    data_path = data_path or fitted.get("store")
+    if not data_path:
+        raise StoreError(f"{result.path}: the result does not record its data store; pass --data")
+    fit_split = fitted.get("split")
     if not fit_split:
-        raise StoreError(f"{result_path}: the result does not record which split it was fitted on")
+        raise StoreError(f"{result.path}: the result does not record which split it was fitted on")
     fit_data = store.open_data(data_path, fit_split)
+    check_same_data(attrs, fit_data, result.path, allow_other_data=allow_other_data)
+    same_rows = fitted.get("fingerprint") == fit_data.fingerprint
+    if not same_rows and not allow_other_data:
+        raise StoreError(
+            f"{fit_data.path}/{fit_split} is not the split {result.path} was fitted on (its "
+            f"contents differ: fingerprint {fit_data.fingerprint}, recorded "
+            f"{fitted.get('fingerprint')}); pass --allow-other-data to map clusters on it anyway")
     target = fit_data if split == fit_split else store.open_data(data_path, split)
+    out_dir = evaluation_dir(result.path, split, out_dir)
+    inputs = [result.path, fit_data.path]
+    store.check_output(out_dir, store.EVALUATION_FORMAT, overwrite=overwrite, inputs=inputs)
+    check_workers_see([fit_data.path], [out_dir])
     names = fit_data.class_names
     k = model.n_clusters
-    fit_pred = np.asarray(model.labels_.compute())
+    fit_pred = np.asarray((model.labels_ if same_rows else model.predict(fit_data.images)).compute())
     fit_true = np.asarray(fit_data.labels.compute())
     if fit_pred.shape != fit_true.shape:
-        raise StoreError(f"{result_path}: {fit_pred.size} labels but {data_path}/{fit_split} "
+        raise StoreError(f"{result.path}: {fit_pred.size} labels but {fit_data.path}/{fit_split} "
                          f"has {fit_true.size} rows")
     mapping = metrics.majority_mapping(fit_true, fit_pred, k, len(names))
     pred = fit_pred if target is fit_data else np.asarray(model.predict(target.images).compute())
     true = fit_true if target is fit_data else np.asarray(target.labels.compute())
     report = metrics.cluster_report(true, pred, mapping, names)
     report.update(
-        result=str(result_path), data=str(data_path), dataset=fit_data.store_attrs.get("dataset"),
-        split=split, mapping_split=fit_split, k=k, mapping=[names[m] for m in mapping],
-        inertia=-model.score(target.images),
+        format=store.EVALUATION_FORMAT, result=str(result.path), data=str(fit_data.path),
+        dataset=fit_data.store_attrs.get("dataset"), split=split, mapping_split=fit_split, k=k,
+        mapping=[names[m] for m in mapping], inertia=-model.score(target.images),
     )
-    out_dir = Path(out_dir) if out_dir else result_path.with_name(
-        result_path.name.removesuffix(".zarr") + f"-eval-{split}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     titles = [f"{j}: {names[m]}" for j, m in enumerate(mapping)]
     dataset = report["dataset"]
-    pictures = {
-        "centroids": plots.centroid_grid(
-            model.cluster_centers_, out_dir / "centroids.png", titles=titles,
-            title=f"{dataset}: K = {k} centroids (label: majority on {fit_split})"),
-        "confusion": plots.confusion_matrix(
-            metrics.contingency(true, pred, k, len(names)), names, out_dir / "confusion.png",
-            title=f"{dataset} {split}: clusters x true labels (accuracy {report['accuracy']:.3f})"),
-        "members": plots.member_strips(
-            _samples(target.images, pred, k, per_cluster), out_dir / "members.png", titles=titles),
-    }
-    report["pictures"] = {name: str(p) for name, p in pictures.items()}
-    write_text_atomic(out_dir / "metrics.json", json.dumps(report, indent=2))
+    with store.output_dir(out_dir, store.EVALUATION_FORMAT, overwrite=overwrite,
+                          inputs=inputs) as tmp:
+        plots.centroid_grid(
+            model.cluster_centers_, tmp / "centroids.png", titles=titles,
+            title=f"{dataset}: K = {k} centroids (label: majority on {fit_split})")
+        plots.confusion_matrix(
+            metrics.contingency(true, pred, k, len(names)), names, tmp / "confusion.png",
+            title=f"{dataset} {split}: clusters x true labels (accuracy {report['accuracy']:.3f})")
+        plots.member_strips(
+            _samples(target.images, pred, k, per_cluster), tmp / "members.png", titles=titles)
+        report["pictures"] = {name: str(out_dir / f"{name}.png")
+                              for name in ("centroids", "confusion", "members")}
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=2))
     report["metrics_path"] = str(out_dir / "metrics.json")
     return report
 
@@ -289,7 +392,7 @@ SWEEP_COLUMNS = ("k", "train_inertia", "test_inertia", "accuracy", "homogeneity"
                  "completeness", "v_measure", "n_iter", "seconds", "n_train", "n_test")
 
 
-def sweep(data_path, ks, params: dict, out_dir, *, progress=None) -> list[dict]:
+def sweep(data_path, ks, params: dict, out_dir, *, progress=None, overwrite=False) -> list[dict]:
     """The elbow study: for every K, train and test inertia, accuracy, homogeneity and NMI.
 
     Fits on ``train`` (or on ``test`` when the store holds no train split,
@@ -307,6 +410,9 @@ def sweep(data_path, ks, params: dict, out_dir, *, progress=None) -> list[dict]:
     bad = [k for k in ks if not 1 <= k <= n]
     if bad:
         raise StoreError(f"K {bad} outside 1..{n} (the rows of {data_path}/{fit_split})")
+    out_dir = store.check_output(out_dir, store.SWEEP_FORMAT, overwrite=overwrite,
+                                 inputs=[fit_data.path])
+    check_workers_see([fit_data.path], [out_dir])
     fit_true = np.asarray(fit_data.labels.compute())
     test_true = np.asarray(test.labels.compute())
     rows = []
@@ -330,18 +436,20 @@ def sweep(data_path, ks, params: dict, out_dir, *, progress=None) -> list[dict]:
                  row["train_inertia"], row["accuracy"], row["nmi"], row["seconds"])
         if progress is not None:
             progress(row)
-    out_dir = Path(out_dir)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out_dir / "sweep.csv", buf.getvalue())
-    meta = {"data": str(data_path), "fit_split": fit_split, "eval_split": eval_split,
+    meta = {"format": store.SWEEP_FORMAT, "data": str(fit_data.path), "fit_split": fit_split,
+            "eval_split": eval_split,
             "params": {k: v for k, v in params.items() if k != "n_clusters"}, "rows": rows}
-    write_text_atomic(out_dir / "sweep.json", json.dumps(meta, indent=2))
     dataset = fit_data.store_attrs.get("dataset")
-    plots.elbow(rows, out_dir / "elbow.png",
-                title=f"{dataset}: K sweep ({params.get('algorithm', 'lloyd')}, fit on {fit_split})")
+    with store.output_dir(out_dir, store.SWEEP_FORMAT, overwrite=overwrite,
+                          inputs=[fit_data.path]) as tmp:
+        (tmp / "sweep.csv").write_text(buf.getvalue())
+        (tmp / "sweep.json").write_text(json.dumps(meta, indent=2))
+        plots.elbow(rows, tmp / "elbow.png",
+                    title=f"{dataset}: K sweep ({params.get('algorithm', 'lloyd')}, fit on {fit_split})")
     return rows
 
 
@@ -356,14 +464,20 @@ def make_blobs(n_per_blob: int = 100, seed: int = 0):
     return X, np.repeat([0, 1], n_per_blob)
 
 
-def blobs_demo(out_dir, *, init: str = "random", seed: int = 0) -> dict:
+BLOBS_FORMAT = "kmeans-dask/blobs"
+
+
+def blobs_demo(out_dir, *, init: str = "random", seed: int = 0, overwrite: bool = False) -> dict:
     """Cluster the two blobs with K = 2 and draw the data, initial and final centres."""
+    out_dir = store.check_output(out_dir, BLOBS_FORMAT, overwrite=overwrite)
     X, truth = make_blobs(seed=seed)
     model = KMeans(2, init=init, random_state=seed).fit(X)
     labels = np.asarray(model.labels_.compute())
-    path = plots.blobs(X, truth, model.init_centers_, labels, model.cluster_centers_,
-                       Path(out_dir) / "blobs2d.png",
-                       title=f"two Gaussian blobs, K = 2, init={init}, {model.n_iter_} iterations")
+    with store.output_dir(out_dir, BLOBS_FORMAT, overwrite=overwrite) as tmp:
+        plots.blobs(X, truth, model.init_centers_, labels, model.cluster_centers_,
+                    tmp / "blobs2d.png",
+                    title=f"two Gaussian blobs, K = 2, init={init}, {model.n_iter_} iterations")
+    path = out_dir / "blobs2d.png"
     from sklearn.metrics import adjusted_rand_score
 
     return {"centers": model.cluster_centers_.tolist(), "init": model.init_centers_.tolist(),

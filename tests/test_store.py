@@ -165,14 +165,15 @@ def test_wrong_shape_is_refused(tmp_path, mnist_store):
 def test_atomic_path_cleans_up_on_failure(tmp_path):
     final = tmp_path / "result.zarr"
     with pytest.raises(RuntimeError):
-        with store.atomic_path(final) as tmp:
+        with store.atomic_path(final, store.RESULT_FORMAT) as tmp:
             (tmp / "partial").write_text("x")
             raise RuntimeError("boom")
     assert leftovers(tmp_path) == []
-    with store.atomic_path(final) as tmp:
+    with store.atomic_path(final, store.RESULT_FORMAT) as tmp:
         (tmp / "done").write_text("x")
-    with pytest.raises(StoreError, match="already exists; pass --overwrite"):
-        with store.atomic_path(final):
+    with pytest.raises(StoreError, match=r"already exists \(a directory that is not a kmeans-dask "
+                                         r"output\); pass --overwrite"):
+        with store.atomic_path(final, store.RESULT_FORMAT):
             pass
     assert leftovers(tmp_path) == ["result.zarr"]
 
@@ -215,7 +216,7 @@ def test_result_store_round_trip_and_schema_checks(result_store, mnist_store, tm
     del root.attrs["history"]
     with pytest.raises(StoreError) as err:
         store.read_result(bad)
-    assert str(err.value) == f"{bad}: result store lacks attribute(s) ['history']"
+    assert str(err.value) == f"{bad}: attribute 'history' is missing"
     shutil.rmtree(bad)
     shutil.copytree(path, bad)
     root = zarr.open_group(str(bad), mode="a")
