@@ -1,9 +1,28 @@
-"""Shared fixtures: the real data sets in ../shared/datasets and stores ingested from them."""
+"""Shared fixtures: the real data sets and stores ingested from them.
+
+Two kinds of real data:
+
+* the 10,000-image test splits (the ``t10k`` files), always at hand: taken from
+  ``../shared/datasets`` (or ``$KMEANS_DASK_SHARED``) when it holds them, else
+  from the copies bundled in ``kmeans_dask/data/`` (byte for byte the same
+  files; ``test_datasets.py`` checks both against the published checksums);
+* the full sets (train splits too, 70,000 images each), only in
+  ``../shared/datasets``, ``$KMEANS_DASK_SHARED`` or ``$KMEANS_DASK_DATA``.
+  A test that needs them is skipped when they are absent, with the reason in
+  pytest's summary; with ``KMEANS_DASK_REQUIRE_FULL_DATA=1`` (set by ``.ci/run``)
+  it fails instead.
+
+A test marked ``@pytest.mark.t10k`` reads only the test splits: for it
+``shared_datasets`` is the ``test_sources`` directory and ``fashion_rows`` /
+``fashion_float`` are Fashion-MNIST's 10,000 test images, so it runs anywhere
+on the same bytes.
+"""
 
 from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,14 +31,86 @@ from kmeans_dask import datasets, store
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KMEANS_DASK_SHARED", ROOT.parent / "shared" / "datasets"))
+# Read once here: the autouse fixture below removes it from every test's environment.
+_USER_DATA = os.environ.get("KMEANS_DASK_DATA")
+REQUIRE_FULL = os.environ.get("KMEANS_DASK_REQUIRE_FULL_DATA", "") not in ("", "0")
+
+
+def _holds(directory: Path, splits) -> bool:
+    """``directory`` has ``mnist/`` and ``fashion-mnist/`` with every file of ``splits``."""
+    return all((directory / name / f.name).is_file()
+               for name, spec in datasets.DATASETS.items()
+               for split in splits for f in spec.files[split].values())
+
+
+def _first_holding(splits) -> Path | None:
+    candidates = [SHARED] + ([Path(_USER_DATA)] if _USER_DATA else [])
+    return next((d for d in candidates if _holds(d, splits)), None)
+
+
+FULL = _first_holding(datasets.SPLITS)
+NO_FULL = (f"the full MNIST/Fashion-MNIST train splits are not in {SHARED} "
+           "(nor $KMEANS_DASK_SHARED or $KMEANS_DASK_DATA)")
+# The fixtures that a ``t10k`` mark switches to the test splits.
+T10K_FIXTURES = ("shared_datasets", "fashion_rows", "fashion_float")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("t10k") is None:
+        return
+    names = [n for n in T10K_FIXTURES if n in metafunc.fixturenames]
+    if not names:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid} is marked t10k but uses none of "
+                                f"{', '.join(T10K_FIXTURES)}")
+    # Function scope: the full-set values of these session fixtures are not
+    # regrouped around the marked tests, and the stores built from the full
+    # sets (data_root) do not depend on them.
+    metafunc.parametrize(names, [("t10k",) * len(names)], ids=["t10k"], indirect=True,
+                         scope="function")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(items):
+    """A test that starts real ``dask scheduler``/``dask worker`` processes (through
+    ``dask_processes``) is ``cluster``, whether or not its module says so."""
+    for item in items:
+        if "dask_processes" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
-def shared_datasets() -> Path:
-    """The real MNIST and Fashion-MNIST IDX files (read-only)."""
-    if not (SHARED / "mnist").is_dir() or not (SHARED / "fashion-mnist").is_dir():
-        pytest.fail(f"the real data sets are expected in {SHARED} (set KMEANS_DASK_SHARED)")
-    return SHARED
+def full_datasets() -> Path:
+    """The full MNIST and Fashion-MNIST IDX files, every split (read-only); skips without them."""
+    if FULL is None:
+        if REQUIRE_FULL:
+            pytest.fail(f"{NO_FULL}, and KMEANS_DASK_REQUIRE_FULL_DATA is set")
+        pytest.skip(NO_FULL)
+    return FULL
+
+
+@pytest.fixture(scope="session")
+def test_sources(tmp_path_factory) -> Path:
+    """A directory with ``mnist/`` and ``fashion-mnist/`` holding only the real t10k files.
+
+    Copied from ``../shared/datasets`` when it holds them, else from the bundled
+    copies: the same bytes either way, and a test can never write into ../shared.
+    """
+    origin = _first_holding(["test"]) or datasets.BUNDLED_DIR
+    out = tmp_path_factory.mktemp("test-sources")
+    for name, spec in datasets.DATASETS.items():
+        (out / name).mkdir()
+        for f in spec.files["test"].values():
+            shutil.copyfile(origin / name / f.name, out / name / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_datasets(request) -> Path:
+    """The real IDX files a test reads: the full sets (see ``full_datasets``), or for a
+    ``t10k`` test the ``test_sources`` directory."""
+    if getattr(request, "param", None) == "t10k":
+        return request.getfixturevalue("test_sources")
+    return request.getfixturevalue("full_datasets")
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +121,11 @@ def _isolated_sources(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def data_root(shared_datasets, tmp_path_factory) -> Path:
-    """Both data sets, every split, ingested once per session (chunks of 10,000 rows)."""
+def data_root(full_datasets, tmp_path_factory) -> Path:
+    """Both full data sets, every split, ingested once per session (chunks of 10,000 rows)."""
     out = tmp_path_factory.mktemp("stores")
     for name in datasets.DATASETS:
-        sources = datasets.resolve(name, shared_datasets, download=False)
+        sources = datasets.resolve(name, full_datasets, download=False)
         store.ingest(name, out, sources)
     return out
 
@@ -66,19 +157,28 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-@pytest.fixture(scope="session")
-def fashion_rows(fashion_store):
-    """All 70,000 Fashion-MNIST images (train then test) as one uint8 Dask array."""
+def _fashion_images(request):
+    """Fashion-MNIST as one uint8 Dask array: all 70,000 images (train then test),
+    or for a ``t10k`` test the 10,000 test images (chunks of 1,500 rows)."""
     import dask.array as da
 
-    parts = [store.open_data(fashion_store, s).images for s in ("train", "test")]
-    return da.concatenate(parts)
+    if getattr(request, "param", None) == "t10k":
+        return store.open_data(request.getfixturevalue("fashion_test_small_chunks"), "test").images
+    fashion = request.getfixturevalue("fashion_store")
+    return da.concatenate([store.open_data(fashion, s).images for s in ("train", "test")])
 
 
 @pytest.fixture(scope="session")
-def fashion_float(fashion_rows):
-    """The same rows as float64 in [0, 1], in memory, for scikit-learn."""
-    return fashion_rows.compute() / 255.0
+def fashion_rows(request):
+    """All 70,000 Fashion-MNIST images (train then test) as one uint8 Dask array
+    (the 10,000 test images for a ``t10k`` test)."""
+    return _fashion_images(request)
+
+
+@pytest.fixture(scope="session")
+def fashion_float(request):
+    """The same rows as ``fashion_rows``, as float64 in [0, 1], in memory, for scikit-learn."""
+    return _fashion_images(request).compute() / 255.0
 
 
 class DaskProcesses:
@@ -170,10 +270,10 @@ def dask_processes(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def fashion_test_small_chunks(shared_datasets, tmp_path_factory) -> Path:
+def fashion_test_small_chunks(test_sources, tmp_path_factory) -> Path:
     """Fashion-MNIST's 10,000 test images in chunks of 1,500 rows (7 chunks)."""
     out = tmp_path_factory.mktemp("small-chunks")
-    sources = {"test": datasets.resolve_split("fashion-mnist", "test", shared_datasets,
+    sources = {"test": datasets.resolve_split("fashion-mnist", "test", test_sources,
                                               download=False)}
     return store.ingest("fashion-mnist", out, sources, chunk_rows=1500).path
 

@@ -66,6 +66,7 @@ def test_malformed_idx_is_refused_with_exact_message(data, kind, message):
     assert str(err.value) == message
 
 
+@pytest.mark.t10k
 def test_corrupt_gzip_names_the_file(tmp_path, shared_datasets):
     good = (shared_datasets / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
     bad = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -74,6 +75,7 @@ def test_corrupt_gzip_names_the_file(tmp_path, shared_datasets):
         datasets.decompress_idx(bad, "labels")
 
 
+@pytest.mark.t10k
 def test_truncated_gzip_names_the_file(tmp_path, shared_datasets):
     good = (shared_datasets / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
     bad = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -82,6 +84,7 @@ def test_truncated_gzip_names_the_file(tmp_path, shared_datasets):
         datasets.decompress_idx(bad, "labels")
 
 
+@pytest.mark.t10k
 def test_checksum_mismatch_names_the_file(tmp_path, shared_datasets):
     spec = datasets.get_spec("mnist")
     f = spec.files["test"]["labels"]
@@ -97,6 +100,7 @@ def test_checksum_mismatch_names_the_file(tmp_path, shared_datasets):
     )
 
 
+@pytest.mark.t10k
 def test_uncompressed_idx_is_accepted(tmp_path, shared_datasets):
     f = datasets.get_spec("mnist").files["test"]["labels"]
     raw = tmp_path / f.name[:-3]
@@ -128,6 +132,7 @@ def test_bundled_test_split_when_nothing_else(monkeypatch, tmp_path):
     assert found["test"].origin == "bundled"
 
 
+@pytest.mark.t10k
 def test_debian_location_before_bundled(monkeypatch, tmp_path, shared_datasets):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     debian.mkdir()
@@ -148,6 +153,7 @@ def test_cached_files_are_a_source(tmp_path, shared_datasets):
     assert found.origin == "cache"
 
 
+@pytest.mark.t10k
 def test_half_a_split_is_an_error(tmp_path, shared_datasets):
     d = tmp_path / "mnist"
     d.mkdir()

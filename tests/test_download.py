@@ -47,6 +47,7 @@ def server(mirror_root):
     httpd.server_close()
 
 
+@pytest.mark.t10k
 def test_good_mirror(server, tmp_path):
     dest = tmp_path / "cache"
     f = TEST_FILES["images"]
@@ -56,6 +57,7 @@ def test_good_mirror(server, tmp_path):
     assert leftovers(dest) == [f.name]
 
 
+@pytest.mark.t10k
 @pytest.mark.parametrize("mirror", ["corrupt", "truncated"])
 def test_bad_file_is_refused_and_not_cached(server, tmp_path, mirror):
     dest = tmp_path / "cache"
@@ -68,6 +70,7 @@ def test_bad_file_is_refused_and_not_cached(server, tmp_path, mirror):
     assert leftovers(dest) == []
 
 
+@pytest.mark.t10k
 def test_404_then_good_mirror(server, tmp_path):
     dest = tmp_path / "cache"
     f = TEST_FILES["labels"]
@@ -77,6 +80,7 @@ def test_404_then_good_mirror(server, tmp_path):
     assert leftovers(dest) == [f.name]
 
 
+@pytest.mark.t10k
 def test_all_mirrors_failing_lists_each(server, tmp_path):
     f = TEST_FILES["labels"]
     with pytest.raises(SourceError) as err:
@@ -92,6 +96,7 @@ def test_plain_http_to_other_hosts_is_refused(tmp_path):
                                mirrors=["http://example.invalid/mnist/"], progress=False)
 
 
+@pytest.mark.t10k
 def test_resolve_downloads_into_the_cache_then_reuses_it(server, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "BUNDLED_DIR", tmp_path / "no-bundle")
     cache = tmp_path / "cache"

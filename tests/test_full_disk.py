@@ -51,6 +51,7 @@ def _disk_error(stderr):
     assert "No space left on device" in last or "File too large" in last, last
 
 
+@pytest.mark.t10k
 def test_ingest_onto_a_full_disk(small_disk, shared_datasets):
     mount, limit = small_disk
     out = mount / "data"

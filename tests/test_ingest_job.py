@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from kmeans_dask import datasets, store
 
@@ -36,6 +37,7 @@ def test_ingest_job_on_a_local_cluster(tmp_path, shared_datasets):
     assert again.returncode == 0 and "already up to date" in again.stdout
 
 
+@pytest.mark.t10k
 def test_ingest_job_bad_file_exits_non_zero_and_leaves_nothing(tmp_path, shared_datasets):
     src = tmp_path / "src" / "fashion-mnist"
     src.mkdir(parents=True)

@@ -67,6 +67,7 @@ def _bounded_alongside_full_passes(X, k, seed, iterations=10):
     return state, got
 
 
+@pytest.mark.t10k
 def test_group_by_group_ranking_is_used_and_equals_a_full_pass(fashion_rows, calls):
     X = fashion_rows[:5000].compute()
     state, got = _bounded_alongside_full_passes(X, 64, seed=1)
@@ -123,6 +124,7 @@ def test_tiled_ranking_stays_within_the_rule_bound(dtype, k):
     assert np.abs(want - exact).max() <= near.err
 
 
+@pytest.mark.t10k
 def test_tiled_ranking_is_used_for_few_centres_and_equals_a_full_pass(fashion_rows, calls):
     _bounded_alongside_full_passes(fashion_rows[:5000].compute(), 10, seed=2)
     assert calls["rank_rows"] >= 1

@@ -187,6 +187,7 @@ def test_near_ties_are_settled_by_exact_distances_whatever_the_block(rng):
     np.testing.assert_array_equal(got[0], got[2])
 
 
+@pytest.mark.t10k
 def test_labels_are_exact_nearest_on_real_images(fashion_rows):
     X = fashion_rows[:3000].compute()
     centers = X[::300][:10] / 255.0 + 0.001
@@ -237,6 +238,7 @@ def test_bounded_pass_on_float_and_weighted_rows(rng, dtype, weighted):
         centers = lloyd_step(got, centers)
 
 
+@pytest.mark.t10k
 def test_a_fresh_state_gives_the_same_answer_as_a_kept_one(fashion_rows):
     X = fashion_rows[:4000].compute()
     scale = 1 / 255

@@ -31,6 +31,7 @@ def test_two_blobs_are_recovered(init, algorithm):
     assert km.labels_.chunks == ((30,) * 6 + (20,),)
 
 
+@pytest.mark.t10k
 def test_same_init_agrees_with_scikit_learn_on_fashion_mnist(fashion_rows, fashion_float):
     rng = np.random.default_rng(1)
     init = fashion_float[rng.choice(len(fashion_float), 10, replace=False)]

@@ -9,6 +9,7 @@ from conftest import lloyd_step
 from kmeans_dask import _kernels, _resident
 
 
+@pytest.mark.t10k
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_actor_passes_equal_the_plain_kernel_in_any_number_of_threads(fashion_rows, monkeypatch,
                                                                       threads):

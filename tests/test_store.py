@@ -46,6 +46,7 @@ def _one_split_source(tmp_path, shared_datasets, name="mnist", split="test"):
     return src
 
 
+@pytest.mark.t10k
 def test_rerun_is_a_no_op_and_overwrite_replaces(tmp_path, shared_datasets):
     src = _one_split_source(tmp_path, shared_datasets)
     sources = {"test": datasets.resolve_split("mnist", "test", src, download=False)}
@@ -105,6 +106,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.t10k
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_fails_and_leaves_nothing(tmp_path, shared_datasets, case):
     mutate, exc_type, message = BAD_INPUTS[case]
