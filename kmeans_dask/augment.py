@@ -417,10 +417,13 @@ def prepare(data, out, rows: int, *, seed: int = 0, chunk_rows: int | None = Non
         "method_version": METHOD_VERSION,
     }
     final = store.absolute(out)
-    up_to_date = False
-    if not overwrite and existing_record(final) == record:
-        up_to_date = True
-    else:
+    have = None if overwrite else existing_record(final)
+    up_to_date = have == record
+    if have is not None and not up_to_date:
+        differ = sorted(k for k in set(have) | set(record) if have.get(k) != record.get(k))
+        raise StoreError(f"{final} already exists and holds another augmentation ({', '.join(differ)} "
+                         f"differ); pass --overwrite to replace it")
+    if not up_to_date:
         store.check_output(final, store.DATA_FORMAT, overwrite=overwrite, inputs=[source])
     return Plan(source=source, out=final, dataset=train.store_attrs["dataset"], rows=int(rows),
                 n0=n0, test_rows=None if test is None else int(test.images.shape[0]), seed=seed,

@@ -194,37 +194,44 @@ def blobs(X: np.ndarray, truth: np.ndarray, init: np.ndarray, labels: np.ndarray
 
 def deformation_grid(originals: np.ndarray, deformed: np.ndarray, path, titles=None,
                      title: str = "") -> Path:
-    """One row per original image: the original, then its deformations.
+    """One row per original image: the original, a gap, then its deformations.
 
-    ``originals`` is (n, 784) and ``deformed`` (n, m, 784); the PNG is
-    ``(m + 1) * 60 + 20`` by ``n * 60 + 40`` pixels (plus 30 for a title).
-    ``titles`` (one per row) are written left of the originals.
+    ``originals`` is (n, 784) and ``deformed`` (n, m, 784), uint8 grey levels
+    (0-255); ``titles`` (one per row) are written left of the originals.
+    The PNG is about ``(m + 1.25) * 60`` by ``n * 60 + 30`` pixels, plus 60
+    for row titles on the left and 30 for a title on top.
     """
     originals = np.asarray(originals)
     deformed = np.asarray(deformed)
     n, m = deformed.shape[:2]
     if len(originals) != n:
         raise ValueError(f"{len(originals)} originals but {n} rows of deformations")
+    cell = 0.6
     head, left = 0.3 + (0.3 if title else 0.0), (0.6 if titles is not None else 0.05)
-    fig = Figure(figsize=((m + 1) * 0.6 + left, n * 0.6 + head))
-    width, height = fig.get_size_inches()
-    grid = fig.add_gridspec(n, m + 2, left=left / width, right=1 - 0.02 / width,
-                            bottom=0.02 / height, top=1 - head / height, wspace=0.05,
+    width, height = (m + 1.25) * cell + left + 0.05, n * cell + head + 0.05
+    fig = Figure(figsize=(width, height))
+    grid = fig.add_gridspec(n, m + 2, left=left / width, right=1 - 0.05 / width,
+                            bottom=0.05 / height, top=1 - head / height, wspace=0.05,
                             hspace=0.05, width_ratios=[1] + [0.25] + [1] * m)
+    top = []
     for i in range(n):
         cells = [(0, originals[i])] + [(j + 2, deformed[i, j]) for j in range(m)]
         for col, image in cells:
             ax = fig.add_subplot(grid[i, col])
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.imshow(image.reshape(IMAGE_SHAPE), cmap="gray_r", vmin=0, vmax=255,
+            ax.imshow(np.asarray(image).reshape(IMAGE_SHAPE), cmap="gray_r", vmin=0, vmax=255,
                       interpolation="nearest")
-            if i == 0:
-                ax.set_title("original" if col == 0 else "", fontsize=7)
             if col == 0 and titles is not None:
                 ax.set_ylabel(str(titles[i]), fontsize=7, rotation=0, ha="right", va="center")
-    fig.text((left + 0.6 * 2.25 + (m * 0.6) / 2) / width, 1 - (head - 0.12) / height,
-             "deformations", ha="center", va="top", fontsize=7)
+            if i == 0:
+                top.append(ax)
+    y = 1 - (head - 0.04) / height
+    first, last = top[0].get_position(), top[-1].get_position()
+    fig.text((first.x0 + first.x1) / 2, y, "original", ha="center", va="bottom", fontsize=7)
+    if m:
+        x = (top[1].get_position().x0 + last.x1) / 2
+        fig.text(x, y, "deformations", ha="center", va="bottom", fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9, y=1 - 0.05 / height, va="top")
+        fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
     return _save(fig, path)
