@@ -40,9 +40,11 @@ def main(argv=None) -> int:
     from kmeans_dask import store
 
     # Every check before any cluster work.
-    result = store.read_result(args.result)
+    result, fit_data, _ = workflows.open_evaluation_input(
+        args.result, args.split, args.data, allow_other_data=args.allow_other_data)
     store.check_output(workflows.evaluation_dir(result.path, args.split, args.out),
-                       store.EVALUATION_FORMAT, overwrite=args.overwrite, inputs=[result.path])
+                       store.EVALUATION_FORMAT, overwrite=args.overwrite,
+                       inputs=[result.path, fit_data.path])
     with _cli.open_client(args):
         report = workflows.evaluate_result(args.result, args.split, data_path=args.data,
                                            out_dir=args.out, overwrite=args.overwrite,

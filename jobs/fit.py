@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.quiet)
+    data = workflows.open_fit_input(args.data, args.split, args.k)
     params = _cli.model_params(args)
     _cli.check_model_params(params)
-    data = workflows.open_fit_input(args.data, args.split, args.k)
     out = workflows.check_fit_outputs(data, args.out, overwrite=args.overwrite,
                                       resume=args.resume, with_report=not args.no_report)
     with _cli.open_client(args):

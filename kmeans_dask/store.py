@@ -71,6 +71,7 @@ SCHEMA_VERSION = 2
 N_FEATURES = datasets.IMAGE_SHAPE[0] * datasets.IMAGE_SHAPE[1]
 DEFAULT_CHUNK_ROWS = 10_000
 MANIFEST = "kmeans-dask.json"
+EMPTY_DIR = "an empty directory"
 
 
 def absolute(path) -> Path:
@@ -89,9 +90,9 @@ def crc32c(block: np.ndarray) -> int:
 def output_kind(path) -> str | None:
     """What ``path`` holds, as far as overwriting it is concerned.
 
-    ``None`` when it does not exist (or is an empty directory); a format
-    string such as ``"kmeans-dask/result"`` for a kmeans-dask output; a
-    description such as ``"a file"`` for anything else.
+    ``None`` when it does not exist; a format string such as
+    ``"kmeans-dask/result"`` for a kmeans-dask output; a description such as
+    ``"a file"`` or ``"an empty directory"`` for anything else.
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -112,7 +113,7 @@ def output_kind(path) -> str | None:
                     return fmt
                 return "a directory that is not a kmeans-dask output"
         if not any(path.iterdir()):
-            return None
+            return EMPTY_DIR
         return "a directory that is not a kmeans-dask output"
     if path.suffix == ".json":
         try:
@@ -164,7 +165,7 @@ def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path
         return final
     if not overwrite:
         raise StoreError(f"{final} already exists ({_describe(have)}); pass --overwrite to replace it")
-    if have != kind:
+    if have != kind and have != EMPTY_DIR:  # replacing an empty directory loses nothing
         raise StoreError(f"refusing to overwrite {final}: it is {_describe(have)}, not "
                          f"{_describe(kind)}; remove it yourself or choose another path")
     return final

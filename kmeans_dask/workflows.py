@@ -150,7 +150,7 @@ def check_fit_outputs(data: store.DataSplit, out, *, overwrite=False, resume=Fal
     out = store.absolute(out)
     if resume:
         if store.output_kind(out) is not None:
-            raise StoreError(f"{out} already exists; there is nothing to resume")
+            raise StoreError(f"{out} is already complete; there is nothing to resume")
     else:
         store.check_output(out, store.RESULT_FORMAT, overwrite=overwrite, inputs=[data.path])
     if with_report:
@@ -311,6 +311,29 @@ def evaluation_dir(result_path, split: str, out_dir=None) -> Path:
     return result_path.with_name(result_path.name.removesuffix(".zarr") + f"-eval-{split}")
 
 
+def open_evaluation_input(result_path, split: str, data_path=None, *,
+                          allow_other_data: bool = False):
+    """The result, its fitted split and the split to score, every check done (no cluster
+    work): returns ``(result, fit_data, target)``."""
+    result = store.read_result(result_path)
+    fitted = result.attrs["data"]
+    data_path = data_path or fitted.get("store")
+    if not data_path:
+        raise StoreError(f"{result.path}: the result does not record its data store; pass --data")
+    fit_split = fitted.get("split")
+    if not fit_split:
+        raise StoreError(f"{result.path}: the result does not record which split it was fitted on")
+    fit_data = store.open_data(data_path, fit_split)
+    check_same_data(result.attrs, fit_data, result.path, allow_other_data=allow_other_data)
+    if fitted.get("fingerprint") != fit_data.fingerprint and not allow_other_data:
+        raise StoreError(
+            f"{fit_data.path}/{fit_split} is not the split {result.path} was fitted on (its "
+            f"contents differ: fingerprint {fit_data.fingerprint}, recorded "
+            f"{fitted.get('fingerprint')}); pass --allow-other-data to map clusters on it anyway")
+    target = fit_data if split == fit_split else store.open_data(data_path, split)
+    return result, fit_data, target
+
+
 def evaluate_result(result_path, split: str = "test", *, data_path=None, out_dir=None,
                     per_cluster: int = 10, overwrite: bool = False,
                     allow_other_data: bool = False) -> dict:
@@ -327,25 +350,11 @@ def evaluate_result(result_path, split: str = "test", *, data_path=None, out_dir
     ``allow_other_data`` lifts both checks (the mapping is then learned from
     the model's predictions on that split).
     """
-    result = store.read_result(result_path)
+    result, fit_data, target = open_evaluation_input(
+        result_path, split, data_path, allow_other_data=allow_other_data)
     model = from_result(result)
-    attrs = result.attrs
-    fitted = attrs["data"]
-    data_path = data_path or fitted.get("store")
-    if not data_path:
-        raise StoreError(f"{result.path}: the result does not record its data store; pass --data")
-    fit_split = fitted.get("split")
-    if not fit_split:
-        raise StoreError(f"{result.path}: the result does not record which split it was fitted on")
-    fit_data = store.open_data(data_path, fit_split)
-    check_same_data(attrs, fit_data, result.path, allow_other_data=allow_other_data)
-    same_rows = fitted.get("fingerprint") == fit_data.fingerprint
-    if not same_rows and not allow_other_data:
-        raise StoreError(
-            f"{fit_data.path}/{fit_split} is not the split {result.path} was fitted on (its "
-            f"contents differ: fingerprint {fit_data.fingerprint}, recorded "
-            f"{fitted.get('fingerprint')}); pass --allow-other-data to map clusters on it anyway")
-    target = fit_data if split == fit_split else store.open_data(data_path, split)
+    fit_split = fit_data.split
+    same_rows = result.attrs["data"].get("fingerprint") == fit_data.fingerprint
     out_dir = evaluation_dir(result.path, split, out_dir)
     inputs = [result.path, fit_data.path]
     store.check_output(out_dir, store.EVALUATION_FORMAT, overwrite=overwrite, inputs=inputs)

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-import zarr
 from distributed import Client
 
 from kmeans_dask import KMeans, store
@@ -162,20 +161,14 @@ def test_scheduler_lost_exits_with_the_checkpoint_location(dask_processes, fashi
 
 def _big_store(fashion_store, path, repeats: int) -> int:
     """A data store of Fashion-MNIST's train images repeated ``repeats`` times."""
+    import dask.array as da
+
     src = store.open_data(fashion_store, "train")
-    images = src.images.compute()
-    labels = src.labels.compute()
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs.update(zarr.open_group(str(fashion_store), mode="r").attrs.asdict())
-    group = root.create_group("train")
-    group.attrs.update(src.attrs)
-    n = len(images) * repeats
-    img = group.create_array("images", shape=(n, 784), chunks=(10_000, 784), dtype="uint8")
-    lab = group.create_array("labels", shape=(n,), chunks=(10_000,), dtype="uint8")
-    for r in range(repeats):
-        img[r * len(images):(r + 1) * len(images)] = images
-        lab[r * len(images):(r + 1) * len(images)] = labels
-    return n * 784
+    split = store.SplitData(images=da.concatenate([src.images] * repeats),
+                            labels=da.concatenate([src.labels] * repeats),
+                            attrs={"source": f"{fashion_store} x {repeats}"})
+    store.write_data(path, dataset="fashion-mnist", splits={"train": split})
+    return split.images.shape[0] * 784
 
 
 def _peak_rss(pid: int) -> int:

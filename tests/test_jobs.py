@@ -163,7 +163,7 @@ def test_bad_job_input(case, fashion_test_small_chunks, tmp_path):
         expect = "error: --k must be a positive integer, got 0"
     elif case == "existing output":
         out.mkdir()
-        expect = f"error: {out} already exists; pass --overwrite to replace it"
+        expect = f"error: {out} already exists (an empty directory); pass --overwrite to replace it"
     elif case == "malformed cluster.yaml":
         cfg = tmp_path / "cluster.yaml"
         cfg.write_text("local:\n  n_workers: lots\n")
