@@ -969,9 +969,25 @@ def read_checkpoint(path) -> dict:
     for key in ("iteration", "shape", "centers", "init", "history", "params", "data"):
         if key not in doc:
             raise StoreError(f"{path}: checkpoint lacks {key!r}")
+    check_attrs(doc, CHECKPOINT_SCHEMA, str(path))
     shape = tuple(doc["shape"])
     doc["centers"] = _unb64(doc["centers"], shape, f"{path}: centers")
     doc["init"] = _unb64(doc["init"], shape, f"{path}: init")
     if len(doc["history"]) != doc["iteration"]:
         raise StoreError(f"{path}: {len(doc['history'])} history entries for iteration {doc['iteration']}")
+    if not (np.isfinite(doc["centers"]).all() and np.isfinite(doc["init"]).all()):
+        raise StoreError(f"{path}: the centres hold NaN or infinite values")
     return doc
+
+
+CHECKPOINT_SCHEMA = {
+    "iteration": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "shape": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1
+                                                                    for x in v),
+              "[n_clusters, n_features]"),
+    "centers": (lambda v: isinstance(v, str), "base64 text"),
+    "init": (lambda v: isinstance(v, str), "base64 text"),
+    "history": (_history_ok, "a list of per-iteration records (iteration, inertia, center_shift)"),
+    "params": (lambda v: isinstance(v, dict), "a mapping"),
+    "data": (lambda v: isinstance(v, dict), "a mapping"),
+}

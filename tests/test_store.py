@@ -233,7 +233,8 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     path = tmp_path / "r.zarr.checkpoint.json"
     centers = np.random.default_rng(0).random((3, 5))
     state = {"iteration": 2, "centers": centers, "init": centers * 2,
-             "history": [{"iteration": 1}, {"iteration": 2}]}
+             "history": [{"iteration": i, "inertia": 9.0 - i, "center_shift": 0.5 / i}
+                         for i in (1, 2)]}
     store.write_checkpoint(path, state, {"params": {"k": 3}, "data": {"split": "train"}})
     doc = store.read_checkpoint(path)
     assert np.array_equal(doc["centers"], centers) and np.array_equal(doc["init"], centers * 2)

@@ -247,3 +247,23 @@ def test_labels_are_checked_where_read(result_store):
     result = store.read_result(result_store)
     with pytest.raises(StoreError, match=r"labels chunk 1 \(rows 30\u201359\): chunk missing"):
         result.labels.compute()
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("history", 5, "attribute 'history' is 5; expected a list of per-iteration records "
+                    "(iteration, inertia, center_shift)"),
+    ("iteration", "2", "attribute 'iteration' is '2'; expected an integer >= 1"),
+    ("shape", [3], "attribute 'shape' is [3]; expected [n_clusters, n_features]"),
+])
+def test_checkpoints_are_schema_checked(tmp_path, key, value, expect):
+    path = tmp_path / "r.zarr.checkpoint.json"
+    centers = np.zeros((3, 5))
+    history = [{"iteration": i, "inertia": 1.0, "center_shift": 0.1} for i in (1, 2)]
+    store.write_checkpoint(path, {"iteration": 2, "centers": centers, "init": centers,
+                                  "history": history}, {"params": {}, "data": {}})
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError) as err:
+        store.read_checkpoint(path)
+    assert str(err.value) == f"{path}: {expect}"
