@@ -300,21 +300,31 @@ def _read(source: str, name: str, index: np.ndarray, n0: int) -> np.ndarray:
                            for r in runs])
 
 
-def make_chunk(source: str, n0: int, start: int, stop: int, seed: int,
-               deformation: Deformation) -> tuple[np.ndarray, np.ndarray]:
-    """Task body: rows ``start``..``stop`` of the augmented train split, as
-    ``(images (n, 784) uint8, labels (n,) uint8)``.
+def make_images(source: str, n0: int, start: int, stop: int, seed: int,
+                deformation: Deformation) -> np.ndarray:
+    """Task body: rows ``start``..``stop`` of the augmented train images, (n, 784) uint8.
 
     Reads only the source rows the chunk needs (:func:`kmeans_dask.store.read_rows`,
     each chunk checked against its CRC-32C), so memory is bounded by the chunk.
     """
-    index = source_rows(range(start, stop), n0)
-    images = _read(source, "images", index, n0)
-    labels = _read(source, "labels", index, n0)
+    images = _read(source, "images", source_rows(range(start, stop), n0), n0)
     first = min(max(start, n0), stop)  # the first deformed row
     if first < stop:
         images[first - start:] = deform(images[first - start:], first, seed, deformation)
-    return images, labels
+    return images
+
+
+def make_labels(source: str, n0: int, start: int, stop: int) -> np.ndarray:
+    """Task body: rows ``start``..``stop`` of the augmented train labels: their sources'."""
+    return _read(source, "labels", source_rows(range(start, stop), n0), n0)
+
+
+def make_chunk(source: str, n0: int, start: int, stop: int, seed: int,
+               deformation: Deformation) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``start``..``stop`` of the augmented train split, ``(images, labels)``,
+    computed alone (what the tasks of :func:`train_arrays` compute)."""
+    return (make_images(source, n0, start, stop, seed, deformation),
+            make_labels(source, n0, start, stop))
 
 
 # --------------------------------------------------------------------------- the store
@@ -432,25 +442,29 @@ def prepare(data, out, rows: int, *, seed: int = 0, chunk_rows: int | None = Non
 
 
 def train_arrays(plan: Plan):
-    """The augmented train split as lazy ``(images, labels)`` Dask arrays: one task per
-    chunk of ``plan.chunk_rows`` rows computes both (:func:`make_chunk`)."""
-    import operator
+    """The augmented train split as lazy ``(images, labels)`` Dask arrays, chunked by
+    ``plan.chunk_rows``: per chunk one task deforms the images (:func:`make_images`)
+    and one small task reads the labels (:func:`make_labels`).
 
+    The two are separate tasks, not one task returning both: Dask optimises each
+    array's graph on its own when the chunks are handed over (``to_delayed``), and a
+    shared task would be fused into both and run twice.
+    """
     import dask.array as da
     from dask.base import tokenize
 
     bounds = [(a, min(a + plan.chunk_rows, plan.rows)) for a in range(0, plan.rows, plan.chunk_rows)]
     token = tokenize(plan.record)
-    gen, img, lab = (f"augment-{what}-{token}" for what in ("chunk", "images", "labels"))
-    dsk = {}
-    for i, (a, b) in enumerate(bounds):
-        dsk[(gen, i)] = (make_chunk, str(plan.source), plan.n0, a, b, plan.seed, plan.deformation)
-        dsk[(img, i, 0)] = (operator.getitem, (gen, i), 0)
-        dsk[(lab, i)] = (operator.getitem, (gen, i), 1)
-    rows = tuple(b - a for a, b in bounds)
-    images = da.Array(dsk, img, (rows, (N_PIXELS,)), dtype=np.uint8,
+    img, lab = f"augment-images-{token}", f"augment-labels-{token}"
+    source = str(plan.source)
+    images = da.Array({(img, i, 0): (make_images, source, plan.n0, a, b, plan.seed, plan.deformation)
+                       for i, (a, b) in enumerate(bounds)},
+                      img, (tuple(b - a for a, b in bounds), (N_PIXELS,)), dtype=np.uint8,
                       meta=np.empty((0, 0), np.uint8))
-    labels = da.Array(dsk, lab, (rows,), dtype=np.uint8, meta=np.empty((0,), np.uint8))
+    labels = da.Array({(lab, i): (make_labels, source, plan.n0, a, b)
+                       for i, (a, b) in enumerate(bounds)},
+                      lab, (tuple(b - a for a, b in bounds),), dtype=np.uint8,
+                      meta=np.empty((0,), np.uint8))
     return images, labels
 
 

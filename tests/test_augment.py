@@ -174,6 +174,19 @@ def test_a_chunk_regenerated_alone_equals_the_full_run(small_source, full_run):
         assert np.array_equal(got_images, images[a:b]) and np.array_equal(got_labels, labels[a:b])
 
 
+def test_one_deforming_task_per_chunk(small_source, tmp_path, monkeypatch):
+    """Each chunk's images are computed once, though write_data hands images and labels
+    over separately (a task shared by both would be fused into each and run twice)."""
+    import dask
+
+    calls = []
+    real = augment.make_images
+    monkeypatch.setattr(augment, "make_images", lambda *a: calls.append(a[2:4]) or real(*a))
+    with dask.config.set(scheduler="synchronous"):
+        augment.augment(small_source, tmp_path / "o.zarr", 2500, chunk_rows=1000)
+    assert sorted(calls) == [(0, 1000), (1000, 2000), (2000, 2500)]
+
+
 def test_rows_past_the_originals_are_new_images_with_their_sources_labels(small_source, full_run):
     images, labels, data = read_split(full_run)
     src_images, src_labels, _ = read_split(small_source)
