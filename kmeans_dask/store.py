@@ -160,6 +160,11 @@ def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path
             what = ("is" if final.resolve() == inp.resolve() else
                     "contains" if inp.resolve().is_relative_to(final.resolve()) else "lies inside")
             raise StoreError(f"refusing to write {final}: it {what} the input {inp} of this job")
+    for parent in final.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"cannot write {final}: {parent} is a file, not a directory")
+            break
     have = output_kind(final)
     if have is None:
         return final

@@ -267,3 +267,12 @@ def test_checkpoints_are_schema_checked(tmp_path, key, value, expect):
     with pytest.raises(StoreError) as err:
         store.read_checkpoint(path)
     assert str(err.value) == f"{path}: {expect}"
+
+
+def test_an_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError) as err:
+        store.check_output(tmp_path / "notes.txt" / "r.zarr", store.RESULT_FORMAT)
+    assert str(err.value) == (f"cannot write {tmp_path}/notes.txt/r.zarr: {tmp_path}/notes.txt "
+                              f"is a file, not a directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
