@@ -21,8 +21,10 @@ from kmeans_dask import _cli, augment, plots, store
 
 def build_parser() -> argparse.ArgumentParser:
     d = augment.Deformation()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, metavar="STORE.zarr", help="a data store (ingest.py, or augment.py)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, metavar="STORE.zarr",
+                   help="a data store (from ingest.py, or augment.py)")
     p.add_argument("--rows", required=True, type=int, metavar="N",
                    help="train rows of the output, at least the source's train rows")
     p.add_argument("--out", required=True, metavar="OUT.zarr")

@@ -22,10 +22,11 @@ seed only.  Its random numbers are the 393 64-bit draws at position
 reached with ``advance``), so any chunk can be computed alone, on any worker,
 and the bytes do not depend on the chunking or on the number of workers.
 The smoothing is done with integer-valued float64 products (16-bit noise,
-the Gaussian kernel in 16-bit fixed point) whose sums stay below 2**53, so
+the Gaussian kernel in 16-bit fixed point) whose sums stay below 2**49, so
 they are exact whatever order BLAS adds them in; everything after it is
-elementwise IEEE arithmetic.  A row is therefore bit-for-bit the same on any
-machine with the same NumPy bit generator.
+elementwise IEEE arithmetic.  So a row should be bit-for-bit the same on any
+machine with the same NumPy bit generator, not only on every worker of one
+machine (only the latter is tested).
 
 Nothing here knows the store layout: :mod:`kmeans_dask.store` reads the
 source rows and writes the output.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -84,8 +86,8 @@ class Deformation:
         limits = {"alpha": (0.0, 100.0), "sigma": (0.5, 28.0), "max_shift": (0.0, 4.0)}
         for name, (lo, hi) in limits.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not lo <= value <= hi:  # also refuses NaN
+            number = isinstance(value, (int, float, np.integer, np.floating))
+            if isinstance(value, bool) or not number or not lo <= value <= hi:  # NaN too
                 raise ConfigError(f"{name} must be a number from {lo:g} to {hi:g} pixels, "
                                   f"got {value!r}")
             object.__setattr__(self, name, float(value))
@@ -147,7 +149,9 @@ class _Buffers:
         self.padded = np.zeros((rows, _PAD, _PAD), np.float32)
         self.work = np.empty((6, rows, SIDE, SIDE), np.float32)
         self.index = np.empty((rows, SIDE, SIDE), np.intp)
-        self.offset = (np.arange(rows, dtype=np.float32) * (_PAD * _PAD) + (_PAD + 1))[:, None, None]
+        # Flat index of each row's first image pixel in the padded buffer.
+        first = np.arange(rows, dtype=np.float32) * (_PAD * _PAD) + (_PAD + 1)
+        self.offset = first[:, None, None]
 
     def view(self, n: int) -> dict:
         return {"noise": self.noise[:n], "along": self.along[:n], "smooth": self.smooth[:n],
@@ -263,10 +267,37 @@ def deform(images: np.ndarray, first_row: int, seed: int, deformation: Deformati
 
     Computed ``block_rows`` rows at a time in reused buffers; the result does
     not depend on ``block_rows``.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n, 784), uint8
+    first_row : int
+        The row index of ``images[0]`` in the augmented split.
+    seed : int
+    deformation : Deformation
+    block_rows : int, default=512
+
+    Returns
+    -------
+    ndarray of shape (n, 784), uint8
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> images = np.zeros((3, 784), np.uint8)
+    >>> images[:, 28 * 10:28 * 18] = 200                  # a bar across rows 10-17
+    >>> out = deform(images, 60_000, 0, Deformation())
+    >>> out.shape, out.dtype
+    ((3, 784), dtype('uint8'))
+    >>> bool((out != images).any())                      # moved
+    True
+    >>> bool((deform(images[1:], 60_001, 0, Deformation()) == out[1:]).all())  # row by row
+    True
     """
     images = np.asarray(images)
     if images.ndim != 2 or images.shape[1] != N_PIXELS or images.dtype != np.uint8:
-        raise ValueError(f"expected (n, {N_PIXELS}) uint8 images, got {images.shape} {images.dtype}")
+        raise ValueError(f"expected (n, {N_PIXELS}) uint8 images, got {images.shape} "
+                         f"{images.dtype}")
     out = np.empty_like(images)
     buffers = _Buffers(max(1, min(block_rows, len(images))))
     bits = np.random.PCG64(np.random.SeedSequence(seed))
@@ -339,8 +370,8 @@ GENERATOR = (f"numpy PCG64(SeedSequence(seed)); row i uses the {DRAWS_PER_ROW} 6
 class Plan:
     """An augmentation, checked and ready to run (see :func:`prepare`)."""
 
-    source: object  # pathlib.Path, absolute
-    out: object  # pathlib.Path, absolute
+    source: Path  # absolute
+    out: Path  # absolute
     dataset: str
     rows: int
     n0: int  # the source's train rows
@@ -355,7 +386,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Report:
-    path: object  # pathlib.Path
+    path: Path
     splits: dict  # split -> rows
     deformed: int  # rows that are deformations
     skipped: bool  # already up to date
@@ -431,8 +462,8 @@ def prepare(data, out, rows: int, *, seed: int = 0, chunk_rows: int | None = Non
     up_to_date = have == record
     if have is not None and not up_to_date:
         differ = sorted(k for k in set(have) | set(record) if have.get(k) != record.get(k))
-        raise StoreError(f"{final} already exists and holds another augmentation ({', '.join(differ)} "
-                         f"differ); pass --overwrite to replace it")
+        raise StoreError(f"{final} already exists and holds another augmentation "
+                         f"({', '.join(differ)} differ); pass --overwrite to replace it")
     if not up_to_date:
         store.check_output(final, store.DATA_FORMAT, overwrite=overwrite, inputs=[source])
     return Plan(source=source, out=final, dataset=train.store_attrs["dataset"], rows=int(rows),
@@ -453,15 +484,17 @@ def train_arrays(plan: Plan):
     import dask.array as da
     from dask.base import tokenize
 
-    bounds = [(a, min(a + plan.chunk_rows, plan.rows)) for a in range(0, plan.rows, plan.chunk_rows)]
+    step = plan.chunk_rows
+    bounds = [(a, min(a + step, plan.rows)) for a in range(0, plan.rows, step)]
     token = tokenize(plan.record)
     img, lab = f"augment-images-{token}", f"augment-labels-{token}"
     source = str(plan.source)
-    images = da.Array({(img, i, 0): (make_images, source, plan.n0, a, b, plan.seed, plan.deformation)
+    deformation, seed, n0 = plan.deformation, plan.seed, plan.n0
+    images = da.Array({(img, i, 0): (make_images, source, n0, a, b, seed, deformation)
                        for i, (a, b) in enumerate(bounds)},
                       img, (tuple(b - a for a, b in bounds), (N_PIXELS,)), dtype=np.uint8,
                       meta=np.empty((0, 0), np.uint8))
-    labels = da.Array({(lab, i): (make_labels, source, plan.n0, a, b)
+    labels = da.Array({(lab, i): (make_labels, source, n0, a, b)
                        for i, (a, b) in enumerate(bounds)},
                       lab, (tuple(b - a for a, b in bounds),), dtype=np.uint8,
                       meta=np.empty((0,), np.uint8))

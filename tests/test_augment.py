@@ -87,7 +87,8 @@ def test_resampling_is_bilinear_map_coordinates(bundled):
     out = augment.deform(images, 5000, 3, deformation)
     rr, cc = np.mgrid[0:28, 0:28]
     for k in range(20):
-        coords = [rr + d[k, 0].astype(np.float64) + t[k, 0], cc + d[k, 1].astype(np.float64) + t[k, 1]]
+        coords = [grid + d[k, axis].astype(np.float64) + t[k, axis]
+                  for axis, grid in enumerate((rr, cc))]
         want = map_coordinates(images[k].reshape(28, 28).astype(np.float64), coords, order=1,
                                mode="constant", cval=0.0)
         diff = np.abs(np.clip(np.rint(want), 0, 255) - out[k].reshape(28, 28))
@@ -163,6 +164,21 @@ def test_same_bytes_on_one_worker_and_other_chunkings(small_source, full_run, tm
             images, labels, data = read_split(out)
             assert data.images.chunks[0][0] == rows
             assert np.array_equal(images, want[0]) and np.array_equal(labels, want[1])
+
+
+def test_graph_is_one_task_per_chunk(small_source, tmp_path):
+    plan = augment.prepare(small_source, tmp_path / "g.zarr", 3700, chunk_rows=700)
+    images, labels = augment.train_arrays(plan)
+    assert images.chunks == ((700,) * 5 + (200,), (784,)) and labels.chunks == (images.chunks[0],)
+    for arr in (images, labels):
+        deps = arr.__dask_graph__().get_all_dependencies()
+        # Six tasks, none depending on another: each builds its chunk from the source store.
+        assert len(deps) == 6 and not any(deps.values())
+    again = augment.train_arrays(augment.prepare(small_source, tmp_path / "g.zarr", 3700,
+                                                 chunk_rows=700))
+    assert again[0].name == images.name  # same arguments, same keys
+    assert augment.train_arrays(augment.prepare(small_source, tmp_path / "g.zarr", 3700,
+                                                chunk_rows=700, seed=1))[0].name != images.name
 
 
 def test_a_chunk_regenerated_alone_equals_the_full_run(small_source, full_run):
@@ -256,7 +272,8 @@ def test_prepare_checks_everything_before_any_work(small_source, full_run, tmp_p
 def test_job_writes_reruns_as_a_no_op_and_overwrites(small_source, tmp_path):
     out = tmp_path / "out.zarr"
     args = ["--data", small_source, "--rows", 2500, "--out", out, "--chunk-rows", 600]
-    res = run_job("augment", *args, "--grid", tmp_path / "grid.png", "--cluster", _one_worker(tmp_path))
+    one_worker = ["--cluster", _one_worker(tmp_path)]
+    res = run_job("augment", *args, "--grid", tmp_path / "grid.png", *one_worker)
     assert res.returncode == 0, res.stderr
     assert f"wrote {out} (train: 2500 rows, test: 500 rows; 1500 deformed)" in res.stdout
     assert "dashboard http://127.0.0.1:" in res.stderr
@@ -271,7 +288,7 @@ def test_job_writes_reruns_as_a_no_op_and_overwrites(small_source, tmp_path):
     assert other.stderr.strip().splitlines()[-1] == (
         f"error: {out} already exists and holds another augmentation (seed differ); pass "
         f"--overwrite to replace it")
-    replaced = run_job("augment", *args, "--seed", 1, "--overwrite", "--cluster", _one_worker(tmp_path))
+    replaced = run_job("augment", *args, "--seed", 1, "--overwrite", *one_worker)
     assert replaced.returncode == 0, replaced.stderr
     assert store.open_data(out, "train").store_attrs["augment"]["seed"] == 1
     assert store.open_data(out, "train").attrs["chunk_crc32c"]["images"][0] == first["images"][0]
@@ -291,11 +308,13 @@ def test_job_errors_exit_2_before_any_cluster(case, small_source, tmp_path):
     out = tmp_path / "out.zarr"
     data, rows = small_source, 2000
     if case == "rows":
-        rows, want = 999, f"--rows must be an integer of at least 1000, the train rows of {small_source}"
+        rows = 999
+        want = f"--rows must be an integer of at least 1000, the train rows of {small_source}"
     elif case == "not-a-store":
         data = tmp_path / "plain.zarr"
         data.mkdir()
-        (data / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+        (data / "zarr.json").write_text(
+            '{"zarr_format": 3, "node_type": "group", "attributes": {}}')
         want = f"{data}: not a data store: attribute 'format' is None"
     elif case == "labels-store":
         data = tmp_path / "labels.zarr"
@@ -331,7 +350,9 @@ def test_k10_on_a_3x_store_is_no_worse_than_on_the_originals(mnist_store, tmp_pa
     test_labels = test.labels.compute()
 
     def test_accuracy(data):
-        km = KMeans(n_clusters=10, random_state=0).fit(data.images)
+        # tol 1e-3 rather than 1e-4: the same accuracies (0.5886 and 0.5935 against 0.5891
+        # and 0.5935), in 54 instead of 86 iterations on the 180,000 rows.
+        km = KMeans(n_clusters=10, random_state=0, tol=1e-3).fit(data.images)
         mapping = metrics.majority_mapping(data.labels.compute(), km.labels_.compute(), 10, 10)
         pred = km.predict(test.images).compute()
         return float((mapping[pred] == test_labels).mean())
