@@ -85,16 +85,23 @@ def iteration_bar(total, desc: str, quiet: bool):
 
 
 def chunk_bar(desc: str, quiet: bool):
-    """A tqdm bar for ``progress(done, total)`` callbacks (chunks written); silent when
-    stderr is not a terminal or ``quiet``."""
+    """A tqdm bar for ``progress(done, total)`` callbacks (chunks written) on a
+    terminal; a log line every tenth of the work otherwise (none when ``quiet``)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, unit="chunk", disable=quiet or not sys.stderr.isatty(),
-               file=sys.stderr, dynamic_ncols=True)
+    interactive = sys.stderr.isatty() and not quiet
+    bar = tqdm(desc=desc, unit="chunk", disable=not interactive, file=sys.stderr,
+               dynamic_ncols=True)
+    log = logging.getLogger("kmeans_dask.progress")
+    logged = [0]
 
     def progress(done, total):
         bar.total = total
         bar.update(done - bar.n)
+        # Redirected output gets a line per tenth of the work instead of a bar.
+        if not interactive and (done * 10 // total > logged[0] or done == total):
+            logged[0] = done * 10 // total
+            log.info("%s: %d of %d chunks", desc, done, total)
 
     return bar, progress
 

@@ -517,6 +517,7 @@ def run(plan: Plan, progress=None) -> Report:
     if plan.test_rows is not None:
         splits["test"] = plan.test_rows
     if plan.up_to_date:
+        store.verify_data(plan.out)  # a damaged chunk is an error naming it, not "up to date"
         log.info("%s already holds this augmentation; nothing to do", plan.out)
         return Report(plan.out, splits, plan.rows - plan.n0, True, 0.0)
     images, labels = train_arrays(plan)
