@@ -9,7 +9,7 @@ from .errors import KMeansDaskError
 
 __version__ = "0.1.0"
 
-__all__ = ["KMeans", "KMeansDaskError", "load", "save", "__version__"]
+__all__ = ["KMeans", "KMeansDaskError", "MiniBatchKMeans", "load", "save", "__version__"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from . import kmeans
 
         return getattr(kmeans, name)
+    if name == "MiniBatchKMeans":
+        from .minibatch import MiniBatchKMeans
+
+        return MiniBatchKMeans
     raise AttributeError(f"module 'kmeans_dask' has no attribute {name!r}")

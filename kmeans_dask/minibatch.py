@@ -1,0 +1,611 @@
+"""Mini-batch K-Means (Sculley 2010) with scikit-learn's semantics, many steps per round trip.
+
+The estimator :class:`MiniBatchKMeans` follows scikit-learn's
+``MiniBatchKMeans``: per-centre learning rates from accumulated weights,
+random reassignment of low-weight centres every ``10 * n_clusters`` rows,
+early stopping on the exponentially weighted average of the batch inertia
+(``max_no_improvement``) or on the centre change (``tol``), ``init_size``,
+``n_init``, ``partial_fit`` and ``compute_labels``.
+
+How a fit is organised:
+
+* the client draws the global row indices of the next ``R`` batches from the
+  seeded random state (uniform, or in proportion to ``sample_weight``), so
+  the batches do not depend on how many workers there are;
+* one ``compute`` per round trip fetches those rows, uint8 as stored, by one
+  ``np.take`` task per chunk holding some of them (only sampled rows move);
+  ``R`` is chosen so a round trip moves about :data:`ROUND_BYTES`;
+* the sequential updates of those ``R`` batches run here in NumPy (a GEMM in
+  the kernels' float type, argmin, per-centre sums);
+* the initialisation (k-means++ by default) runs on ``init_size`` sampled
+  rows, fetched in the same round trip as the first batches;
+* labels and inertia over all rows come from one distributed pass
+  (:meth:`ChunkedRows.nearest`, the nearest-centre rule ``predict`` uses),
+  skipped with ``compute_labels=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.cluster import kmeans_plusplus
+from sklearn.utils import check_random_state
+
+from . import _kernels
+from ._passes import DEFAULT_SPLIT_EVERY, ChunkedRows, task
+from .init import INITS
+from .kmeans import KMeans, _check_stats, _memory_budget, _persist, _regroup
+
+log = logging.getLogger(__name__)
+
+# Sampled rows moved to the client per round trip (the brief's 32-64 MiB).
+ROUND_BYTES = 48 * 2**20
+MINIBATCH_INITS = ("k-means++", "random", "k-means||")
+
+
+class MiniBatchKMeans(ClusterMixin, BaseEstimator):
+    """Mini-batch K-Means of a Dask array of rows, as scikit-learn's MiniBatchKMeans.
+
+    Parameters
+    ----------
+    n_clusters : int, default=8
+    init : {"k-means++", "random", "k-means||"} or array-like of shape (n_clusters, n_features), default="k-means++"
+        k-means++ (scikit-learn's) or distinct random rows, both on
+        ``init_size`` sampled rows; k-means|| over all chunks (costly: a few
+        passes over the data); or explicit centres in scaled units.
+    max_iter : int, default=100
+        Maximum passes over the data: at most ``max_iter * n_samples // batch_size`` steps.
+    batch_size : int, default=1024
+        Rows per mini-batch.
+    tol : float, default=0.0
+        Stop when the sum of squared centre changes of a step is at most
+        ``tol`` times the mean per-feature variance of the data (0 disables).
+    max_no_improvement : int or None, default=10
+        Stop after this many steps without improvement of the smoothed batch
+        inertia; None disables it.
+    init_size : int or None, default=None
+        Rows sampled for the initialisation: ``3 * batch_size`` by default
+        (``3 * n_clusters`` if that is fewer than ``n_clusters``).
+    n_init : "auto" or int, default="auto"
+        Initialisations tried (each on its own sample), the one with the
+        lowest inertia on a validation sample of ``init_size`` rows kept.
+        "auto": 3 for ``init="random"``, else 1.
+    reassignment_ratio : float, default=0.01
+        Every ``10 * n_clusters`` rows, centres whose accumulated weight is
+        below this fraction of the largest are moved to random rows of the batch.
+    random_state : int, RandomState instance or None, default=None
+    compute_labels : bool, default=True
+        Compute ``labels_`` and ``inertia_`` over all rows after the fit (one
+        distributed pass); otherwise ``inertia_`` is the smoothed batch
+        inertia times the total weight, and ``labels_`` is not set.
+    scale : "auto" or float, default="auto"
+        Multiplier applied to rows: 1/255 for uint8 images, 1 for float input.
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features)
+        float32 for uint8 or float32 input, float64 for float64 input.
+    labels_ : dask.array.Array of shape (n_samples,)
+        int32, lazy, chunked like ``X`` (``fit``); a NumPy array of the
+        block's labels after ``partial_fit``.
+    inertia_ : float
+    n_iter_ : int
+        Passes over the data, rounded up.
+    n_steps_ : int
+        Mini-batch steps run.
+    history_ : list of dict
+        Per step: ``iteration``, ``inertia`` (of the batch, per row, with the
+        centres the step started from), ``center_shift``, ``seconds``,
+        ``relocated`` (centres reassigned).
+    init_centers_ : ndarray of shape (n_clusters, n_features)
+        float64 initial centres of the fit.
+    scale_ : float
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.array([[1, 1], [1.5, 2], [8, 8], [8, 9]], dtype=np.float64)
+    >>> km = MiniBatchKMeans(n_clusters=2, batch_size=4, random_state=0).fit(X)
+    >>> sorted(np.round(km.cluster_centers_[:, 0]).tolist())
+    [1.0, 8.0]
+    """
+
+    # Used by the methods borrowed from KMeans (predict, transform, score).
+    block_rows = _kernels.DEFAULT_BLOCK_ROWS
+    split_every = DEFAULT_SPLIT_EVERY
+
+    def __init__(self, n_clusters=8, *, init="k-means++", max_iter=100, batch_size=1024,
+                 tol=0.0, max_no_improvement=10, init_size=None, n_init="auto",
+                 reassignment_ratio=0.01, random_state=None, compute_labels=True, scale="auto"):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.init_size = init_size
+        self.n_init = n_init
+        self.reassignment_ratio = reassignment_ratio
+        self.random_state = random_state
+        self.compute_labels = compute_labels
+        self.scale = scale
+
+    # The input checks and the uses of a fitted model are KMeans's own.
+    _check_X = KMeans._check_X
+    _check_weights = KMeans._check_weights
+    _effective_scale = KMeans._effective_scale
+    _rows = KMeans._rows
+    _fitted_rows = KMeans._fitted_rows
+    predict = KMeans.predict
+    transform = KMeans.transform
+    score = KMeans.score
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate_params(self):
+        _integer(self, "n_clusters", 1)
+        _integer(self, "max_iter", 1)
+        _integer(self, "batch_size", 1)
+        _integer(self, "max_no_improvement", 0, allow_none=True)
+        _integer(self, "init_size", 1, allow_none=True)
+        if self.n_init != "auto":
+            _integer(self, "n_init", 1, extra="or 'auto'")
+        _real(self, "tol", 0.0)
+        _real(self, "reassignment_ratio", 0.0)
+        if self.scale != "auto":
+            _real(self, "scale", 0.0, strict=True)
+        if isinstance(self.init, str):
+            if self.init not in MINIBATCH_INITS:
+                raise ValueError(f"init must be one of {list(MINIBATCH_INITS)} or an array of "
+                                 f"shape (n_clusters, n_features), got {self.init!r}")
+        if not isinstance(self.compute_labels, (bool, np.bool_)):
+            raise ValueError(f"compute_labels must be True or False, got {self.compute_labels!r}")
+
+    def _check_init_array(self, d: int):
+        if isinstance(self.init, str):
+            return self.init
+        init = np.asarray(self.init, dtype=np.float64)
+        if init.shape != (self.n_clusters, d):
+            raise ValueError(f"init array has shape {init.shape}, expected "
+                             f"(n_clusters, n_features) = ({self.n_clusters}, {d})")
+        if not np.isfinite(init).all():
+            raise ValueError("init array contains NaN or infinity")
+        return init
+
+    def _check_params_vs_input(self, n: int):
+        """scikit-learn's ``_check_params_vs_input``: batch size, init size, n_init."""
+        if self.n_clusters > n:
+            raise ValueError(f"n_clusters={self.n_clusters} must be <= n_samples={n}")
+        self._batch_size = min(self.batch_size, n)
+        init_size = self.init_size
+        if init_size is None:
+            init_size = 3 * self._batch_size
+            if init_size < self.n_clusters:
+                init_size = 3 * self.n_clusters
+        elif init_size < self.n_clusters:
+            warnings.warn(f"init_size={init_size} should be larger than n_clusters="
+                          f"{self.n_clusters}. Setting it to min(3*n_clusters, n_samples)",
+                          RuntimeWarning, stacklevel=3)
+            init_size = 3 * self.n_clusters
+        self._init_size = min(init_size, n)
+        if self.n_init == "auto":
+            self._n_init = 3 if (isinstance(self.init, str) and self.init == "random") else 1
+        else:
+            self._n_init = self.n_init
+        if not isinstance(self.init, str) and self._n_init != 1:
+            warnings.warn(f"Explicit initial center position passed: performing only one init "
+                          f"in MiniBatchKMeans instead of n_init={self._n_init}.",
+                          RuntimeWarning, stacklevel=3)
+            self._n_init = 1
+
+    def _random_reassign(self) -> bool:
+        """scikit-learn's rule: every ``10 * n_clusters`` rows, or when a centre has no weight."""
+        self._n_since_last_reassign += self._batch_size
+        if (self._counts == 0).any() or self._n_since_last_reassign >= 10 * self.n_clusters:
+            self._n_since_last_reassign = 0
+            return True
+        return False
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X, y=None, sample_weight=None, *, callback=None):
+        """Compute the centres from mini-batches of ``X``.
+
+        Parameters
+        ----------
+        X : dask.array.Array or array-like of shape (n_samples, n_features)
+            Rows chunked by rows only; uint8, float32 or float64.
+        y : Ignored
+        sample_weight : array-like or dask array of shape (n_samples,), default=None
+            Non-negative weights: batches (and the initialisation sample) are
+            drawn in proportion to them, as in scikit-learn; the final inertia
+            is weighted.
+        callback : callable, optional
+            Called with each entry of ``history_`` as it is recorded.
+
+        Returns
+        -------
+        self : MiniBatchKMeans
+        """
+        self._validate_params()
+        X = self._check_X(X, fitting=True)
+        w = self._check_weights(sample_weight, X)
+        n, d = X.shape
+        init = self._check_init_array(d)
+        self._check_params_vs_input(n)
+        scale = self._effective_scale(X.dtype)
+        input_chunks = X.chunks[0]
+        start = time.perf_counter()
+        budget = _memory_budget()
+        if budget is None or X.nbytes <= 0.5 * budget:
+            X, w = _persist(*_regroup(X, w, "auto"))
+        else:
+            log.info("rows not persisted (%.0f MiB): streaming them from their source",
+                     X.nbytes / 2**20)
+        rows = self._rows(X, w, scale)
+        if X.dtype != np.uint8 or self.tol > 0 or w is not None:
+            # Non-finite values, bad weights and the data's variance (for tol): one pass.
+            stats = rows.stats()
+            _check_stats(stats, rows)
+            total = float(stats["w"])
+            mean_var = float(np.mean(stats["sumsq"] / total - (stats["sum"] / total) ** 2))
+        else:
+            total, mean_var = float(n), 0.0
+        self._tol = self.tol * mean_var
+        weights = None if w is None else np.asarray(w.compute(), dtype=np.float64)
+        master = check_random_state(self.random_state)
+        seeds = master.randint(np.iinfo(np.int32).max, size=3)
+        sampler = _Sampler(n, weights, np.random.RandomState(seeds[0]))
+        init_rng = np.random.RandomState(seeds[1])
+        reassign_rng = np.random.RandomState(seeds[2])
+        dtype = _kernels.compute_dtype(X.dtype)
+        b = self._batch_size
+        n_steps = max(1, (self.max_iter * n) // b)
+        per_round = max(1, ROUND_BYTES // (b * d * X.dtype.itemsize))
+
+        # First round trip: the validation and init samples, and the first batches.
+        sizes = []
+        if isinstance(init, str) and init != "k-means||":
+            sizes = [self._init_size] * (1 + self._n_init)
+        fetch = _Fetcher(rows)
+        first = min(per_round, n_steps)
+        idx = [sampler.draw(s) for s in sizes] + [sampler.draw(first * b)]
+        got = fetch(np.concatenate(idx))
+        pieces = np.split(got, np.cumsum([len(i) for i in idx])[:-1])
+        batches = pieces[-1]
+        centers = self._initial_centers(init, rows, pieces[:-1], init_rng, scale, dtype)
+        self.init_centers_ = centers.copy()
+
+        self._counts = np.zeros(self.n_clusters, dtype=np.float64)
+        self._n_since_last_reassign = 0
+        ewa = {"ewa": None, "min": None, "no_improvement": 0}
+        history = []
+        step, pos, drawn = 0, 0, first
+        ones = np.ones(b)
+        while step < n_steps:
+            if pos == len(batches) // b:
+                more = min(per_round, n_steps - drawn)
+                batches = fetch(sampler.draw(more * b))
+                drawn += more
+                pos = 0
+            t0 = time.perf_counter()
+            xb = batches[pos * b:(pos + 1) * b]
+            pos += 1
+            reassign = self._random_reassign()
+            old = centers.copy()
+            inertia, relocated = _step(xb, ones, centers, self._counts, scale, dtype,
+                                       reassign_rng, reassign, self.reassignment_ratio)
+            shift = float(((centers - old) ** 2).sum())
+            record = {"iteration": step + 1, "inertia": inertia / b, "center_shift": shift,
+                      "seconds": time.perf_counter() - t0, "relocated": relocated}
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            stop = _converged(self, ewa, step, n, shift if self._tol > 0 else 0.0, inertia)
+            step += 1
+            if stop:
+                break
+        self._centers = centers
+        self.cluster_centers_ = centers.astype(dtype)
+        self.n_steps_ = step
+        self.n_iter_ = int(math.ceil(step * b / n))
+        self.history_ = history
+        self.scale_ = scale
+        self.n_features_in_ = d
+        self._ewa_inertia = ewa["ewa"]
+        if self.compute_labels:
+            near = rows.nearest(self.cluster_centers_).persist()
+            dist = near[:, 0] if w is None else near[:, 0] * w
+            self.inertia_ = float(dist.sum().compute())
+            labels = near[:, 1].astype(np.int32)
+            self.labels_ = (labels if labels.chunks[0] == input_chunks
+                            else labels.rechunk((input_chunks,)))
+        else:
+            smoothed = ewa["ewa"] if ewa["ewa"] is not None else history[-1]["inertia"]
+            self.inertia_ = float(smoothed * total)
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("mini-batch K=%d: %d steps (%d round trips of up to %d batches), inertia %.6g, "
+                 "%.2f s", self.n_clusters, step, fetch.calls, per_round, self.inertia_,
+                 self.fit_seconds_)
+        return self
+
+    def _initial_centers(self, init, rows: ChunkedRows, samples, rng, scale, dtype):
+        """The best of ``n_init`` initialisations on their samples (scikit-learn's procedure).
+
+        ``samples`` holds the validation rows then one sample per init, as
+        fetched (the sample already reflects the weights, so each row counts once).
+        """
+        if not isinstance(init, str):
+            return init.copy()
+        if init == "k-means||":
+            return INITS[init](rows, self.n_clusters, rng)
+        valid = np.asarray(samples[0], dtype=dtype)
+        best, best_inertia = None, None
+        for sample in samples[1:]:
+            sample = _scaled(sample, scale, np.float64)
+            centers = _init_block(init, sample, None, self.n_clusters, rng)
+            _, dist = _assign(valid, centers, scale, dtype)
+            inertia = float(dist.sum())
+            if best_inertia is None or inertia < best_inertia:
+                best, best_inertia = centers, inertia
+        return np.asarray(best, dtype=np.float64)
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def fit_transform(self, X, y=None, sample_weight=None):
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    # ------------------------------------------------------------------ partial_fit
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """One mini-batch step on the block ``X`` (NumPy or Dask), as scikit-learn's.
+
+        The first call initialises the centres from this block (``init`` on
+        ``init_size`` of its rows); the per-centre weights, the reassignment
+        counter and the random state are kept between calls.  With
+        ``compute_labels`` the block's labels and inertia are set.
+
+        Returns
+        -------
+        self : MiniBatchKMeans
+        """
+        fitted = hasattr(self, "cluster_centers_")
+        if not fitted:
+            self._validate_params()
+        X = self._check_X(X, fitting=not fitted)
+        w = self._check_weights(sample_weight, X)
+        block = np.asarray(X.compute())
+        weights = np.ones(block.shape[0]) if w is None else np.asarray(w.compute())
+        if not np.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError("sample_weight has negative or NaN values")
+        if block.dtype != np.uint8 and not np.isfinite(block).all():
+            raise ValueError("X contains NaN or infinity")
+        self._random_state = getattr(self, "_random_state", check_random_state(self.random_state))
+        self.n_steps_ = getattr(self, "n_steps_", 0)
+        if not fitted:
+            n, d = block.shape
+            init = self._check_init_array(d)
+            self._check_params_vs_input(n)
+            self.scale_ = self._effective_scale(block.dtype)
+            self.n_features_in_ = d
+            x = _scaled(block, self.scale_, np.float64)
+            if self._init_size < n:
+                pick = self._random_state.randint(0, n, self._init_size)
+                x_init, w_init = x[pick], weights[pick]
+            else:
+                x_init, w_init = x, weights
+            if isinstance(init, str) and init == "k-means||":
+                rows = ChunkedRows(da.from_array(x_init, chunks=(len(x_init), -1)),
+                                   da.from_array(w_init, chunks=len(w_init)), scale=1.0,
+                                   block_rows=self.block_rows)
+                self._centers = INITS[init](rows, self.n_clusters, self._random_state)
+            elif isinstance(init, str):
+                self._centers = _init_block(init, x_init, w_init, self.n_clusters,
+                                            self._random_state)
+            else:
+                self._centers = init.copy()
+            self.init_centers_ = self._centers.copy()
+            self._counts = np.zeros(self.n_clusters, dtype=np.float64)
+            self._n_since_last_reassign = 0
+            self.history_ = []
+        elif self._centers.dtype != np.float64:
+            self._centers = self._centers.astype(np.float64)
+        dtype = _kernels.compute_dtype(block.dtype)
+        t0 = time.perf_counter()
+        old = self._centers.copy()
+        reassign = self._random_reassign()
+        inertia, relocated = _step(block, weights, self._centers, self._counts, self.scale_,
+                                   dtype, self._random_state, reassign, self.reassignment_ratio)
+        self.cluster_centers_ = self._centers.astype(dtype)
+        self.n_steps_ += 1
+        self.history_.append({"iteration": self.n_steps_, "inertia": inertia / block.shape[0],
+                              "center_shift": float(((self._centers - old) ** 2).sum()),
+                              "seconds": time.perf_counter() - t0, "relocated": relocated})
+        if self.compute_labels:
+            labels, dist = _assign(np.asarray(block, dtype=dtype), self.cluster_centers_,
+                                   self.scale_, dtype)
+            self.labels_ = labels.astype(np.int32)
+            self.inertia_ = float(dist @ weights)
+        return self
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _integer(est, name, low, allow_none=False, extra=""):
+    value = getattr(est, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        more = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {low}{more}{' ' + extra if extra else ''}, "
+                         f"got {value!r}")
+
+
+def _real(est, name, low, strict=False):
+    value = getattr(est, name)
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value)
+            or value < low or (strict and value == low)):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be a number {op} {low}, got {value!r}")
+
+
+class _Sampler:
+    """Global row indices, uniform or in proportion to the weights, by inversion.
+
+    Drawing by inversion of the cumulative weights means integer weights
+    draw exactly the rows that repeating each row that many times would.
+    """
+
+    def __init__(self, n: int, weights, rng):
+        self.n, self.rng = n, rng
+        self.cum = None if weights is None else np.cumsum(weights)
+
+    def draw(self, size: int) -> np.ndarray:
+        u = self.rng.random_sample(size)
+        if self.cum is None:
+            idx = (u * self.n).astype(np.int64)
+        else:
+            idx = np.searchsorted(self.cum, u * self.cum[-1], side="right")
+        return np.minimum(idx, self.n - 1).astype(np.int64)
+
+
+class _Fetcher:
+    """Rows at global indices, as stored, in one compute: one ``np.take`` per chunk."""
+
+    def __init__(self, rows: ChunkedRows):
+        self.rows = rows
+        self.calls = 0
+        self.blocks = rows.X.to_delayed().ravel()
+        self.take = task(np.take)
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        uniq, inverse = np.unique(indices, return_inverse=True)
+        offsets = self.rows.offsets
+        chunk_of = np.searchsorted(offsets, uniq, side="right") - 1
+        bounds = np.searchsorted(chunk_of, np.arange(len(offsets)))
+        parts = []
+        for i in range(len(offsets) - 1):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                parts.append(self.take(self.blocks[i], uniq[lo:hi] - offsets[i], axis=0))
+        got = np.concatenate(dask.compute(*parts))
+        self.calls += 1
+        return got[inverse.ravel()]
+
+
+def _scaled(x: np.ndarray, scale: float, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    out = np.asarray(x, dtype=dtype)
+    return out * dtype.type(scale) if scale != 1.0 else out
+
+
+def _init_block(init: str, x: np.ndarray, w, k: int, rng) -> np.ndarray:
+    """scikit-learn's k-means++ or random init on the rows ``x`` (scaled float64)."""
+    if init == "k-means++":
+        centers, _ = kmeans_plusplus(x, k, sample_weight=w, random_state=rng)
+        return np.asarray(centers, dtype=np.float64)
+    p = None if w is None else w / w.sum()
+    return x[rng.choice(x.shape[0], size=k, replace=False, p=p)].astype(np.float64)
+
+
+def _assign(x: np.ndarray, centers: np.ndarray, scale: float, dtype):
+    """Nearest centre and squared distance (float64) of every row of ``scale * x``.
+
+    ``x`` holds unscaled rows in ``dtype``; the scale is folded into the
+    centres (``|s x - c|^2 = s^2 |x|^2 - 2 x.(s c) + |c|^2``), so the rows are
+    converted once and never multiplied.
+    """
+    c = np.asarray(centers, dtype=np.float64)
+    g = x @ (c * scale).astype(dtype).T
+    g *= -2
+    g += np.einsum("ij,ij->i", c, c).astype(dtype)
+    labels = np.argmin(g, axis=1)
+    xsq = np.einsum("ij,ij->i", x, x, dtype=np.float64) * (scale * scale)
+    dist = np.maximum(xsq + g[np.arange(len(x)), labels], 0.0)
+    return labels, dist
+
+
+def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
+    """One of scikit-learn's ``_mini_batch_step`` on the raw rows ``xb``; updates
+    ``centers`` (float64, scaled units) and ``counts`` in place.
+
+    Returns the batch's weighted inertia (with the centres before the
+    update) and the number of centres reassigned.
+    """
+    from scipy import sparse
+
+    dtype = np.dtype(dtype)
+    x = np.asarray(xb, dtype=dtype)
+    labels, dist = _assign(x, centers, scale, dtype)
+    inertia = float(dist @ weights)
+    k, m = centers.shape[0], len(xb)
+    # Per-centre sums as a one-hot product, O(m d).  Unweighted uint8 rows add up
+    # exactly in float32 (integers below 2**24); anything else in float64.
+    exact = xb.dtype == np.uint8 and m * 255 < 2**24 and np.all(weights == 1)
+    sum_dtype = np.float32 if exact else np.float64
+    onehot = sparse.csr_matrix((np.asarray(weights, dtype=sum_dtype), (labels, np.arange(m))),
+                               shape=(k, m))
+    sums = np.asarray(onehot @ (x if x.dtype == sum_dtype else x.astype(sum_dtype)),
+                      dtype=np.float64)
+    if scale != 1.0:
+        sums *= scale
+    wsum = np.bincount(labels, weights=weights, minlength=k)
+    got = wsum > 0
+    new_counts = counts[got] + wsum[got]
+    centers[got] = (centers[got] * counts[got, None] + sums[got]) * (1.0 / new_counts)[:, None]
+    counts[got] = new_counts
+    relocated = 0
+    if reassign and ratio > 0:
+        low = counts < ratio * counts.max()
+        if low.sum() > 0.5 * m:
+            low[np.argsort(counts)[int(0.5 * m):]] = False
+        relocated = int(low.sum())
+        if relocated:
+            pick = rng.choice(m, replace=False, size=relocated)
+            centers[low] = np.asarray(xb[pick], dtype=np.float64) * scale
+            log.debug("reassigned %d centre(s) with low counts", relocated)
+        counts[low] = np.min(counts[~low])
+    return inertia, relocated
+
+
+def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: float) -> bool:
+    """scikit-learn's ``_mini_batch_convergence`` (``step`` counted from 0)."""
+    batch_inertia /= est._batch_size
+    if step == 0:
+        return False
+    alpha = min(est._batch_size * 2.0 / (n + 1), 1.0)
+    ewa["ewa"] = (batch_inertia if ewa["ewa"] is None
+                  else ewa["ewa"] * (1 - alpha) + batch_inertia * alpha)
+    if est._tol > 0.0 and shift <= est._tol:
+        log.info("mini-batch converged at step %d: centre change %.3g", step + 1, shift)
+        return True
+    if ewa["min"] is None or ewa["ewa"] < ewa["min"]:
+        ewa["no_improvement"] = 0
+        ewa["min"] = ewa["ewa"]
+    else:
+        ewa["no_improvement"] += 1
+    if est.max_no_improvement is not None and ewa["no_improvement"] >= est.max_no_improvement:
+        log.info("mini-batch stopped at step %d: no improvement of the smoothed inertia in "
+                 "%d steps", step + 1, ewa["no_improvement"])
+        return True
+    return False
+
+
+def make_estimator(params: dict):
+    """A KMeans, or a MiniBatchKMeans for ``algorithm="minibatch"``, from job parameters."""
+    params = dict(params)
+    if params.get("algorithm") == "minibatch":
+        params.pop("algorithm")
+        return MiniBatchKMeans(**params)
+    return KMeans(**params)

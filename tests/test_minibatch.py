@@ -1,0 +1,224 @@
+"""MiniBatchKMeans: scikit-learn's semantics, reproducibility on any number of workers."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from sklearn.cluster import MiniBatchKMeans as SKMiniBatchKMeans
+
+from kmeans_dask import MiniBatchKMeans, datasets, store
+from kmeans_dask import minibatch as mb
+from kmeans_dask._passes import ChunkedRows
+
+
+def blobs(n=600, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.0] * d, [6.0] * d, [0.0, 6.0] * (d // 2)])
+    return np.vstack([rng.normal(m, 1.0, (n // 3, d)) for m in means])
+
+
+@pytest.fixture(scope="module")
+def fashion_t10k(tmp_path_factory):
+    """Fashion-MNIST's bundled 10,000 test images, ingested in chunks of 2,500 rows."""
+    out = tmp_path_factory.mktemp("mb-store")
+    sources = {"test": datasets.resolve_split("fashion-mnist", "test", datasets.BUNDLED_DIR,
+                                              download=False)}
+    path = store.ingest("fashion-mnist", out, sources, chunk_rows=2500).path
+    return store.open_data(path, "test").images
+
+
+def test_fetcher_takes_rows_from_every_chunk_in_one_compute():
+    X = np.arange(50 * 3, dtype=np.uint8).reshape(50, 3)
+    rows = ChunkedRows(da.from_array(X, chunks=(7, 3)), None, scale=1.0, block_rows=8)
+    fetch = mb._Fetcher(rows)
+    idx = np.array([49, 0, 7, 7, 13, 48, 0, 21])
+    got = fetch(idx)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, X[idx])
+    assert fetch.calls == 1
+
+
+def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k):
+    params = dict(n_clusters=10, batch_size=512, random_state=3, max_no_improvement=None,
+                  max_iter=8)
+    local = MiniBatchKMeans(**params).fit(fashion_t10k)
+    results = []
+    for n_workers in (1, 2):
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                          protocol="tcp://", host="127.0.0.1", dashboard_address=":0") as lc, Client(lc):
+            km = MiniBatchKMeans(**params).fit(fashion_t10k)
+            results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
+    for centers, inertia, labels in results:
+        np.testing.assert_array_equal(centers, local.cluster_centers_)
+        assert inertia == local.inertia_
+        np.testing.assert_array_equal(labels, local.labels_.compute())
+    assert local.n_steps_ == 8 * 10_000 // 512
+    assert local.n_iter_ == 8
+
+
+def test_labels_are_predict_and_inertia_is_over_all_rows(fashion_t10k):
+    km = MiniBatchKMeans(12, random_state=0).fit(fashion_t10k)
+    labels = km.labels_.compute()
+    assert labels.dtype == np.int32 and km.labels_.chunks == fashion_t10k.chunks[:1]
+    np.testing.assert_array_equal(labels, km.predict(fashion_t10k).compute())
+    X = fashion_t10k.compute().astype(np.float64) / 255
+    c = km.cluster_centers_.astype(np.float64)
+    exact = ((X - c[labels]) ** 2).sum()
+    assert km.inertia_ == pytest.approx(exact, rel=1e-9)
+    assert km.score(fashion_t10k) == pytest.approx(-exact, rel=1e-5)
+    assert km.cluster_centers_.dtype == np.float32 and km.scale_ == 1 / 255
+    assert km.init_centers_.shape == (12, 784) and km.n_features_in_ == 784
+    assert len(km.history_) == km.n_steps_ < 100 * 10_000 // 1024
+
+
+@pytest.mark.parametrize("init", ["array", "k-means++", "random"])
+def test_partial_fit_equals_scikit_learn(init):
+    X = blobs(n=3000, d=6)
+    rng = np.random.default_rng(1)
+    start = X[rng.choice(len(X), 5, replace=False)] if init == "array" else init
+    kw = dict(n_clusters=5, init=start, batch_size=200, random_state=4)
+    ours = MiniBatchKMeans(scale=1, **kw)
+    ref = SKMiniBatchKMeans(n_init=1, **kw)
+    for _ in range(25):
+        block = X[rng.integers(0, len(X), 200)]
+        w = rng.integers(1, 4, 200).astype(np.float64)
+        ours.partial_fit(block, sample_weight=w)
+        ref.partial_fit(block, sample_weight=w)
+        np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours._counts, ref._counts)
+    assert ours.n_steps_ == ref.n_steps_ == 25
+    assert ours._n_since_last_reassign == ref._n_since_last_reassign
+    np.testing.assert_array_equal(ours.labels_, ref.labels_)
+    assert ours.inertia_ == pytest.approx(ref.inertia_, rel=1e-9)
+
+
+def test_partial_fit_takes_dask_blocks_and_reassigns_like_scikit_learn():
+    X = blobs(n=1200, d=4)
+    # A centre nobody is near: it gets no weight, so it is reassigned on the first step.
+    start = np.vstack([X[:3], [[1e3] * 4]])
+    ours = MiniBatchKMeans(4, init=start, batch_size=100, scale=1, random_state=0)
+    ref = SKMiniBatchKMeans(4, init=start, batch_size=100, n_init=1, random_state=0)
+    for i in range(0, 1200, 100):
+        block = X[np.random.default_rng(i).permutation(1200)[:100]]
+        ours.partial_fit(da.from_array(block, chunks=30))
+        ref.partial_fit(block)
+    assert np.abs(ours.cluster_centers_).max() < 100
+    assert ours.history_[0]["relocated"] == 1
+    np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-6)
+
+
+def test_integer_weights_equal_repeated_rows():
+    X = blobs(n=900, d=4)
+    rng = np.random.default_rng(2)
+    # As many 0s as 2s: the repeated data has the same number of rows, so the
+    # number of steps and the smoothing of scikit-learn's rule are the same too.
+    w = rng.permutation(np.repeat([0, 1, 2], 300))
+    rep = np.repeat(X, w, axis=0)
+    assert len(rep) == len(X)
+    kw = dict(n_clusters=3, batch_size=64, random_state=5, scale=1, max_iter=5)
+    weighted = MiniBatchKMeans(**kw).fit(da.from_array(X, chunks=100), sample_weight=w)
+    repeated = MiniBatchKMeans(**kw).fit(da.from_array(rep, chunks=250))
+    np.testing.assert_array_equal(weighted.cluster_centers_, repeated.cluster_centers_)
+    assert weighted.n_steps_ == repeated.n_steps_
+    assert weighted.inertia_ == pytest.approx(repeated.inertia_, rel=1e-9)
+    np.testing.assert_array_equal(np.repeat(weighted.labels_.compute(), w),
+                                  repeated.labels_.compute())
+    # partial_fit: a weighted block is that block with its rows repeated.
+    a = MiniBatchKMeans(3, init=X[:3], scale=1, reassignment_ratio=0).partial_fit(X, sample_weight=w)
+    b = MiniBatchKMeans(3, init=X[:3], scale=1, reassignment_ratio=0).partial_fit(rep)
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=1e-12)
+    np.testing.assert_allclose(a._counts, b._counts)
+
+
+def test_early_stopping_and_tol_as_scikit_learn_documents():
+    X = blobs(n=3000, d=4)
+    n_max = 50 * len(X) // 100
+    kw = dict(n_clusters=3, batch_size=100, max_iter=50, random_state=0, scale=1)
+    full = MiniBatchKMeans(max_no_improvement=None, **kw).fit(X)
+    assert full.n_steps_ == n_max and full.n_iter_ == 50
+    early = MiniBatchKMeans(max_no_improvement=3, **kw).fit(X)
+    assert early.n_steps_ < n_max
+    assert early.n_iter_ == -(-early.n_steps_ * 100 // len(X))
+    # tol: stop once a step moves the centres by at most tol x the mean variance.
+    tol = MiniBatchKMeans(max_no_improvement=None, tol=1e-2, **kw).fit(X)
+    assert 2 <= tol.n_steps_ < n_max
+    assert tol.history_[-1]["center_shift"] <= 1e-2 * np.var(X, axis=0).mean() * 1.0001
+    # Without labels, inertia_ is the smoothed batch inertia times the total weight.
+    quick = MiniBatchKMeans(max_no_improvement=3, compute_labels=False, **kw).fit(X)
+    assert not hasattr(quick, "labels_")
+    np.testing.assert_array_equal(quick.cluster_centers_, early.cluster_centers_)
+    assert quick.inertia_ == pytest.approx(quick._ewa_inertia * len(X))
+    assert quick.inertia_ == pytest.approx(early.inertia_, rel=0.2)
+
+
+def test_reassignment_moves_starved_centres():
+    X = blobs(n=1200, d=4)
+    start = np.vstack([X[[0, 500, 1000]], [[1e3] * 4]])
+    kw = dict(n_clusters=4, init=start, batch_size=100, max_iter=3, random_state=0, scale=1,
+              max_no_improvement=None)
+    moved = MiniBatchKMeans(**kw).fit(X)
+    assert moved.history_[0]["relocated"] == 1
+    assert np.abs(moved.cluster_centers_).max() < 100
+    assert np.bincount(moved.labels_.compute(), minlength=4).min() > 0
+    kept = MiniBatchKMeans(reassignment_ratio=0, **kw).fit(X)
+    assert sum(h["relocated"] for h in kept.history_) == 0
+    assert kept.cluster_centers_[3].tolist() == [1e3] * 4
+
+
+def test_partial_fit_after_fit_keeps_counts():
+    X = blobs(n=600, d=4)
+    km = MiniBatchKMeans(3, batch_size=50, random_state=0, scale=1, max_iter=2).fit(X)
+    counts, steps = km._counts.copy(), km.n_steps_
+    km.partial_fit(X[:50])
+    assert km.n_steps_ == steps + 1
+    assert km._counts.sum() == pytest.approx(counts.sum() + 50)
+    with pytest.raises(ValueError, match="X has 3 features"):
+        km.partial_fit(X[:10, :3])
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"n_clusters": 0}, "n_clusters must be an integer >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"max_iter": 1.5}, "max_iter must be an integer >= 1, got 1.5"),
+    ({"max_no_improvement": -1}, "max_no_improvement must be an integer >= 0 or None, got -1"),
+    ({"init_size": 0}, "init_size must be an integer >= 1 or None, got 0"),
+    ({"n_init": 0}, "n_init must be an integer >= 1 or 'auto', got 0"),
+    ({"tol": -1.0}, "tol must be a number >= 0.0, got -1.0"),
+    ({"reassignment_ratio": -0.1}, "reassignment_ratio must be a number >= 0.0, got -0.1"),
+    ({"scale": 0}, "scale must be a number > 0.0, got 0"),
+    ({"init": "kmeans"}, "init must be one of"),
+    ({"init": np.zeros((2, 4))}, r"init array has shape \(2, 4\), expected"),
+    ({"compute_labels": "yes"}, "compute_labels must be True or False"),
+    ({"n_clusters": 700}, "n_clusters=700 must be <= n_samples=600"),
+])
+def test_bad_parameters_are_named(params, message):
+    kw = {"n_clusters": 3, **params}
+    with pytest.raises(ValueError, match=message):
+        MiniBatchKMeans(**kw).fit(blobs())
+    if "n_clusters" not in params or params["n_clusters"] != 700:
+        with pytest.raises(ValueError, match=message):
+            MiniBatchKMeans(**kw).partial_fit(blobs())
+
+
+def test_bad_data_and_weights_are_named():
+    X = blobs()
+    X[5, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        MiniBatchKMeans(3).fit(X)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        MiniBatchKMeans(3).partial_fit(X)
+    with pytest.raises(ValueError, match="negative"):
+        MiniBatchKMeans(3).fit(blobs(), sample_weight=-np.ones(600))
+    with pytest.raises(ValueError, match="not fitted"):
+        MiniBatchKMeans(3).predict(blobs())
+
+
+def test_inertia_close_to_scikit_learn_on_fashion_mnist(fashion_t10k):
+    X = fashion_t10k
+    Xf = X.compute().astype(np.float32) / 255
+    ours = [MiniBatchKMeans(10, random_state=s).fit(X).inertia_ for s in range(3)]
+    ref = [SKMiniBatchKMeans(10, batch_size=1024, random_state=s).fit(Xf).inertia_
+           for s in range(3)]
+    assert np.median(ours) == pytest.approx(np.median(ref), rel=0.02)
