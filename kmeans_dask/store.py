@@ -187,6 +187,7 @@ def atomic_path(final, kind: str, *, overwrite: bool = False, inputs=()):
     final = check_output(final, kind, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's private mode would survive the rename
     try:
         yield tmp
         _replace(tmp, final)
@@ -210,7 +211,6 @@ def output_dir(final, kind: str, *, overwrite: bool = False, inputs=(), record=N
     """A directory output (evaluation, sweep): written in a temporary directory that
     gets a ``kmeans-dask.json`` manifest naming its kind and is renamed when complete."""
     with atomic_path(final, kind, overwrite=overwrite, inputs=inputs) as tmp:
-        tmp.chmod(0o777 & ~_umask())
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps(
             {"format": kind, "schema_version": SCHEMA_VERSION, **(record or {})}, indent=1))
@@ -220,6 +220,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the umask (``mkstemp``'s is private)."""
+    return 0o666 & ~_umask()
 
 
 def write_text(path, text: str, kind: str | None = None, *, overwrite: bool = True) -> Path:
@@ -233,7 +238,7 @@ def write_text(path, text: str, kind: str | None = None, *, overwrite: bool = Tr
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

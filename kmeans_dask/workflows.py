@@ -24,6 +24,7 @@ from . import metrics, plots, store
 from .cluster import active_client
 from .errors import StoreError
 from .kmeans import KMeans, from_result, load, save
+from .minibatch import make_estimator
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def performance_report(path, *, overwrite=False):
     try:
         with _report(filename=tmp):
             yield path
-        store.write_text(path, Path(tmp).read_text())
+        os.chmod(tmp, store.file_mode())
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -204,6 +206,9 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
 
     from .errors import ClusterError
 
+    if resume and params.get("algorithm") == "minibatch":
+        raise ValueError("--resume continues a Lloyd fit (--n-init 1); a mini-batch fit writes "
+                         "no checkpoint")
     out = check_fit_outputs(data, out, overwrite=overwrite, resume=resume, with_report=with_report)
     ckpt = store.checkpoint_path(out)
     record = {"params": dict(sorted(params.items())), "data": data_record(data)}
@@ -213,19 +218,23 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
         _same_run(doc, record, ckpt)
         state = {"centers": doc["centers"], "init": doc["init"], "history": doc["history"]}
         _remove_stale_temporaries(out)
-    model = KMeans(**params)
+    model = make_estimator(params)
     check_workers_see([data.path], [out])
-    checkpoint = None
-    if model.algorithm == "lloyd" and model.n_init == 1:
-        def checkpoint(st):
-            store.write_checkpoint(ckpt, st, record)
+    fit_kw = {"callback": callback}
+    if isinstance(model, KMeans):
+        fit_kw["resume"] = state
+        if model.algorithm == "lloyd" and model.n_init == 1:
+            def checkpoint(st):
+                store.write_checkpoint(ckpt, st, record)
+
+            fit_kw["checkpoint"] = checkpoint
     address = _scheduler_address()
     start = time.perf_counter()
     ctx = (performance_report(report_path(out), overwrite=overwrite or resume) if with_report
            else contextlib.nullcontext())
     try:
         with ctx:
-            model.fit(data.images, callback=callback, checkpoint=checkpoint, resume=state)
+            model.fit(data.images, **fit_kw)
             elapsed = time.perf_counter() - start
             save(model, out, data=data_record(data), overwrite=overwrite, inputs=[data.path],
                  extra={"elapsed_s": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -427,7 +436,7 @@ def sweep(data_path, ks, params: dict, out_dir, *, progress=None, overwrite=Fals
     rows = []
     for k in ks:
         t0 = time.perf_counter()
-        model = KMeans(**{**params, "n_clusters": k}).fit(fit_data.images)
+        model = make_estimator({**params, "n_clusters": k}).fit(fit_data.images)
         fit_pred = np.asarray(model.labels_.compute())
         mapping = metrics.majority_mapping(fit_true, fit_pred, k, len(names))
         test_pred = np.asarray(model.predict(test.images).compute())

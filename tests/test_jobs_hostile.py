@@ -19,7 +19,7 @@ import zarr
 from kmeans_dask import datasets, store, workflows
 
 from conftest import ROOT, leftovers, run_job
-from test_store_guards import images_chunk, snapshot
+from test_store_guards import damage_chunk, images_chunk, snapshot
 
 CHUNK = 2000
 STARTED = "scheduler tcp://"  # what a job prints once it has a cluster
@@ -161,19 +161,7 @@ def test_a_failed_refit_leaves_the_old_result_readable(work, scheduler):
 @pytest.mark.parametrize("damage", ["deleted", "swapped", "random bytes"])
 def test_fit_on_a_damaged_store_names_the_chunk(damage, work, scheduler):
     data = work / "data" / "mnist.zarr"
-    target = images_chunk(data, 3)
-    if damage == "deleted":
-        target.unlink()
-        why = "chunk missing (it would read as zeros)"
-    elif damage == "swapped":
-        other = images_chunk(data, 0)
-        a, b = target.read_bytes(), other.read_bytes()
-        target.write_bytes(b)
-        other.write_bytes(a)
-        why = "checksum mismatch"
-    else:
-        target.write_bytes(np.random.default_rng(1).bytes(4096))
-        why = "unreadable (RuntimeError"
+    why = damage_chunk(data, 3, damage, other=0)
     out = work / "out" / "r.zarr"
     res = run_job("fit", "--data", data, "--split", "test", "--k", 10, "--out", out,
                   "--scheduler", scheduler)

@@ -49,6 +49,23 @@ def images_chunk(store_path, i):
     return store_path / "test" / "images" / "c" / str(i) / "0"
 
 
+def damage_chunk(store_path, i: int, how: str, other: int = 1) -> str:
+    """Damage chunk ``i`` of the test images as a disk or a user might; returns the
+    reason the read must give."""
+    target = images_chunk(store_path, i)
+    if how == "deleted":
+        target.unlink()
+        return "chunk missing (it would read as zeros)"
+    if how == "swapped":
+        twin = images_chunk(store_path, other)
+        a, b = target.read_bytes(), twin.read_bytes()
+        target.write_bytes(b)
+        twin.write_bytes(a)
+        return "checksum mismatch"
+    target.write_bytes(np.random.default_rng(0).bytes(5000))
+    return "unreadable (RuntimeError"
+
+
 # --------------------------------------------------------------------------- verified reads
 
 
@@ -64,19 +81,7 @@ def test_every_chunk_has_a_checksum_and_reads_back(data_store):
 
 @pytest.mark.parametrize("damage", ["deleted", "swapped", "random bytes"])
 def test_damaged_chunk_is_an_error_naming_store_array_and_rows(data_store, damage):
-    target = images_chunk(data_store, 3)
-    if damage == "deleted":
-        target.unlink()
-        why = "chunk missing (it would read as zeros)"
-    elif damage == "swapped":
-        other = images_chunk(data_store, 1)
-        a, b = target.read_bytes(), other.read_bytes()
-        target.write_bytes(b)
-        other.write_bytes(a)
-        why = "checksum mismatch"
-    else:
-        target.write_bytes(np.random.default_rng(0).bytes(5000))
-        why = "unreadable"
+    why = damage_chunk(data_store, 3, damage)
     data = store.open_data(data_store, "test")
     where = f"{data_store}/test/images chunk 3 (rows 6000\u20137999): {why}"
     with pytest.raises(StoreError) as err:
