@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     out = workflows.check_fit_outputs(data, args.out, overwrite=args.overwrite,
                                       resume=args.resume, with_report=not args.no_report)
     with _cli.open_client(args):
-        total = args.max_iter if args.algorithm == "lloyd" else None
+        total = params["max_iter"] if args.algorithm == "lloyd" else None
         bar, callback = _cli.iteration_bar(total, f"fit K={args.k}", args.quiet)
         with bar:
             model, path = workflows.fit_store(data, out, params, overwrite=args.overwrite,

@@ -33,24 +33,41 @@ def add_model_options(parser: argparse.ArgumentParser, *, k_required: bool = Tru
     group = parser.add_argument_group("K-Means")
     if k_required:
         group.add_argument("--k", type=int, required=True, help="number of clusters")
-    group.add_argument("--init", default="k-means||", choices=["k-means||", "k-means++", "random"],
-                       help="initialisation (default: %(default)s)")
+    group.add_argument("--init", default=None, choices=["k-means||", "k-means++", "random"],
+                       help="initialisation (default: k-means|| for lloyd, k-means++ on a sample "
+                            "for minibatch)")
     group.add_argument("--algorithm", default="lloyd", choices=["lloyd", "minibatch"],
-                       help="default: %(default)s")
-    group.add_argument("--max-iter", type=int, default=300,
-                       help="Lloyd iterations, or mini-batch passes over the data (default: %(default)s)")
-    group.add_argument("--tol", type=float, default=1e-4,
+                       help="lloyd (KMeans) or minibatch (MiniBatchKMeans); default: %(default)s")
+    group.add_argument("--max-iter", type=int, default=None,
+                       help="Lloyd iterations (default: 300), or mini-batch passes over the data "
+                            "(default: 100)")
+    group.add_argument("--tol", type=float, default=None,
                        help="tolerance on the centre shift, relative to the data's mean variance "
-                            "(default: %(default)s)")
-    group.add_argument("--n-init", type=int, default=1, help="initialisations, best kept (default: 1)")
+                            "(default: 1e-4 for lloyd, 0 for minibatch)")
+    group.add_argument("--n-init", type=int, default=None,
+                       help="initialisations, best kept (default: 1 for lloyd, scikit-learn's "
+                            "'auto' for minibatch)")
     group.add_argument("--batch-size", type=int, default=1024, help="mini-batch rows (default: 1024)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
+# What an option left unset means, per algorithm: the estimator's own defaults.
+DEFAULTS = {
+    "lloyd": {"init": "k-means||", "max_iter": 300, "tol": 1e-4, "n_init": 1},
+    "minibatch": {"init": "k-means++", "max_iter": 100, "tol": 0.0, "n_init": "auto"},
+}
+
+
 def model_params(args) -> dict:
-    params = {"init": args.init, "algorithm": args.algorithm, "max_iter": args.max_iter,
-              "tol": args.tol, "n_init": args.n_init, "batch_size": args.batch_size,
-              "random_state": args.seed}
+    """Estimator parameters from the job's options: for ``--algorithm minibatch``
+    those of :class:`~kmeans_dask.MiniBatchKMeans` (with ``algorithm`` kept as the
+    switch :func:`kmeans_dask.minibatch.make_estimator` reads)."""
+    algorithm = getattr(args, "algorithm", "lloyd")
+    params = {"algorithm": algorithm, "random_state": args.seed}
+    for name, default in DEFAULTS[algorithm].items():
+        value = getattr(args, name, None)
+        params[name] = default if value is None else value
+    params["batch_size"] = args.batch_size
     if getattr(args, "k", None) is not None:
         params["n_clusters"] = args.k
     return params
@@ -58,9 +75,9 @@ def model_params(args) -> dict:
 
 def check_model_params(params: dict) -> None:
     """The estimator's own parameter checks, run before a cluster starts."""
-    from .kmeans import KMeans
+    from .minibatch import make_estimator
 
-    KMeans(**params)._validate_params()
+    make_estimator(params)._validate_params()
 
 
 def iteration_bar(total, desc: str, quiet: bool):

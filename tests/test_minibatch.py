@@ -20,13 +20,17 @@ def blobs(n=600, d=4, seed=0):
 
 
 @pytest.fixture(scope="module")
-def fashion_t10k(tmp_path_factory):
+def fashion_t10k_store(tmp_path_factory):
     """Fashion-MNIST's bundled 10,000 test images, ingested in chunks of 2,500 rows."""
     out = tmp_path_factory.mktemp("mb-store")
     sources = {"test": datasets.resolve_split("fashion-mnist", "test", datasets.BUNDLED_DIR,
                                               download=False)}
-    path = store.ingest("fashion-mnist", out, sources, chunk_rows=2500).path
-    return store.open_data(path, "test").images
+    return store.ingest("fashion-mnist", out, sources, chunk_rows=2500).path
+
+
+@pytest.fixture(scope="module")
+def fashion_t10k(fashion_t10k_store):
+    return store.open_data(fashion_t10k_store, "test").images
 
 
 def test_fetcher_takes_rows_from_every_chunk_in_one_compute():
@@ -222,3 +226,29 @@ def test_inertia_close_to_scikit_learn_on_fashion_mnist(fashion_t10k):
     ref = [SKMiniBatchKMeans(10, batch_size=1024, random_state=s).fit(Xf).inertia_
            for s in range(3)]
     assert np.median(ours) == pytest.approx(np.median(ref), rel=0.02)
+
+
+def test_jobs_build_a_minibatch_estimator(fashion_t10k_store, tmp_path):
+    import argparse
+
+    from kmeans_dask import _cli, load, workflows
+
+    parser = argparse.ArgumentParser()
+    _cli.add_model_options(parser)
+    params = _cli.model_params(parser.parse_args(["--k", "10", "--algorithm", "minibatch"]))
+    assert params == {"algorithm": "minibatch", "init": "k-means++", "max_iter": 100, "tol": 0.0,
+                      "n_init": "auto", "batch_size": 1024, "random_state": 0, "n_clusters": 10}
+    lloyd = _cli.model_params(parser.parse_args(["--k", "10"]))
+    assert lloyd == {"algorithm": "lloyd", "init": "k-means||", "max_iter": 300, "tol": 1e-4,
+                     "n_init": 1, "batch_size": 1024, "random_state": 0, "n_clusters": 10}
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        _cli.check_model_params({**params, "batch_size": 0})
+    data = store.open_data(fashion_t10k_store, "test")
+    model, path = workflows.fit_store(data, tmp_path / "mb.zarr", params, with_report=False)
+    assert isinstance(model, MiniBatchKMeans)
+    back = load(path)
+    np.testing.assert_array_equal(back.cluster_centers_, model.cluster_centers_)
+    np.testing.assert_array_equal(back.labels_.compute(), model.labels_.compute())
+    assert back.n_steps_ == model.n_steps_ and back.inertia_ == model.inertia_
+    with pytest.raises(ValueError, match="--resume continues a Lloyd fit"):
+        workflows.fit_store(data, tmp_path / "mb2.zarr", params, with_report=False, resume=True)
