@@ -136,6 +136,7 @@ def run(args, scratch):
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from kmeans_dask import KMeans
+    from kmeans_dask import MiniBatchKMeans as MiniBatchKMeansDask
     from kmeans_dask._passes import ChunkedRows
     from kmeans_dask._resident import ResidentRows
     from kmeans_dask.kmeans import _regroup
@@ -235,7 +236,7 @@ def run(args, scratch):
                 t, km = timed(lambda: KMeans(k, random_state=0).fit(Xp), 1)
                 res["kmeans_dask"].update(default_fit_s=t, default_n_iter=km.n_iter_,
                                           default_inertia=inertia_of(Xf64, km.cluster_centers_))
-                t, km = timed(lambda: KMeans(k, algorithm="minibatch", random_state=0).fit(Xp), 1)
+                t, km = timed(lambda: MiniBatchKMeansDask(k, random_state=0).fit(Xp), 1)
                 res["kmeans_dask_minibatch"] = {
                     "default_fit_s": t, "default_n_steps": km.n_steps_,
                     "default_inertia": inertia_of(Xf64, km.cluster_centers_)}

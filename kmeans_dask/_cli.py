@@ -47,7 +47,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, k_required: bool = Tru
     group.add_argument("--n-init", type=int, default=None,
                        help="initialisations, best kept (default: 1 for lloyd, scikit-learn's "
                             "'auto' for minibatch)")
-    group.add_argument("--batch-size", type=int, default=1024, help="mini-batch rows (default: 1024)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="mini-batch rows (--algorithm minibatch; default: 1024)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
@@ -67,7 +68,11 @@ def model_params(args) -> dict:
     for name, default in DEFAULTS[algorithm].items():
         value = getattr(args, name, None)
         params[name] = default if value is None else value
-    params["batch_size"] = args.batch_size
+    batch_size = getattr(args, "batch_size", None)
+    if algorithm == "minibatch":
+        params["batch_size"] = 1024 if batch_size is None else batch_size
+    elif batch_size is not None:
+        raise ValueError("--batch-size is a mini-batch option; add --algorithm minibatch")
     if getattr(args, "k", None) is not None:
         params["n_clusters"] = args.k
     return params

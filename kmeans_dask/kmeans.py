@@ -1,4 +1,4 @@
-"""The K-Means estimator: validation, the Lloyd and mini-batch loops.
+"""The K-Means estimator: validation and the Lloyd loop (mini-batch: minibatch.py).
 
 Follows scikit-learn's conventions: parameters stored unchanged in
 ``__init__`` and checked in ``fit``; learned state in trailing-underscore
@@ -28,7 +28,7 @@ from .init import INITS
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("lloyd", "minibatch")
+ALGORITHMS = ("lloyd",)
 DTYPES = (np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -46,22 +46,13 @@ class KMeans(ClusterMixin, BaseEstimator):
     n_init : int, default=1
         Number of initialisations; the run with the lowest inertia is kept.
     max_iter : int, default=300
-        Lloyd: maximum iterations.  Mini-batch: maximum passes over the data
-        (``max_iter * n_samples // batch_size`` steps), as scikit-learn's
-        MiniBatchKMeans.
+        Maximum Lloyd iterations.
     tol : float, default=1e-4
         Convergence tolerance on the sum of squared centre shifts, relative to
         the mean per-feature variance of the data (scikit-learn's definition).
         ``tol=0`` iterates until the centres stop moving.
-    algorithm : {"lloyd", "minibatch"}, default="lloyd"
-    batch_size : int, default=1024
-        Rows per mini-batch (mini-batch only).
-    max_no_improvement : int, default=10
-        Mini-batch early stopping: steps without improvement of the smoothed
-        batch inertia before stopping; None disables it.
-    reassignment_ratio : float, default=0.01
-        Mini-batch: centres whose accumulated weight falls below this
-        fraction of the largest are moved to random rows of the batch.
+    algorithm : {"lloyd"}, default="lloyd"
+        The only one; mini-batch K-Means is :class:`kmeans_dask.MiniBatchKMeans`.
     random_state : int, RandomState instance or None, default=None
     scale : "auto" or float, default="auto"
         Multiplier applied to rows inside the kernels: 1/255 for uint8 images
@@ -108,12 +99,12 @@ class KMeans(ClusterMixin, BaseEstimator):
         Sum of (weighted) squared distances of the rows to their nearest
         final centre.
     n_iter_ : int
-        Lloyd iterations run (mini-batch: passes over the data, rounded up).
+        Lloyd iterations run.
     n_steps_ : int
-        Mini-batch steps run (equal to ``n_iter_`` for Lloyd).
+        Equal to ``n_iter_`` (named as MiniBatchKMeans's steps).
     history_ : list of dict
-        Per iteration (or mini-batch step): ``inertia`` (with the centres the
-        step started from; for mini-batch, of the batch), ``center_shift``,
+        Per iteration: ``inertia`` (with the centres the iteration started
+        from), ``center_shift``,
         ``seconds`` and ``relocated`` (empty clusters moved).
     init_centers_ : ndarray of shape (n_clusters, n_features)
         The initial centres of the kept run (float64).
@@ -133,8 +124,7 @@ class KMeans(ClusterMixin, BaseEstimator):
     """
 
     def __init__(self, n_clusters=8, *, init="k-means||", n_init=1, max_iter=300, tol=1e-4,
-                 algorithm="lloyd", batch_size=1024, max_no_improvement=10,
-                 reassignment_ratio=0.01, random_state=None, scale="auto",
+                 algorithm="lloyd", random_state=None, scale="auto",
                  oversampling_factor=2.0, init_rounds=5, persist="auto", task_rows="auto",
                  block_rows=_kernels.DEFAULT_BLOCK_ROWS, split_every=DEFAULT_SPLIT_EVERY,
                  resident="auto"):
@@ -144,9 +134,6 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.algorithm = algorithm
-        self.batch_size = batch_size
-        self.max_no_improvement = max_no_improvement
-        self.reassignment_ratio = reassignment_ratio
         self.random_state = random_state
         self.scale = scale
         self.oversampling_factor = oversampling_factor
@@ -177,13 +164,10 @@ class KMeans(ClusterMixin, BaseEstimator):
         integer("n_clusters", 1)
         integer("n_init", 1)
         integer("max_iter", 1)
-        integer("batch_size", 1)
-        integer("max_no_improvement", 0, allow_none=True)
         integer("init_rounds", 0)
         integer("block_rows", 1)
         integer("split_every", 2)
         real("tol", 0.0)
-        real("reassignment_ratio", 0.0)
         real("oversampling_factor", 0.0, strict=True)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
@@ -296,9 +280,8 @@ class KMeans(ClusterMixin, BaseEstimator):
             if not np.isfinite(init).all():
                 raise ValueError("init array contains NaN or infinity")
         if resume is not None:
-            if self.algorithm != "lloyd" or self.n_init != 1:
-                raise ValueError("resume needs algorithm='lloyd' and n_init=1, got "
-                                 f"algorithm={self.algorithm!r}, n_init={self.n_init}")
+            if self.n_init != 1:
+                raise ValueError(f"resume needs n_init=1, got n_init={self.n_init}")
             if np.shape(resume["centers"]) != (self.n_clusters, d):
                 raise ValueError(f"resume centres have shape {np.shape(resume['centers'])}, "
                                  f"expected ({self.n_clusters}, {d})")
@@ -318,7 +301,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         mean_var = float(np.mean(stats["sumsq"] / n - (stats["sum"] / n) ** 2))
         self._tol = self.tol * mean_var
         rng = check_random_state(self.random_state)
-        driver = self._lloyd_driver(rows, persisted) if self.algorithm == "lloyd" else rows
+        driver = self._lloyd_driver(rows, persisted)
         try:
             best = self._best_run(init, rows, driver, rng, callback, checkpoint, resume)
         finally:
@@ -351,10 +334,7 @@ class KMeans(ClusterMixin, BaseEstimator):
                          time.perf_counter() - t0)
             else:
                 centers = init.copy()
-            if self.algorithm == "lloyd":
-                result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
-            else:
-                result = _minibatch(self, rows, centers, rng, callback)
+            result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
             log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
                      result["inertia"], result["n_iter"])
             result["init"] = np.asarray(centers, dtype=np.float64)
@@ -571,64 +551,6 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
     inertia = float(driver.lloyd(centers)["inertia"])
     return {"centers": centers, "inertia": inertia, "n_iter": n_iter, "n_steps": n_iter,
             "history": history}
-
-
-def _minibatch(est: KMeans, rows: ChunkedRows, centers, rng, callback) -> dict:
-    """Sculley's mini-batch K-Means with scikit-learn's per-centre learning rates."""
-    centers = np.asarray(centers, dtype=np.float64).copy()
-    n, k = rows.n, centers.shape[0]
-    batch = min(est.batch_size, n)
-    n_steps = max(1, (est.max_iter * n) // batch)
-    weight_sums = np.zeros(k)
-    alpha = min(1.0, 2.0 * batch / (n + 1))
-    ewa = None
-    ewa_min = np.inf
-    no_improvement = 0
-    since_reassign = 0
-    history = []
-    step = 0
-    for step in range(1, n_steps + 1):
-        t0 = time.perf_counter()
-        idx = rng.randint(0, n, batch)
-        part = rows.batch(centers, idx)
-        got = part["counts"] > 0
-        new = centers.copy()
-        total = weight_sums[got] + part["counts"][got]
-        new[got] = (centers[got] * weight_sums[got, None] + part["sums"][got]) / total[:, None]
-        weight_sums[got] = total
-        relocated = 0
-        since_reassign += batch
-        if est.reassignment_ratio > 0 and ((weight_sums == 0).any() or since_reassign >= 10 * k):
-            since_reassign = 0
-            low = np.flatnonzero(weight_sums < est.reassignment_ratio * weight_sums.max())
-            low = low[: batch // 2]
-            if low.size and step > 1:
-                new[low] = rows.take(rng.choice(idx, size=low.size, replace=False))
-                weight_sums[low] = weight_sums[np.setdiff1d(np.arange(k), low)].min(initial=1.0)
-                relocated = int(low.size)
-        shift = float(((new - centers) ** 2).sum())
-        centers = new
-        batch_inertia = float(part["inertia"]) / batch
-        record = {"iteration": step, "inertia": batch_inertia, "center_shift": shift,
-                  "seconds": time.perf_counter() - t0, "relocated": relocated}
-        history.append(record)
-        if callback is not None:
-            callback(record)
-        if est._tol > 0 and shift <= est._tol:
-            log.info("mini-batch converged at step %d: centre shift %.3g", step, shift)
-            break
-        ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
-        if ewa < ewa_min:
-            no_improvement, ewa_min = 0, ewa
-        else:
-            no_improvement += 1
-        if est.max_no_improvement is not None and no_improvement >= est.max_no_improvement:
-            log.info("mini-batch stopped at step %d: no improvement of the smoothed inertia "
-                     "in %d steps", step, no_improvement)
-            break
-    inertia = float(rows.lloyd(centers)["inertia"])
-    return {"centers": centers, "inertia": inertia, "n_iter": math.ceil(step * batch / n),
-            "n_steps": step, "history": history}
 
 
 # ---------------------------------------------------------------------- persistence

@@ -343,7 +343,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
             smoothed = ewa["ewa"] if ewa["ewa"] is not None else history[-1]["inertia"]
             self.inertia_ = float(smoothed * total)
         self.fit_seconds_ = time.perf_counter() - start
-        log.info("mini-batch K=%d: %d steps (%d round trips of up to %d batches), inertia %.6g, "
+        log.info("mini-batch K=%d: %d steps (%d fetches of up to %d batches), inertia %.6g, "
                  "%.2f s", self.n_clusters, step, fetch.calls, per_round, self.inertia_,
                  self.fit_seconds_)
         return self

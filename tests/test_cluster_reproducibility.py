@@ -14,6 +14,8 @@ pytestmark = pytest.mark.cluster
 @pytest.mark.parametrize("init, algorithm", [("k-means||", "lloyd"), ("k-means++", "minibatch")])
 def test_same_centres_on_one_two_and_three_workers(dask_processes, fashion_test_small_chunks,
                                                     init, algorithm):
+    from kmeans_dask import MiniBatchKMeans
+
     address = dask_processes.start_scheduler()
     results = []
     for n_workers in (1, 2, 3, 3):  # the last one repeats the run on the same cluster
@@ -23,8 +25,11 @@ def test_same_centres_on_one_two_and_three_workers(dask_processes, fashion_test_
             client.wait_for_workers(n_workers, timeout=60)
             assert len(client.scheduler_info()["workers"]) == n_workers
             X = store.open_data(fashion_test_small_chunks, "test").images
-            km = KMeans(10, init=init, algorithm=algorithm, random_state=0, max_iter=30,
-                        batch_size=512, task_rows=1500).fit(X)
+            if algorithm == "lloyd":
+                km = KMeans(10, init=init, random_state=0, max_iter=30, task_rows=1500).fit(X)
+            else:
+                km = MiniBatchKMeans(10, init=init, random_state=0, max_iter=30,
+                                     batch_size=512).fit(X)
             assert km.labels_.chunks == X.chunks[:1]
             results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
             if n_workers == 2 and algorithm == "lloyd":

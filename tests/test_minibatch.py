@@ -8,7 +8,7 @@ import pytest
 from distributed import Client, LocalCluster
 from sklearn.cluster import MiniBatchKMeans as SKMiniBatchKMeans
 
-from kmeans_dask import MiniBatchKMeans, datasets, store
+from kmeans_dask import KMeans, MiniBatchKMeans, datasets, store
 from kmeans_dask import minibatch as mb
 from kmeans_dask._passes import ChunkedRows
 
@@ -240,7 +240,12 @@ def test_jobs_build_a_minibatch_estimator(fashion_t10k_store, tmp_path):
                       "n_init": "auto", "batch_size": 1024, "random_state": 0, "n_clusters": 10}
     lloyd = _cli.model_params(parser.parse_args(["--k", "10"]))
     assert lloyd == {"algorithm": "lloyd", "init": "k-means||", "max_iter": 300, "tol": 1e-4,
-                     "n_init": 1, "batch_size": 1024, "random_state": 0, "n_clusters": 10}
+                     "n_init": 1, "random_state": 0, "n_clusters": 10}
+    with pytest.raises(ValueError, match="--batch-size is a mini-batch option"):
+        _cli.model_params(parser.parse_args(["--k", "10", "--batch-size", "64"]))
+    assert not hasattr(KMeans(), "batch_size")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        KMeans(2, algorithm="minibatch").fit(blobs())
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         _cli.check_model_params({**params, "batch_size": 0})
     data = store.open_data(fashion_t10k_store, "test")
