@@ -207,13 +207,13 @@ def _replace(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(final, kind: str, *, overwrite: bool = False, inputs=(), record=None):
+def output_dir(final, kind: str, *, overwrite: bool = False, inputs=()):
     """A directory output (evaluation, sweep): written in a temporary directory that
     gets a ``kmeans-dask.json`` manifest naming its kind and is renamed when complete."""
     with atomic_path(final, kind, overwrite=overwrite, inputs=inputs) as tmp:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps(
-            {"format": kind, "schema_version": SCHEMA_VERSION, **(record or {})}, indent=1))
+            {"format": kind, "schema_version": SCHEMA_VERSION}, indent=1))
 
 
 def _umask() -> int:
@@ -227,10 +227,10 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def write_text(path, text: str, kind: str | None = None, *, overwrite: bool = True) -> Path:
+def write_text(path, text: str) -> Path:
     """Replace a small file atomically (temporary file, fsync, rename), readable as
-    the umask says.  With ``kind``, :func:`check_output` guards ``path`` first."""
-    path = absolute(path) if kind is None else check_output(path, kind, overwrite=overwrite)
+    the umask says."""
+    path = absolute(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

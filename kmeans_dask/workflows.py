@@ -23,7 +23,7 @@ import numpy as np
 from . import metrics, plots, store
 from .cluster import active_client
 from .errors import StoreError
-from .kmeans import KMeans, from_result, load, save
+from .kmeans import KMeans, from_result, save
 from .minibatch import make_estimator
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,8 @@ def check_same_data(result_attrs: dict, data: store.DataSplit, result_path, *,
 def predict_store(result_path, data_path, split: str, out, *, overwrite=False,
                   allow_other_data=False) -> Path:
     """Label every row of ``data_path``/``split`` with a fitted result; write LABELS.zarr."""
-    model = load(result_path)
     result = store.read_result(result_path)
+    model = from_result(result)
     data = store.open_data(data_path, split)
     check_same_data(result.attrs, data, result_path, allow_other_data=allow_other_data)
     inputs = [result.path, data.path]
