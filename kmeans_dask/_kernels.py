@@ -7,8 +7,8 @@ Every function here takes one chunk of the data (``X`` of shape (m, d), dtype
 uint8, float32 or float64, plus optional per-row weights) and returns small
 results: per-centre sums and weights, labels, distances, a few sampled rows.
 The Dask graphs that call them live in :mod:`kmeans_dask._passes`; the
-worker-resident actors that keep a :class:`ChunkState` between Lloyd
-iterations, in :mod:`kmeans_dask._resident`.
+engine that keeps a :class:`ChunkState` per chunk on the workers between
+Lloyd iterations, in :mod:`kmeans_dask.engine`.
 
 Design notes (why, not what):
 
@@ -318,14 +318,15 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
         ``n`` rows, ``w`` total weight, ``sum`` and ``sumsq`` (d,) unweighted
         per-feature sums of x and x^2 (for the tolerance, as scikit-learn
         scales it by the unweighted variance), ``sqnorm`` the weighted
-        ``sum w |x|^2`` (for inertia), and ``bad`` the number of non-finite
+        ``sum w |x|^2`` (for inertia), ``absmax`` the largest scaled
+        ``|x|`` (bounds every sum, :mod:`kmeans_dask.engine`), and ``bad`` the number of non-finite
         values (float input only) and ``negative`` the number of negative
         weights.
     """
     _check_chunk(X, weights)
     m, d = X.shape
     out = {"n": m, "w": 0.0, "sum": np.zeros(d), "sumsq": np.zeros(d), "sqnorm": 0.0,
-           "bad": 0, "negative": 0}
+           "absmax": 0.0, "bad": 0, "negative": 0}
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         out["negative"] = int(np.count_nonzero(~(weights >= 0)))
@@ -338,6 +339,7 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
         out["bad"] = int(m * d - np.count_nonzero(np.isfinite(X)))
         if out["bad"]:
             return out
+    out["absmax"] = float(np.abs(X).max() if X.dtype.kind == "f" else X.max()) * abs(scale)
     sq = np.empty((min(block_rows, m), d), dtype=np.float64)
     # float64 throughout: these sums must agree with the exact per-centre sums.
     for start, stop, x in _Blocks(X, scale, block_rows, np.float64):

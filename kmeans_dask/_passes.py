@@ -22,9 +22,7 @@ import dask.array as da
 import numpy as np
 from dask import delayed
 
-from . import _kernels
-
-DEFAULT_SPLIT_EVERY = 8
+from . import _kernels, config
 
 
 def task(fn):
@@ -95,19 +93,19 @@ class ChunkedRows:
     weights : dask.array.Array or None
     scale : float
         Multiplier applied to rows inside the kernels.
-    block_rows : int
-        Rows per block inside a kernel.
-    split_every : int
-        Fan-in of the reduction tree.
+    block_rows, split_every : int, optional
+        Rows per block inside a kernel, and fan-in of the reduction trees;
+        by default the ``kmeans_dask.block-rows`` and ``kmeans_dask.split-every``
+        config values (:mod:`kmeans_dask.config`).
     """
 
-    def __init__(self, X: da.Array, weights, *, scale: float, block_rows: int,
-                 split_every: int = DEFAULT_SPLIT_EVERY):
+    def __init__(self, X: da.Array, weights, *, scale: float, block_rows: int | None = None,
+                 split_every: int | None = None):
         self.X = X
         self.weights = weights
         self.scale = float(scale)
-        self.block_rows = int(block_rows)
-        self.split_every = int(split_every)
+        self.block_rows = int(block_rows or config.get("block-rows"))
+        self.split_every = int(split_every or config.get("split-every"))
         self.n, self.d = X.shape
         self.row_chunks = X.chunks[0]
         self.offsets = np.concatenate([[0], np.cumsum(self.row_chunks)]).astype(np.int64)
@@ -144,28 +142,13 @@ class ChunkedRows:
         parts = dask.compute(*tasks)
         self.chunk_sqnorm = [p["sqnorm"] for p in parts]
         total = _kernels.add(*parts)
+        total["absmax"] = max(p["absmax"] for p in parts)
         total["bad_chunk"] = next((i for i, p in enumerate(parts) if p["bad"]), None)
         total["negative_chunk"] = next((i for i, p in enumerate(parts) if p["negative"]), None)
         return total
 
-    def lloyd(self, centers: np.ndarray, kernel=_kernels.lloyd_chunk) -> dict:
-        """Assign every row to ``centers``; return summed ``sums``, ``counts``, ``inertia``.
-
-        ``kernel`` exists for the benchmark, which times the orchestration
-        alone by passing a kernel that does no work.
-        """
-        name = f"kmeans-lloyd-{uuid.uuid4().hex}"
-        c = self._broadcast(centers, name)
-        sq = self.chunk_sqnorm or [0.0] * self.nchunks
-        parts = [
-            task(kernel)(b, c, w, sqnorm=sq[i],
-                                                      dask_key_name=(name, i), **self._kw())
-            for i, (b, w) in enumerate(zip(self._blocks, self._wblocks))
-        ]
-        return reduce_on_client(parts, _kernels.add, self.split_every, name)
-
     def batch(self, centers: np.ndarray, rows: np.ndarray) -> dict:
-        """Like :meth:`lloyd`, on the global row indices ``rows`` only (a mini-batch).
+        """Partial sums, weights and inertia (:func:`_kernels.lloyd_chunk`) of the global row indices ``rows`` only (a mini-batch).
 
         Each chunk gathers its own sampled rows; only chunks holding some take part.
         """

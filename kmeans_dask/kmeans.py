@@ -2,9 +2,11 @@
 
 Follows scikit-learn's conventions: parameters stored unchanged in
 ``__init__`` and checked in ``fit``; learned state in trailing-underscore
-attributes.  The work on the data is done by :mod:`kmeans_dask._passes`
-(graphs) and :mod:`kmeans_dask._kernels` (NumPy per chunk); this module only
-decides what to compute next from k x d numbers.
+attributes.  The Lloyd passes run in :mod:`kmeans_dask.engine` (state on the
+workers), one-time passes in :mod:`kmeans_dask._passes` (graphs), and the
+arithmetic in :mod:`kmeans_dask._kernels` (NumPy per chunk); this module only
+decides what to compute next from k x d numbers.  Tuning knobs that do not
+change results are ``dask.config`` keys (:mod:`kmeans_dask.config`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
-from . import _kernels, store
-from ._passes import DEFAULT_SPLIT_EVERY, ChunkedRows
+from . import _kernels, config, store
+from ._passes import ChunkedRows
+from .engine import Engine
 from .cluster import active_client, worker_info
 from .init import INITS
 
@@ -65,29 +68,15 @@ class KMeans(ClusterMixin, BaseEstimator):
         Keep the rows in worker memory between passes ("auto": when they take
         at most half the cluster's memory); otherwise every pass reads them
         again from their source (for example a Zarr store).
-    task_rows : "auto" or int, default="auto"
-        Rows handled by one task per pass when the rows are persisted.
-        Input chunks smaller than this are merged before persisting so each
-        pass runs a few well-sized tasks: Dask's per-task cost is a large
-        share of a cheap iteration.  "auto" aims at about 32 MiB of input per
-        task; the grouping depends only on the data's shape, never on the
-        cluster, so results stay reproducible on any number of workers.
-        Streamed rows keep their source's chunks.
-    block_rows : int, default=256
-        Rows converted to float and multiplied at a time inside a task.
-    split_every : int, default=8
-        Fan-in of the tree that adds the per-chunk partial sums.
-    resident : {"auto", True, False}, default="auto"
-        Lloyd on a ``distributed`` cluster with persisted rows: keep each
-        chunk's state (labels and Yinyang distance bounds, so rows whose
-        centre provably did not change are skipped) on the worker holding
-        it, in one actor per worker, and call those actors directly each
-        iteration instead of sending a task graph through the scheduler.
-        "auto" does so when the rows are persisted in at most 32 chunks
-        (each chunk's partial sums travel to the client every iteration) and
-        a client is active, and falls back to task graphs if the actors
-        cannot be reached.
-        Results are identical either way.
+
+    Notes
+    -----
+    Every Lloyd iteration is one task per worker (``kmeans-lloyd`` on the
+    dashboard) over the chunks that worker holds, with each chunk's labels
+    and Yinyang bounds kept on it between iterations
+    (:mod:`kmeans_dask.engine`).  Results are the same bit for bit on any
+    number of workers.  How rows are cut into work is set by ``dask.config``
+    keys (:mod:`kmeans_dask.config`), not by parameters.
 
     Attributes
     ----------
@@ -104,8 +93,9 @@ class KMeans(ClusterMixin, BaseEstimator):
         Equal to ``n_iter_`` (named as MiniBatchKMeans's steps).
     history_ : list of dict
         Per iteration: ``inertia`` (with the centres the iteration started
-        from), ``center_shift``,
-        ``seconds`` and ``relocated`` (empty clusters moved).
+        from), ``center_shift``, ``seconds``, ``relocated`` (empty clusters
+        moved), ``changed`` (rows that changed centre) and ``skipped`` (the
+        share of row-centre distances the bounds made unnecessary).
     init_centers_ : ndarray of shape (n_clusters, n_features)
         The initial centres of the kept run (float64).
     scale_ : float
@@ -125,9 +115,7 @@ class KMeans(ClusterMixin, BaseEstimator):
 
     def __init__(self, n_clusters=8, *, init="k-means||", n_init=1, max_iter=300, tol=1e-4,
                  algorithm="lloyd", random_state=None, scale="auto",
-                 oversampling_factor=2.0, init_rounds=5, persist="auto", task_rows="auto",
-                 block_rows=_kernels.DEFAULT_BLOCK_ROWS, split_every=DEFAULT_SPLIT_EVERY,
-                 resident="auto"):
+                 oversampling_factor=2.0, init_rounds=5, persist="auto"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -139,10 +127,6 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.oversampling_factor = oversampling_factor
         self.init_rounds = init_rounds
         self.persist = persist
-        self.task_rows = task_rows
-        self.block_rows = block_rows
-        self.split_every = split_every
-        self.resident = resident
 
     # ------------------------------------------------------------------ validation
 
@@ -165,8 +149,6 @@ class KMeans(ClusterMixin, BaseEstimator):
         integer("n_init", 1)
         integer("max_iter", 1)
         integer("init_rounds", 0)
-        integer("block_rows", 1)
-        integer("split_every", 2)
         real("tol", 0.0)
         real("oversampling_factor", 0.0, strict=True)
         if self.algorithm not in ALGORITHMS:
@@ -177,12 +159,8 @@ class KMeans(ClusterMixin, BaseEstimator):
                                  f"(n_clusters, n_features), got {self.init!r}")
         if self.scale != "auto":
             real("scale", 0.0, strict=True)
-        if self.task_rows != "auto":
-            integer("task_rows", 1)
         if self.persist not in ("auto", True, False):
             raise ValueError(f"persist must be 'auto', True or False, got {self.persist!r}")
-        if self.resident not in ("auto", True, False):
-            raise ValueError(f"resident must be 'auto', True or False, got {self.resident!r}")
 
     def _check_X(self, X, *, fitting: bool) -> da.Array:
         if isinstance(X, da.Array):
@@ -234,8 +212,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         return float(self.scale)
 
     def _rows(self, X, w, scale) -> ChunkedRows:
-        return ChunkedRows(X, w, scale=scale, block_rows=self.block_rows,
-                           split_every=self.split_every)
+        return ChunkedRows(X, w, scale=scale)
 
     # ------------------------------------------------------------------ fit
 
@@ -289,7 +266,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         input_chunks = X.chunks[0]
         persisted = self._should_persist(X)
         if persisted:
-            X, w = _persist(*_regroup(X, w, self.task_rows))
+            X, w = _persist(*_regroup(X, w, config.get("task-bytes")))
         else:
             # Streamed from its source each pass: keep the source's chunks, so a task
             # holds one chunk at a time and nothing waits in memory to be merged.
@@ -301,11 +278,14 @@ class KMeans(ClusterMixin, BaseEstimator):
         mean_var = float(np.mean(stats["sumsq"] / n - (stats["sum"] / n) ** 2))
         self._tol = self.tol * mean_var
         rng = check_random_state(self.random_state)
-        driver = self._lloyd_driver(rows, persisted)
+        engine = Engine.create(rows, stats, persisted=persisted)
         try:
-            best = self._best_run(init, rows, driver, rng, callback, checkpoint, resume)
+            best = self._best_run(init, rows, engine, rng, callback, checkpoint, resume)
+            # The final pass left every chunk's labels for the kept centres in its
+            # state (for the last run; another run's are computed again).
+            labels = engine.labels(best["centers"])
         finally:
-            _close(driver)
+            engine.close()
         dtype = _kernels.compute_dtype(X.dtype)
         self.cluster_centers_ = best["centers"].astype(dtype)
         self.init_centers_ = best["init"]
@@ -315,12 +295,11 @@ class KMeans(ClusterMixin, BaseEstimator):
         self.history_ = best["history"]
         self.scale_ = scale
         self.n_features_in_ = d
-        labels = rows.predict(self.cluster_centers_)
         self.labels_ = labels if labels.chunks[0] == input_chunks else labels.rechunk((input_chunks,))
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def _best_run(self, init, rows: ChunkedRows, driver, rng, callback, checkpoint, resume) -> dict:
+    def _best_run(self, init, rows: ChunkedRows, engine, rng, callback, checkpoint, resume) -> dict:
         """``n_init`` runs from their initial centres; the one with the lowest inertia."""
         best = None
         for run in range(self.n_init):
@@ -334,39 +313,13 @@ class KMeans(ClusterMixin, BaseEstimator):
                          time.perf_counter() - t0)
             else:
                 centers = init.copy()
-            result = _lloyd(self, rows, centers, callback, checkpoint, resume, driver)
+            result = _lloyd(self, rows, engine, centers, callback, checkpoint, resume)
             log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, self.n_init,
                      result["inertia"], result["n_iter"])
             result["init"] = np.asarray(centers, dtype=np.float64)
             if best is None or result["inertia"] < best["inertia"]:
                 best = result
         return best
-
-    def _lloyd_driver(self, rows: ChunkedRows, persisted: bool):
-        """What runs a Lloyd pass: worker-resident actors when possible, else ``rows``."""
-        from . import _resident
-
-        client = active_client()
-        if self.resident is False or not persisted or client is None:
-            if self.resident is True:
-                raise ValueError("resident=True needs a distributed client and persisted rows")
-            return rows
-        if self.resident == "auto" and rows.nchunks > _resident.MAX_CHUNKS:
-            # Every chunk's k x d partial travels to the client on this path;
-            # past this many, the task graph's tree on the workers is cheaper.
-            log.info("%d row chunks: Lloyd passes as task graphs (the resident path sends "
-                     "one partial per chunk to the client)", rows.nchunks)
-            return rows
-        try:
-            return _resident.ResidentRows(client, rows)
-        except (ValueError, TypeError):
-            raise
-        except Exception as exc:
-            if self.resident is True:
-                raise
-            log.warning("worker-resident Lloyd unavailable (%s: %s); using task graphs",
-                        type(exc).__name__, exc)
-            return rows
 
     def _initial_centers(self, init: str, rows: ChunkedRows, rng) -> np.ndarray:
         if init == "k-means||":
@@ -413,8 +366,13 @@ class KMeans(ClusterMixin, BaseEstimator):
     def score(self, X, y=None, sample_weight=None) -> float:
         """Opposite of the inertia of ``X`` with the fitted centres."""
         rows = self._fitted_rows(X, sample_weight)
-        _check_stats(rows.stats(), rows)
-        return -float(rows.lloyd(self.cluster_centers_)["inertia"])
+        stats = rows.stats()
+        _check_stats(stats, rows)
+        engine = Engine.create(rows, stats, persisted=False)
+        try:
+            return -float(engine.lloyd(self.cluster_centers_)["inertia"])
+        finally:
+            engine.close()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -426,15 +384,13 @@ def _default_rows(X: np.ndarray) -> int:
     return max(1, min(max(1, 8_000_000 // per_row), math.ceil(X.shape[0] / 2)))
 
 
-TASK_BYTES = 32 * 2**20
+def _regroup(X: da.Array, w, task_bytes: int):
+    """Merge small row chunks into chunks of about ``task_bytes``.
 
-
-def _regroup(X: da.Array, w, task_rows):
-    """Merge small row chunks so each task handles about ``task_rows`` rows."""
+    The grouping depends only on the data's shape, never on the cluster.
+    """
     n = X.shape[0]
-    if task_rows == "auto":
-        row_bytes = max(1, X.shape[1] * X.dtype.itemsize)
-        task_rows = max(1, TASK_BYTES // row_bytes)
+    task_rows = max(1, task_bytes // max(1, X.shape[1] * X.dtype.itemsize))
     if max(X.chunks[0]) >= task_rows or len(X.chunks[0]) == 1:
         return X, w
     groups = math.ceil(n / task_rows)
@@ -506,16 +462,13 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
     return new, int(empty.size), stuck
 
 
-def _close(driver) -> None:
-    close = getattr(driver, "close", None)
-    if close is not None:
-        close()
+def _lloyd(est: KMeans, rows: ChunkedRows, engine: Engine, init, callback, checkpoint=None,
+           resume=None) -> dict:
+    """Lloyd iterations from ``init``; ``engine`` runs the passes, ``rows`` the rare others.
 
-
-def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resume=None,
-           driver=None) -> dict:
-    """Lloyd iterations; ``driver`` (default ``rows``) runs the assignment passes."""
-    driver = rows if driver is None else driver
+    The last pass, with the final centres, gives the inertia and leaves the
+    labels in the engine's per-chunk states.
+    """
     centers = np.asarray(init, dtype=np.float64)
     history = []
     if resume is not None:
@@ -525,11 +478,13 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
     done = bool(history) and history[-1]["center_shift"] <= est._tol
     for n_iter in range(len(history) + 1, est.max_iter + 1 if not done else 0):
         t0 = time.perf_counter()
-        part = driver.lloyd(centers)
+        part = engine.lloyd(centers, n_iter)
         new, relocated, stuck = _new_centers(rows, centers, part)
         shift = float(((new - centers) ** 2).sum())
         record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
-                  "seconds": time.perf_counter() - t0, "relocated": relocated}
+                  "seconds": time.perf_counter() - t0, "relocated": relocated,
+                  "changed": int(part["changed"]),
+                  "skipped": 1.0 - part["pairs"] / max(1, part["rows"] * len(centers))}
         history.append(record)
         log.debug("iteration %d: inertia %.6g, shift %.3g, rows recomputed %s", n_iter,
                   record["inertia"], shift, part.get("computed", "all"))
@@ -548,7 +503,7 @@ def _lloyd(est: KMeans, rows: ChunkedRows, init, callback, checkpoint=None, resu
             break
     n_iter = len(history)
     # Inertia of the final centres, as scikit-learn reports it.
-    inertia = float(driver.lloyd(centers)["inertia"])
+    inertia = float(engine.lloyd(centers, n_iter + 1)["inertia"])
     return {"centers": centers, "inertia": inertia, "n_iter": n_iter, "n_steps": n_iter,
             "history": history}
 

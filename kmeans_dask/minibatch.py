@@ -40,7 +40,7 @@ from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
 from . import _kernels
-from ._passes import DEFAULT_SPLIT_EVERY, ChunkedRows, task
+from ._passes import ChunkedRows, task
 from .init import INITS
 from .kmeans import KMeans, _check_stats, _memory_budget, _persist
 
@@ -120,8 +120,6 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
     """
 
     # Used by the methods borrowed from KMeans (predict, transform, score).
-    block_rows = _kernels.DEFAULT_BLOCK_ROWS
-    split_every = DEFAULT_SPLIT_EVERY
 
     def __init__(self, n_clusters=8, *, init="k-means++", max_iter=100, batch_size=1024,
                  tol=0.0, max_no_improvement=10, init_size=None, n_init="auto",
@@ -416,8 +414,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
                 x_init, w_init = x, weights
             if isinstance(init, str) and init == "k-means||":
                 rows = ChunkedRows(da.from_array(x_init, chunks=(len(x_init), -1)),
-                                   da.from_array(w_init, chunks=len(w_init)), scale=1.0,
-                                   block_rows=self.block_rows)
+                                   da.from_array(w_init, chunks=len(w_init)), scale=1.0)
                 self._centers = INITS[init](rows, self.n_clusters, self._random_state)
             elif isinstance(init, str):
                 self._centers = _init_block(init, x_init, w_init, self.n_clusters,

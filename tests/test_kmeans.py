@@ -97,7 +97,9 @@ def test_lloyd_history_never_increases_and_converges_by_tol():
     inertias = [h["inertia"] for h in km.history_]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(inertias, inertias[1:]))
     assert km.history_[-1]["center_shift"] <= km._tol
-    assert set(km.history_[0]) == {"iteration", "inertia", "center_shift", "seconds", "relocated"}
+    assert set(km.history_[0]) == {"iteration", "inertia", "center_shift", "seconds", "relocated",
+                                   "changed", "skipped"}
+    assert km.history_[0]["changed"] > 0 and 0 <= km.history_[-1]["skipped"] <= 1
     exact = KMeans(4, init="random", random_state=0, tol=0, max_iter=3).fit(X)
     assert exact.n_iter_ == 3
 
@@ -168,8 +170,6 @@ def _bad(**kw):
         ({"max_iter": 0}, None, None, "max_iter must be an integer >= 1, got 0"),
         ({"tol": -1}, None, None, "tol must be a number >= 0.0, got -1"),
         ({"persist": "yes"}, None, None, "persist must be 'auto', True or False, got 'yes'"),
-        ({"resident": "maybe"}, None, None, "resident must be 'auto', True or False, got 'maybe'"),
-        ({"resident": True}, None, None, "resident=True needs a distributed client and persisted rows"),
         ({}, np.array([[1.0, np.nan, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-19)"),
         ({}, np.array([[1.0, np.inf, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-19)"),
         ({}, np.zeros((20, 3), dtype=np.int64), None, "X has dtype int64; expected uint8, float32 or float64"),

@@ -1,0 +1,52 @@
+"""Tuning knobs, as ``dask.config`` keys under ``kmeans_dask``.
+
+They choose how the work is cut, never what is computed: results do not
+depend on them (except ``task-bytes``, which sets the row chunks of
+persisted data, and so which chunk a row's partial sum belongs to; the
+sums are exact, so even that changes no result).  Set them as any Dask
+option::
+
+    import dask
+    with dask.config.set({"kmeans_dask.block-rows": 512}):
+        KMeans(10).fit(X)
+
+or in a Dask YAML file, or through ``DASK_KMEANS_DASK__BLOCK_ROWS=512``.
+
+Keys
+----
+task-bytes : int, default 33554432 (32 MiB)
+    Persisted rows whose chunks are smaller than this are merged into
+    chunks of about this size before the fit: each chunk is one unit of
+    work and state on a worker, and fewer, larger chunks cost less to
+    schedule.  Streamed rows keep their source's chunks.
+block-rows : int, default 256
+    Rows converted to float and multiplied at a time inside a kernel (kept
+    in cache while their distances, argmin and sums are computed).
+split-every : int, default 8
+    Fan-in of the trees that combine one-time per-chunk results (statistics,
+    k-means|| candidates, the farthest rows).
+"""
+
+from __future__ import annotations
+
+import dask
+
+DEFAULTS = {"task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8}
+MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2}
+
+dask.config.update_defaults({"kmeans_dask": dict(DEFAULTS)})
+
+
+def get(key: str) -> int:
+    """The value of ``kmeans_dask.<key>``, checked to be an integer at its minimum or above."""
+    value = dask.config.get(f"kmeans_dask.{key}", DEFAULTS[key])
+    number = None
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+    if number is None or number < MINIMUM[key]:
+        raise ValueError(f"dask config kmeans_dask.{key} must be an integer >= {MINIMUM[key]}, "
+                         f"got {value!r}")
+    return number

@@ -1,0 +1,514 @@
+"""The one Lloyd pass: per-chunk state kept on the workers, partials combined where they are.
+
+Every Lloyd iteration, every score and the labels of a fit go through
+:class:`Engine`, whatever the size of the data, the number of chunks, and
+whether the rows are persisted in worker memory or streamed from their
+source each pass.
+
+* **State on the workers.**  A worker extension (:class:`ChunkStates`,
+  registered once per cluster as a worker plugin, as ``distributed``'s
+  shuffle keeps its state) holds a :class:`kmeans_dask._kernels.ChunkState`
+  per chunk: labels and Yinyang bounds, about 24 bytes a row plus 4 per
+  group of centres.  Persisted rows are never copied; streamed rows are read
+  again each pass, and only their state stays.
+* **One task per worker per iteration**, named ``kmeans-lloyd-<iteration>``
+  and pinned to the worker holding its chunks, so the dashboard's task
+  stream, progress bars and performance reports show every iteration.  The
+  task runs the bounded kernel over its chunks (in parallel over the
+  worker's threads) and adds their partials before anything travels: per
+  iteration a worker sends one k x d partial, whatever its number of chunks.
+* **Sums that do not depend on grouping.**  Every chunk's partial sums are
+  rounded to a fixed grid, a power of two chosen from a bound on every
+  possible total (total weight times the largest absolute value).  Multiples
+  of that grid below 2**53 of it add exactly in float64, so the totals, and
+  the centres, are the same bit for bit however the chunks are spread over
+  workers and threads (pre-rounding, as in Demmel and Nguyen's reproducible
+  summation).  The rounding changes a sum by at most 2**-53 of the bound, as
+  one float64 rounding of the total would.  The inertia is computed once,
+  from the totals (``sum w|x|^2 - 2 c.S + W |c|^2``).
+* **Kept state equals fresh state.**  Labels depend only on the row and the
+  centres (the kernels' shared nearest-centre rule), and bounds are relative
+  to the centres they were made with, so a chunk whose state is missing
+  (a new worker, a lost one, a chunk moved) or stale (it moved away and
+  back) gives the same partial.  A worker lost during an iteration is
+  handled by the scheduler: it recomputes lost row chunks from their source
+  and reruns the task elsewhere with fresh state.
+
+Without a ``distributed`` client the same pass runs in this process over a
+thread pool (:class:`LocalEngine`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import _kernels
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "kmeans-dask"
+
+
+# --------------------------------------------------------------------- exact sums
+
+
+def grid_for(bound: float) -> float:
+    """The power of two ``g`` with ``bound < 2**52 g`` (0.0 when ``bound`` is 0).
+
+    Multiples of ``g`` whose magnitudes stay below ``2**53 g`` add exactly in
+    float64, in any order.
+    """
+    if not bound > 0:
+        return 0.0
+    if not math.isfinite(bound):
+        raise ValueError(f"cannot bound sums of rows with non-finite values (bound {bound})")
+    return math.ldexp(1.0, math.frexp(bound)[1] - 52)
+
+
+def on_grid(values, grid: float):
+    """``values`` rounded to the nearest multiple of ``grid`` (unchanged when it is 0)."""
+    if not grid:
+        return values
+    if isinstance(values, np.ndarray):
+        out = np.divide(values, grid)
+        np.rint(out, out=out)
+        out *= grid
+        return out
+    return float(round(values / grid) * grid)
+
+
+def add_parts(parts: list) -> dict | None:
+    """Add partials key by key; exact for grid-rounded sums, so order does not matter."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    out = {key: (value.copy() if isinstance(value, np.ndarray) else value)
+           for key, value in parts[0].items()}
+    for p in parts[1:]:
+        for key, value in p.items():
+            out[key] = out[key] + value
+    return out
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """What every chunk's pass needs besides its rows and the centres.
+
+    Parameters
+    ----------
+    run : str
+        Names the per-chunk states of one fit on the workers.
+    scale : float
+        Multiplier applied to rows inside the kernels.
+    block_rows : int
+        Rows per block inside the kernel.
+    sum_grid, count_grid : float
+        Grids the per-chunk sums and weights are rounded to (:func:`grid_for`).
+    """
+
+    run: str
+    scale: float
+    block_rows: int
+    sum_grid: float
+    count_grid: float
+
+
+def chunk_pass(X: np.ndarray, weights, state: _kernels.ChunkState, centers: np.ndarray,
+               spec: PassSpec) -> dict:
+    """The bounded kernel on one chunk, its sums and weights rounded to the spec's grids."""
+    out = _kernels.bounded_lloyd_chunk(X, state, centers, weights, scale=spec.scale,
+                                       block_rows=spec.block_rows)
+    return {"sums": on_grid(out["sums"], spec.sum_grid),
+            "counts": on_grid(out["counts"], spec.count_grid),
+            "rows": int(X.shape[0]), "computed": out["computed"], "pairs": out["pairs"],
+            "changed": out["changed"]}
+
+
+def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
+                pool: ThreadPoolExecutor | None = None) -> dict | None:
+    """:func:`chunk_pass` over ``chunks`` (``[(index, X, weights)]``), added together.
+
+    ``X`` and ``weights`` are arrays, or :class:`Source` s read here (streamed
+    rows).  ``states`` maps a chunk index to its kept state; a missing state,
+    or one made for a chunk of another size, is made fresh.
+    """
+
+    def one(item):
+        i, X, w = item
+        X, w = load(X), load(w)
+        st = states.get(i)
+        if st is None or st.labels.shape[0] != X.shape[0]:
+            st = _kernels.ChunkState(X, w, scale=spec.scale, block_rows=spec.block_rows)
+            states[i] = st
+        return chunk_pass(X, w, st, centers, spec)
+
+    if pool is None or len(chunks) < 2:
+        return add_parts([one(item) for item in chunks])
+    return add_parts(list(pool.map(one, chunks)))
+
+
+def chunk_labels(X, state, centers: np.ndarray, spec: PassSpec) -> np.ndarray:
+    """int32 labels of one chunk for ``centers``: from its state when the state's last
+    pass used these very centres, else computed (the same rule, so the same labels)."""
+    if state is not None and state.centers is not None and np.array_equal(state.centers, centers):
+        return state.labels.astype(np.int32)
+    return _kernels.predict_chunk(load(X), centers, scale=spec.scale, block_rows=spec.block_rows)
+
+
+class Source:
+    """One chunk of a lazy Dask array, computed where it is needed.
+
+    Wrapping the chunk's (culled) graph keeps ``distributed`` from computing
+    it as a dependency: a streamed chunk is read inside the pass that uses
+    it, one at a time, and dropped afterwards.
+    """
+
+    def __init__(self, block: da.Array):
+        # Optimised alone, the block's graph holds only the tasks it needs.
+        (self.block,) = dask.optimize(block)
+
+    def compute(self) -> np.ndarray:
+        return np.asarray(self.block.compute(scheduler="sync"))
+
+
+def load(x):
+    """The array of a chunk given as an array or a :class:`Source` (None stays None)."""
+    return x.compute() if isinstance(x, Source) else x
+
+
+# --------------------------------------------------------------------- worker side
+
+
+class ChunkStates(WorkerPlugin):
+    """Per-chunk Lloyd states of every running fit, on one worker (a worker plugin).
+
+    ``runs[run][chunk index]`` is a :class:`kmeans_dask._kernels.ChunkState`.
+    Registered on the cluster by :class:`ClusterEngine`; tasks reach it
+    through :func:`extension`.
+    """
+
+    name = EXTENSION
+    idempotent = True  # a second fit on the same cluster keeps the first's states
+
+    def __init__(self):
+        self.runs: dict[str, dict] = {}
+        self.threads = 1
+        self._pool = None
+        self._lock = None  # made on the worker: the plugin travels pickled
+
+    def setup(self, worker=None):
+        self._lock = threading.Lock()
+        if worker is not None:
+            self.threads = max(1, int(worker.state.nthreads))
+
+    def teardown(self, worker=None):
+        self.runs.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def states(self, run: str) -> dict:
+        with self._lock:
+            return self.runs.setdefault(run, {})
+
+    def drop(self, run: str) -> None:
+        with self._lock:
+            self.runs.pop(run, None)
+
+    def pool(self):
+        """Threads to pass several chunks at once (None on a one-thread worker).
+
+        A task occupies one of the worker's threads; its chunks are passed
+        over as many threads as the worker has, as the worker would run as
+        many tasks.  NumPy and the compiled loops release the GIL.
+        """
+        if self.threads < 2:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, "kmeans-pass")
+        return self._pool
+
+
+def extension() -> ChunkStates:
+    """This worker's :class:`ChunkStates`."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    ext = worker.plugins.get(EXTENSION)
+    if ext is None:
+        raise RuntimeError(f"worker {worker.address} has no {EXTENSION!r} plugin; the fit "
+                           f"registers it, so this worker joined in an unusual way")
+    return ext
+
+
+def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
+                weights: list | None) -> dict:
+    """A task: the pass over one worker's chunks (arrays, or :class:`Source` s when streamed)."""
+    from distributed import get_worker
+
+    ext = extension()
+    weights = weights if weights is not None else [None] * len(indices)
+    part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers, spec,
+                       ext.pool())
+    part["worker"] = get_worker().address
+    return part
+
+
+def worker_labels(spec: PassSpec, centers: np.ndarray, index: int, X) -> np.ndarray:
+    """A task: one chunk's labels (from its state on this worker when it has it)."""
+    state = extension().states(spec.run).get(index)
+    return chunk_labels(X, state, centers, spec)
+
+
+def worker_drop(run: str) -> None:
+    """A task run on every worker: forget one fit's states."""
+    extension().drop(run)
+
+
+def hold(value):
+    """A task returning its argument: keeps a small object on a chosen worker."""
+    return value
+
+
+# --------------------------------------------------------------------- client side
+
+
+class Engine:
+    """Lloyd passes over ``rows``, and the labels they leave in the per-chunk states.
+
+    Parameters
+    ----------
+    rows : kmeans_dask._passes.ChunkedRows
+        The rows (persisted or lazy), with their statistics already computed.
+    stats : dict
+        Totals from :meth:`ChunkedRows.stats`: ``w``, ``absmax``, ``sqnorm``.
+    persisted : bool
+        Whether the rows' Dask arrays are persisted (else each pass reads them).
+    """
+
+    def __init__(self, rows, stats: dict, *, persisted: bool):
+        self.rows = rows
+        self.persisted = persisted
+        self.sqnorm = float(stats["sqnorm"])
+        self.dtype = _kernels.compute_dtype(rows.X.dtype)
+        self.spec = PassSpec(run=uuid.uuid4().hex, scale=rows.scale, block_rows=rows.block_rows,
+                             sum_grid=grid_for(float(stats["w"]) * float(stats["absmax"])),
+                             count_grid=grid_for(float(stats["w"])))
+        self.iteration = 0
+        self.passes = 0
+
+    @staticmethod
+    def create(rows, stats: dict, *, persisted: bool) -> Engine:
+        """A :class:`ClusterEngine` with a ``distributed`` client, else a :class:`LocalEngine`."""
+        from .cluster import active_client
+
+        client = active_client()
+        if client is None:
+            return LocalEngine(rows, stats, persisted=persisted)
+        return ClusterEngine(client, rows, stats, persisted=persisted)
+
+    def _finish(self, part: dict | None, centers: np.ndarray) -> dict:
+        k, d = centers.shape
+        if part is None:
+            part = {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
+                    "pairs": 0, "changed": 0}
+        part.pop("worker", None)
+        part["inertia"] = _kernels._inertia(centers, self.dtype, part["sums"], part["counts"],
+                                            self.sqnorm)
+        self.passes += 1
+        return part
+
+    def lloyd(self, centers: np.ndarray, iteration: int | None = None) -> dict:
+        """Assign every row to ``centers``.
+
+        Returns ``sums`` (k, d) and ``counts`` (k,) over all rows, ``inertia``,
+        and the row counts ``computed`` (rows whose distances were looked at),
+        ``pairs`` (row-centre distances ranked) and ``changed`` (rows that
+        changed centre).
+        """
+        centers = np.ascontiguousarray(centers, dtype=np.float64)
+        self.iteration = self.iteration + 1 if iteration is None else iteration
+        return self._finish(self._pass(centers), centers)
+
+    def close(self) -> None:
+        """Forget the per-chunk states."""
+
+
+class LocalEngine(Engine):
+    """The pass in this process, over a thread pool (no ``distributed`` client)."""
+
+    def __init__(self, rows, stats, *, persisted):
+        super().__init__(rows, stats, persisted=persisted)
+        X = rows.X.to_delayed().ravel()
+        W = rows.weights.to_delayed().ravel() if rows.weights is not None else [None] * len(X)
+        if persisted:
+            got = dask.compute(*X, *[w for w in W if w is not None])
+            X, W = got[:len(X)], (got[len(X):] or [None] * len(X))
+        else:
+            X = [Source(rows.X.blocks[i]) for i in range(len(X))]
+            if rows.weights is not None:
+                W = [Source(rows.weights.blocks[i]) for i in range(len(X))]
+        self.chunks = [(i, x, w) for i, (x, w) in enumerate(zip(X, W))]
+        self.states: dict = {}
+        threads = min(os.cpu_count() or 1, len(self.chunks))
+        self.pool = ThreadPoolExecutor(threads, "kmeans-pass") if threads > 1 else None
+
+    def _pass(self, centers):
+        return pass_chunks(self.states, self.chunks, centers, self.spec, self.pool)
+
+    def labels(self, centers: np.ndarray) -> da.Array:
+        """Lazy int32 labels, chunked like the rows, for ``centers`` (the last pass's)."""
+        centers = np.ascontiguousarray(centers, dtype=np.float64)
+        parts = [chunk_labels(x, self.states.get(i), centers, self.spec)
+                 for i, x, _ in self.chunks]
+        return da.from_array(np.concatenate(parts), chunks=(self.rows.row_chunks,))
+
+    def close(self) -> None:
+        self.states = {}
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+            self.pool = None
+
+
+class ClusterEngine(Engine):
+    """The pass as one task per worker on a ``distributed`` cluster."""
+
+    def __init__(self, client, rows, stats, *, persisted):
+        super().__init__(rows, stats, persisted=persisted)
+        self.client = client
+        client.register_plugin(ChunkStates(), name=EXTENSION)
+        self.tag = self.spec.run[:8]
+        n = rows.nchunks
+        if persisted:
+            self.blocks = _chunk_futures(rows.X)
+            self.wblocks = _chunk_futures(rows.weights) if rows.weights is not None else None
+        else:
+            self.blocks = [Source(rows.X.blocks[i]) for i in range(n)]
+            self.wblocks = ([Source(rows.weights.blocks[i]) for i in range(n)]
+                            if rows.weights is not None else None)
+        self.replans = 0
+        self._plan()
+
+    # ------------------------------------------------------------------ placement
+
+    def _workers(self) -> dict:
+        from .cluster import worker_info
+
+        return {addr: max(1, int(info.get("nthreads", 1)))
+                for addr, info in worker_info(self.client).items()}
+
+    def _plan(self) -> None:
+        """Which worker passes which chunks: where persisted chunks live, else
+        contiguous runs of chunks shared out by the workers' threads."""
+        n = self.rows.nchunks
+        if self.persisted:
+            who = self.client.who_has(self.blocks)
+            owner = [min(who.get(f.key, ()) or ("",)) for f in self.blocks]
+        else:
+            workers = sorted(self._workers().items())
+            if not workers:
+                raise RuntimeError("the cluster has no workers")
+            total = sum(t for _, t in workers)
+            cuts = np.cumsum([0] + [t for _, t in workers]) * n / total
+            owner = [workers[int(np.searchsorted(cuts, i, side="right") - 1)][0]
+                     for i in range(n)]
+        plan: dict[str, list[int]] = {}
+        for i, addr in enumerate(owner):
+            plan.setdefault(addr, []).append(i)
+        self.plan = sorted(plan.items())
+        if not self.persisted:
+            # The chunks' sources travel once, to a small task on their worker that
+            # every pass then depends on (the scheduler can recompute it elsewhere).
+            self.sources = [
+                self.client.submit(hold, [self.blocks[i] for i in idx], pure=False,
+                                   key=f"kmeans-sources-{self.tag}-{j}",
+                                   workers=[addr] if addr else None, allow_other_workers=True)
+                for j, (addr, idx) in enumerate(self.plan)]
+            self.wsources = (None if self.wblocks is None else [
+                self.client.submit(hold, [self.wblocks[i] for i in idx], pure=False,
+                                   key=f"kmeans-wsources-{self.tag}-{j}",
+                                   workers=[addr] if addr else None, allow_other_workers=True)
+                for j, (addr, idx) in enumerate(self.plan)])
+
+    def _args(self, j: int, idx: list) -> tuple:
+        if not self.persisted:
+            return self.sources[j], (self.wsources[j] if self.wsources else None)
+        return ([self.blocks[i] for i in idx],
+                None if self.wblocks is None else [self.wblocks[i] for i in idx])
+
+    # ------------------------------------------------------------------ passes
+
+    def _pass(self, centers):
+        # Readable on the dashboard as kmeans-lloyd; unique per pass and per fit.
+        name = f"kmeans-lloyd-{self.iteration}-{self.tag}-{self.passes}"
+        futures = [
+            self.client.submit(worker_pass, self.spec, centers, idx, *self._args(j, idx),
+                               key=(name, j), workers=[addr] if addr else None,
+                               allow_other_workers=True, pure=False)
+            for j, (addr, idx) in enumerate(self.plan)]
+        parts = self.client.gather(futures)
+        if any(p["worker"] != addr for p, (addr, _) in zip(parts, self.plan)):
+            # A worker was lost or added: the next pass follows the chunks.
+            self.replans += 1
+            log.info("chunks moved between workers; placing the passes again")
+            self._plan()
+        return add_parts(parts)
+
+    def labels(self, centers: np.ndarray) -> da.Array:
+        """int32 labels, chunked like the rows, for ``centers`` (the last pass's).
+
+        One small task per chunk on the worker holding its state; they are
+        computed now, so the states can be dropped afterwards.
+        """
+        from distributed import wait
+
+        centers = np.ascontiguousarray(centers, dtype=np.float64)
+        c = self.client.scatter(centers, broadcast=True, hash=False)
+        owner = {i: addr for addr, idx in self.plan for i in idx}
+        futures = [self.client.submit(worker_labels, self.spec, c, i, self.blocks[i],
+                                      key=(f"kmeans-labels-{self.tag}", i),
+                                      workers=[owner[i]] if owner.get(i) else None,
+                                      allow_other_workers=True, pure=False)
+                   for i in range(self.rows.nchunks)]
+        wait(futures)
+        parts = [da.from_delayed(dask.delayed(f), shape=(m,), dtype=np.int32)
+                 for f, m in zip(futures, self.rows.row_chunks)]
+        return da.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def close(self) -> None:
+        try:
+            self.client.run(_drop_run, self.spec.run)
+        except Exception as exc:  # the states go with the cluster anyway
+            log.debug("could not drop the states of run %s: %s", self.spec.run, exc)
+        for name in ("sources", "wsources"):
+            for f in getattr(self, name, None) or []:
+                f.release()
+
+
+def _drop_run(run: str, dask_worker=None) -> None:
+    ext = dask_worker.plugins.get(EXTENSION) if dask_worker is not None else None
+    if ext is not None:
+        ext.drop(run)
+
+
+def _chunk_futures(x) -> list:
+    """The futures of a persisted Dask array's row chunks, in chunk order."""
+    from distributed import futures_of
+
+    by_key = {f.key: f for f in futures_of(x)}
+    keys = [k[0] if isinstance(k, list) else k for k in x.__dask_keys__()]
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise ValueError(f"rows are not persisted on the cluster (chunk {missing[0]} has no future)")
+    return [by_key[k] for k in keys]
