@@ -32,21 +32,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _noop_lloyd(X, centers, weights=None, **kwargs):
+def _noop_pass(spec, centers, indices, rows, weights):
+    """The pass task's arguments and reply, with no work done."""
+    from distributed import get_worker
+
     k, d = centers.shape
-    return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "inertia": 0.0}
-
-
-def _noop_actor_class():
-    from kmeans_dask._resident import ChunkActor
-
-    class NoopActor(ChunkActor):
-        """The resident path's calls and reduction, with passes that do no work."""
-
-        def lloyd(self, centers):
-            return [(i, _noop_lloyd(None, centers)) for i in self.indices]
-
-    return NoopActor
+    return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
+            "pairs": 0, "changed": 0, "worker": get_worker().address}
 
 
 def _reset_peak():
@@ -137,8 +129,9 @@ def run(args, scratch):
 
     from kmeans_dask import KMeans
     from kmeans_dask import MiniBatchKMeans as MiniBatchKMeansDask
+    from kmeans_dask import config
     from kmeans_dask._passes import ChunkedRows
-    from kmeans_dask._resident import ResidentRows
+    from kmeans_dask.engine import ClusterEngine
     from kmeans_dask.kmeans import _regroup
 
     X, path = load_rows(args, scratch)
@@ -154,7 +147,7 @@ def run(args, scratch):
         client.run(lambda: X[:1000].compute(scheduler="sync"))
         base = client.run(_memory)
         # The grouping KMeans.fit applies itself, done once here so every fit reuses it.
-        Xp, _ = _regroup(X, None, "auto")
+        Xp, _ = _regroup(X, None, config.get("task-bytes"))
         Xp = Xp.persist()
         wait(Xp)
         after = client.run(_memory)
@@ -177,15 +170,17 @@ def run(args, scratch):
         Xd32 = (Xp.astype(np.float32) / 255).persist()
         wait(Xd32)
 
-        # Empty iteration: the same graph and tasks, a kernel that does nothing.
-        rows = ChunkedRows(Xp, None, scale=1 / 255, block_rows=256)
-        rows.stats()
+        # Empty iteration: the engine's tasks and combine, with passes that do no work.
+        rows = ChunkedRows(Xp, None, scale=1 / 255)
+        stats = rows.stats()
         c10 = Xf64[:10]
-        empty = [timed(lambda: rows.lloyd(c10, kernel=_noop_lloyd), 1)[0] for _ in range(15)]
-        report["empty_iteration_tasks_s"] = statistics.median(empty)
-        resident = ResidentRows(client, rows, actor_class=_noop_actor_class())
-        empty = [timed(lambda: resident.lloyd(c10), 1)[0] for _ in range(15)]
-        resident.close()
+
+        class NoopEngine(ClusterEngine):
+            task = staticmethod(_noop_pass)
+
+        engine = NoopEngine(client, rows, stats, persisted=True)
+        empty = [timed(lambda: engine.lloyd(c10), 1)[0] for _ in range(15)]
+        engine.close()
         report["empty_iteration_s"] = statistics.median(empty)
 
         for k in [int(v) for v in args.ks.split(",")]:
@@ -255,9 +250,8 @@ def run(args, scratch):
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\nempty iteration (orchestration only): {1e3 * report['empty_iteration_s']:.1f} ms "
-          f"(worker-resident actors; as one task graph: "
-          f"{1e3 * report['empty_iteration_tasks_s']:.1f} ms)")
+    print(f"\nempty iteration (orchestration only: one kmeans-lloyd task per worker): "
+          f"{1e3 * report['empty_iteration_s']:.1f} ms")
     print(f"worker memory for the data: RSS growth {report['data']['worker_rss_for_data'] / 2**20:.1f} MiB "
           f"= {report['data']['ratio_to_uint8']:.2f} x its uint8 size; held by Dask "
           f"{report['data']['dask_managed_bytes'] / 2**20:.1f} MiB "

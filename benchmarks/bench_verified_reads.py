@@ -66,8 +66,7 @@ def main(argv=None) -> int:
         t_plain = median_time(lambda: one_pass(plain), args.repeats)
         block = plain.blocks[0].compute()
         t_crc = median_time(lambda: store.crc32c(block), max(args.repeats, 20))
-        km = KMeans(10, init="random", random_state=0, max_iter=3, tol=0, persist=False,
-                    resident=False)
+        km = KMeans(10, init="random", random_state=0, max_iter=3, tol=0, persist=False)
         t_fit = median_time(lambda: km.fit(checked), 3)
         per_iter = statistics.median(h["seconds"] for h in km.history_)
     out = {

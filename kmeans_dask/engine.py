@@ -58,6 +58,9 @@ from . import _kernels
 log = logging.getLogger(__name__)
 
 EXTENSION = "kmeans-dask"
+# A chunk's graph up to this size (pickled) is sent with its labels task; a
+# larger one holds the rows themselves (rows from client memory).
+SOURCE_BYTES = 64 * 1024
 
 
 # --------------------------------------------------------------------- exact sums
@@ -259,6 +262,9 @@ def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
 
     ext = extension()
     weights = weights if weights is not None else [None] * len(indices)
+    if not len(rows) == len(weights) == len(indices):
+        raise RuntimeError(f"pass of {len(indices)} chunks given {len(rows)} row and "
+                           f"{len(weights)} weight chunks")
     part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers, spec,
                        ext.pool())
     part["worker"] = get_worker().address
@@ -295,10 +301,15 @@ class Engine:
         Totals from :meth:`ChunkedRows.stats`: ``w``, ``absmax``, ``sqnorm``.
     persisted : bool
         Whether the rows' Dask arrays are persisted (else each pass reads them).
+    source : dask.array.Array, optional
+        Persisted rows: the same rows before ``persist`` (same chunks), which
+        the labels fall back to if they must be computed again after the
+        persisted chunks are gone (a worker lost after the fit).
     """
 
-    def __init__(self, rows, stats: dict, *, persisted: bool):
+    def __init__(self, rows, stats: dict, *, persisted: bool, source=None):
         self.rows = rows
+        self.source = source
         self.persisted = persisted
         self.sqnorm = float(stats["sqnorm"])
         self.dtype = _kernels.compute_dtype(rows.X.dtype)
@@ -309,14 +320,14 @@ class Engine:
         self.passes = 0
 
     @staticmethod
-    def create(rows, stats: dict, *, persisted: bool) -> Engine:
+    def create(rows, stats: dict, *, persisted: bool, source=None) -> Engine:
         """A :class:`ClusterEngine` with a ``distributed`` client, else a :class:`LocalEngine`."""
         from .cluster import active_client
 
         client = active_client()
         if client is None:
-            return LocalEngine(rows, stats, persisted=persisted)
-        return ClusterEngine(client, rows, stats, persisted=persisted)
+            return LocalEngine(rows, stats, persisted=persisted, source=source)
+        return ClusterEngine(client, rows, stats, persisted=persisted, source=source)
 
     def _finish(self, part: dict | None, centers: np.ndarray) -> dict:
         k, d = centers.shape
@@ -348,8 +359,8 @@ class Engine:
 class LocalEngine(Engine):
     """The pass in this process, over a thread pool (no ``distributed`` client)."""
 
-    def __init__(self, rows, stats, *, persisted):
-        super().__init__(rows, stats, persisted=persisted)
+    def __init__(self, rows, stats, *, persisted, source=None):
+        super().__init__(rows, stats, persisted=persisted, source=source)
         X = rows.X.to_delayed().ravel()
         W = rows.weights.to_delayed().ravel() if rows.weights is not None else [None] * len(X)
         if persisted:
@@ -384,8 +395,12 @@ class LocalEngine(Engine):
 class ClusterEngine(Engine):
     """The pass as one task per worker on a ``distributed`` cluster."""
 
-    def __init__(self, client, rows, stats, *, persisted):
-        super().__init__(rows, stats, persisted=persisted)
+    # What each pass task runs (the benchmark times the orchestration alone
+    # with one that does no work).
+    task = staticmethod(worker_pass)
+
+    def __init__(self, client, rows, stats, *, persisted, source=None):
+        super().__init__(rows, stats, persisted=persisted, source=source)
         self.client = client
         client.register_plugin(ChunkStates(), name=EXTENSION)
         self.tag = self.spec.run[:8]
@@ -432,12 +447,12 @@ class ClusterEngine(Engine):
             # every pass then depends on (the scheduler can recompute it elsewhere).
             self.sources = [
                 self.client.submit(hold, [self.blocks[i] for i in idx], pure=False,
-                                   key=f"kmeans-sources-{self.tag}-{j}",
+                                   key=f"kmeans-sources-{self.tag}-{self.replans}-{j}",
                                    workers=[addr] if addr else None, allow_other_workers=True)
                 for j, (addr, idx) in enumerate(self.plan)]
             self.wsources = (None if self.wblocks is None else [
                 self.client.submit(hold, [self.wblocks[i] for i in idx], pure=False,
-                                   key=f"kmeans-wsources-{self.tag}-{j}",
+                                   key=f"kmeans-wsources-{self.tag}-{self.replans}-{j}",
                                    workers=[addr] if addr else None, allow_other_workers=True)
                 for j, (addr, idx) in enumerate(self.plan)])
 
@@ -452,12 +467,19 @@ class ClusterEngine(Engine):
     def _pass(self, centers):
         # Readable on the dashboard as kmeans-lloyd; unique per pass and per fit.
         name = f"kmeans-lloyd-{self.iteration}-{self.tag}-{self.passes}"
-        futures = [
-            self.client.submit(worker_pass, self.spec, centers, idx, *self._args(j, idx),
-                               key=(name, j), workers=[addr] if addr else None,
-                               allow_other_workers=True, pure=False)
-            for j, (addr, idx) in enumerate(self.plan)]
-        parts = self.client.gather(futures)
+        try:
+            futures = [
+                self.client.submit(self.task, self.spec, centers, idx, *self._args(j, idx),
+                                   key=(name, j), workers=[addr] if addr else None,
+                                   allow_other_workers=True, pure=False)
+                for j, (addr, idx) in enumerate(self.plan)]
+            parts = self.client.gather(futures)
+        except ValueError as exc:
+            if self.client.status in ("running", "connecting"):
+                raise
+            # A client that lost its scheduler refuses new work with a ValueError
+            # ("No global client found"); say what happened, as a lost connection.
+            raise ConnectionError(f"the client is {self.client.status}: {exc}") from exc
         if any(p["worker"] != addr for p, (addr, _) in zip(parts, self.plan)):
             # A worker was lost or added: the next pass follows the chunks.
             self.replans += 1
@@ -474,9 +496,10 @@ class ClusterEngine(Engine):
         from distributed import wait
 
         centers = np.ascontiguousarray(centers, dtype=np.float64)
-        c = self.client.scatter(centers, broadcast=True, hash=False)
+        # A task, not scattered data, so that a lost copy can be made again.
+        c = self.client.submit(hold, centers, key=f"kmeans-centres-{self.tag}", pure=False)
         owner = {i: addr for addr, idx in self.plan for i in idx}
-        futures = [self.client.submit(worker_labels, self.spec, c, i, self.blocks[i],
+        futures = [self.client.submit(worker_labels, self.spec, c, i, self._label_source(i),
                                       key=(f"kmeans-labels-{self.tag}", i),
                                       workers=[owner[i]] if owner.get(i) else None,
                                       allow_other_workers=True, pure=False)
@@ -485,6 +508,25 @@ class ClusterEngine(Engine):
         parts = [da.from_delayed(dask.delayed(f), shape=(m,), dtype=np.int32)
                  for f, m in zip(futures, self.rows.row_chunks)]
         return da.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _label_source(self, i: int):
+        """What chunk ``i``'s labels task recomputes from if its result is lost.
+
+        Not the persisted chunk, whose lineage ends when the fit releases it,
+        but the chunk's own graph (a read from a store, say) when that is
+        small.  Rows that came from client memory have no such graph.
+        """
+        if not self.persisted:
+            return self.blocks[i]
+        if self.source is not None:
+            if not hasattr(self, "_cheap_source"):
+                import pickle
+
+                first = Source(self.source.blocks[0])
+                self._cheap_source = len(pickle.dumps(first)) <= SOURCE_BYTES
+            if self._cheap_source:
+                return Source(self.source.blocks[i])
+        return self.blocks[i]
 
     def close(self) -> None:
         try:

@@ -265,8 +265,10 @@ class KMeans(ClusterMixin, BaseEstimator):
         scale = self._effective_scale(X.dtype)
         input_chunks = X.chunks[0]
         persisted = self._should_persist(X)
+        source = None
         if persisted:
-            X, w = _persist(*_regroup(X, w, config.get("task-bytes")))
+            source, w = _regroup(X, w, config.get("task-bytes"))
+            X, w = _persist(source, w)
         else:
             # Streamed from its source each pass: keep the source's chunks, so a task
             # holds one chunk at a time and nothing waits in memory to be merged.
@@ -278,7 +280,7 @@ class KMeans(ClusterMixin, BaseEstimator):
         mean_var = float(np.mean(stats["sumsq"] / n - (stats["sum"] / n) ** 2))
         self._tol = self.tol * mean_var
         rng = check_random_state(self.random_state)
-        engine = Engine.create(rows, stats, persisted=persisted)
+        engine = Engine.create(rows, stats, persisted=persisted, source=source)
         try:
             best = self._best_run(init, rows, engine, rng, callback, checkpoint, resume)
             # The final pass left every chunk's labels for the kept centres in its

@@ -110,8 +110,19 @@ def performance_report(path, *, overwrite=False):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".html", dir=path.parent)
     os.close(fd)
     try:
-        with _report(filename=tmp):
+        report = _report(filename=tmp)
+        report.__enter__()
+        try:
             yield path
+        except BaseException as exc:
+            # The report is dropped; closing it can fail too (a lost scheduler),
+            # which must not hide why the block failed.
+            try:
+                report.__exit__(type(exc), exc, exc.__traceback__)
+            except Exception as exit_exc:
+                log.debug("performance report not closed: %s", exit_exc)
+            raise
+        report.__exit__(None, None, None)
         os.chmod(tmp, store.file_mode())
         os.replace(tmp, path)
     finally:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client
@@ -29,22 +30,21 @@ def _worker_pids(client) -> dict:
     return client.run(os.getpid)
 
 
-@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("persist", [True, False], ids=["persisted", "streamed"])
 def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fashion_store,
-                                                             resident, caplog):
-    with dask_processes.client(3) as client:
-        X = store.open_data(fashion_store, "train").images
-        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, task_rows=10_000,
-                      resident=resident)
+                                                             persist, caplog):
+    with dask_processes.client(3) as client, dask.config.set({"kmeans_dask.task-bytes": 1}):
+        # 28 chunks of 2,500 rows over 3 workers: each pass task holds several.
+        X = store.open_data(fashion_store, "train").images.rechunk({0: 2500})
+        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, persist=persist)
         calm = KMeans(**params).fit(X)
 
         killed = {}
 
         def kill_during_iteration_3(record):
             if record["iteration"] == 2:
-                # The worker holding the most data dies while iteration 3 runs.
-                held = client.has_what()
-                victim = max(held, key=lambda w: len(held[w]))
+                # A worker dies while iteration 3 runs.
+                victim = sorted(client.scheduler_info()["workers"])[0]
                 pid = _worker_pids(client)[victim]
 
                 def kill():
@@ -59,12 +59,12 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fas
                 # struck before the fit goes on, or the fit could end unhurt.
                 killed["thread"].join()
 
-        with caplog.at_level("WARNING", logger="kmeans_dask._resident"):
+        with caplog.at_level("INFO", logger="kmeans_dask.engine"):
             hurt = KMeans(**params).fit(X, callback=kill_during_iteration_3)
         assert "pid" in killed
-        # The resident path noticed the loss and rebuilt its actors.
-        rebuilt = [r for r in caplog.records if "rebuilding the resident state" in r.getMessage()]
-        assert bool(rebuilt) == resident
+        # The engine saw its chunks passed elsewhere and placed the passes again.
+        moved = [r for r in caplog.records if "placing the passes again" in r.getMessage()]
+        assert moved
         assert len(client.scheduler_info()["workers"]) == 2
         np.testing.assert_array_equal(hurt.cluster_centers_, calm.cluster_centers_)
         assert hurt.inertia_ == calm.inertia_
