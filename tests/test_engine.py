@@ -1,0 +1,138 @@
+"""The engine's pieces without a cluster: exact grid sums, kept vs fresh state, labels, config.
+
+The subprocess-cluster tests (test_cluster_reproducibility.py,
+test_faults_cluster.py) drive the same engine over real workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from kmeans_dask import KMeans, _kernels, engine
+from kmeans_dask._passes import ChunkedRows
+
+
+def test_grid_sums_do_not_depend_on_order_or_grouping():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(3, 5)) * 10.0 ** rng.integers(-3, 4) for _ in range(12)]
+    bound = sum(np.abs(p).sum() for p in parts)
+    g = engine.grid_for(bound)
+    assert bound < 2.0 ** 52 * g <= 2 * bound
+    rounded = [engine.on_grid(p, g) for p in parts]
+    assert all(np.abs(r - p).max() <= g / 2 for r, p in zip(rounded, parts))
+    totals = set()
+    for perm in itertools.islice(itertools.permutations(range(12)), 0, 4000, 97):
+        # Two groupings of every order: pairs first, or one after the other.
+        seq = engine.add_parts([{"s": rounded[i]} for i in perm])["s"]
+        pairs = engine.add_parts([engine.add_parts([{"s": rounded[a]}, {"s": rounded[b]}])
+                                  for a, b in zip(perm[::2], perm[1::2])])["s"]
+        totals.add(seq.tobytes())
+        totals.add(pairs.tobytes())
+    assert len(totals) == 1
+    # Without the grid, float addition is not associative: the check above could fail.
+    plain = {sum(parts[i] for i in perm).tobytes()
+             for perm in itertools.islice(itertools.permutations(range(12)), 0, 4000, 97)}
+    assert len(plain) > 1
+
+
+def test_grid_of_zero_and_of_non_finite_bounds():
+    assert engine.grid_for(0.0) == 0.0
+    assert engine.on_grid(np.array([1.5]), 0.0).tolist() == [1.5]
+    with pytest.raises(ValueError, match="non-finite"):
+        engine.grid_for(float("inf"))
+
+
+def _rows(X, w=None, chunks=250, scale=1.0):
+    Xd = da.from_array(X, chunks=(chunks, -1))
+    wd = None if w is None else da.from_array(w, chunks=chunks)
+    rows = ChunkedRows(Xd, wd, scale=scale)
+    return rows, rows.stats()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float64])
+def test_kept_state_equals_fresh_state_bit_for_bit(weighted, dtype):
+    # K = 40: two groups of centres, so the Yinyang group bounds are used.
+    X, _ = make_blobs(2000, 12, centers=40, random_state=1)
+    if dtype == np.uint8:
+        X = np.clip((X - X.min()) * 8, 0, 255).astype(np.uint8)
+    w = np.random.default_rng(2).random(len(X)) * 3 if weighted else None
+    scale = 1 / 255 if dtype == np.uint8 else 1.0
+    rows, stats = _rows(X, w, scale=scale)
+    kept = engine.LocalEngine(rows, stats, persisted=True)
+    centers = X[:40].astype(np.float64) * scale
+    skipped = 0
+    for _ in range(8):
+        a = kept.lloyd(centers)
+        fresh = engine.LocalEngine(rows, stats, persisted=False)
+        b = fresh.lloyd(centers)
+        fresh.close()
+        np.testing.assert_array_equal(a["sums"], b["sums"])
+        np.testing.assert_array_equal(a["counts"], b["counts"])
+        assert a["inertia"] == b["inertia"]
+        assert b["pairs"] == len(X) * 40  # a fresh state ranks everything
+        skipped += len(X) * 40 - a["pairs"]
+        keep = a["counts"] > 0
+        centers = centers.copy()
+        centers[keep] = a["sums"][keep] / a["counts"][keep, None]
+    assert skipped > 0  # the kept bounds did spare work
+    labels = kept.labels(centers)
+    kept.close()
+    # The labels the last pass left are the nearest-centre labels of those centres.
+    np.testing.assert_array_equal(labels.compute(),
+                                  _kernels.predict_chunk(X, centers, scale=scale))
+
+
+def test_pass_sums_match_brute_force():
+    rng = np.random.default_rng(3)
+    X = rng.random((500, 4))
+    w = rng.random(500)
+    rows, stats = _rows(X, w, chunks=60)
+    eng = engine.LocalEngine(rows, stats, persisted=True)
+    centers = X[[0, 100, 200]]
+    part = eng.lloyd(centers)
+    eng.close()
+    d = ((X[:, None, :] - centers[None]) ** 2).sum(-1)
+    lab = d.argmin(1)
+    for j in range(3):
+        np.testing.assert_allclose(part["sums"][j], (w[lab == j, None] * X[lab == j]).sum(0),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(part["counts"][j], w[lab == j].sum(), rtol=1e-12)
+    np.testing.assert_allclose(part["inertia"], (w * d.min(1)).sum(), rtol=1e-9)
+
+
+def test_config_knobs_change_no_result_and_bad_values_are_named():
+    # Unweighted uint8 rows: exact integer sums, whatever the blocks.
+    X, _ = make_blobs(3000, 6, centers=5, random_state=0)
+    X = np.clip((X - X.min()) * 8, 0, 255).astype(np.uint8)
+    Xd = da.from_array(X, chunks=500)
+    init = X[:5] / 255.0
+    base = KMeans(5, init=init, max_iter=20, tol=0).fit(Xd)
+    with dask.config.set({"kmeans_dask.block-rows": 7, "kmeans_dask.split-every": 2}):
+        other = KMeans(5, init=init, max_iter=20, tol=0).fit(Xd)
+    np.testing.assert_array_equal(base.cluster_centers_, other.cluster_centers_)
+    # The inertia's sum of |x|^2 is a float sum over blocks: its last bits may move.
+    assert other.inertia_ == pytest.approx(base.inertia_, rel=1e-12)
+    with dask.config.set({"kmeans_dask.block-rows": 0}):
+        with pytest.raises(ValueError, match=r"kmeans_dask.block-rows must be an integer >= 1, got 0"):
+            KMeans(5).fit(Xd)
+    with dask.config.set({"kmeans_dask.split-every": "many"}):
+        with pytest.raises(ValueError, match="kmeans_dask.split-every must be an integer >= 2"):
+            KMeans(5).fit(Xd)
+
+
+def test_numpy_and_streamed_rows_give_the_same_fit():
+    X, _ = make_blobs(4000, 8, centers=6, random_state=4)
+    Xd = da.from_array(X, chunks=700)
+    with dask.config.set({"kmeans_dask.task-bytes": 1}):
+        a = KMeans(6, random_state=0, persist=True).fit(Xd)
+        b = KMeans(6, random_state=0, persist=False).fit(Xd)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.inertia_ == b.inertia_
+    np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())
