@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 
 from . import cluster
 from .errors import KMeansDaskError
@@ -95,13 +96,23 @@ def iteration_bar(total, desc: str, quiet: bool):
                dynamic_ncols=True)
     log = logging.getLogger("kmeans_dask.progress")
 
+    started = time.monotonic()
+
     def callback(record):
         bar.update(1)
-        bar.set_postfix(inertia=f"{record['inertia']:.6g}", shift=f"{record['center_shift']:.2e}",
-                        refresh=False)
+        post = {"inertia": f"{record['inertia']:.6g}", "shift": f"{record['center_shift']:.2e}"}
+        if "skipped" in record:
+            post["skipped"] = f"{record['skipped']:.0%}"
+        bar.set_postfix(post, refresh=False)
         if not interactive and record["iteration"] % 10 == 0:
-            log.info("%s: iteration %d, inertia %.6g, centre shift %.2e", desc,
-                     record["iteration"], record["inertia"], record["center_shift"])
+            elapsed = time.monotonic() - started
+            # An upper bound: the fit stops earlier once the shift is under tol.
+            left = elapsed / bar.n * (total - record["iteration"]) if total and bar.n else 0.0
+            extra = (f", rows moved {record['changed']}, distances skipped "
+                     f"{record['skipped']:.0%}" if "skipped" in record else "")
+            log.info("%s: iteration %d, inertia %.6g, centre shift %.2e%s; %.1f s elapsed, "
+                     "at most %.0f s left (max_iter %s)", desc, record["iteration"],
+                     record["inertia"], record["center_shift"], extra, elapsed, left, total)
 
     return bar, callback
 
