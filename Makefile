@@ -10,7 +10,7 @@ SHARED ?= ../shared/datasets
 SOURCE ?= $(if $(wildcard $(SHARED)/mnist),$(SHARED),)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kmeans.py --source $(SHARED) --json benchmarks/results.json
+
+# kmeans-dask beside oneDAL, scikit-learn and FAISS at 70k and 1.4M rows (stores in $(OUT)).
+bench-scaling: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python benchmarks/bench_scaling.py --source $(SHARED) --sizes 1400000 --ks 64 \
+		--json benchmarks/results-scaling-1.4m.json
+	$(BIN)/python benchmarks/bench_scaling.py --source $(SHARED) --sizes 70000 --ks 10,256 \
+		--json benchmarks/results-scaling-70k.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache

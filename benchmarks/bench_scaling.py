@@ -192,6 +192,34 @@ def peers(Xf, init, iters, repeats, which):
     return out
 
 
+def _noop_pass(spec, centers, indices, rows, weights):
+    from distributed import get_worker
+
+    k, d = centers.shape
+    return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
+            "pairs": 0, "changed": 0, "worker": get_worker().address}
+
+
+def empty_iteration(client, Xp, k=10) -> float:
+    """Median seconds of an engine iteration whose tasks do no work (2 workers)."""
+    from kmeans_dask._passes import ChunkedRows
+    from kmeans_dask.engine import ClusterEngine
+
+    class NoopEngine(ClusterEngine):
+        task = staticmethod(_noop_pass)
+
+    rows = ChunkedRows(Xp, None, scale=1 / 255)
+    engine = NoopEngine(client, rows, rows.stats(), persisted=True)
+    c = np.zeros((k, Xp.shape[1]))
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        engine.lloyd(c)
+        times.append(time.perf_counter() - t)
+    engine.close()
+    return statistics.median(times[2:])
+
+
 def pass_bytes(km) -> int:
     """Bytes of one worker's pass reply (what it sends per iteration)."""
     k, d = km.cluster_centers_.shape
@@ -268,11 +296,13 @@ def main(argv=None):
             wait(Xp)
             after = client.run(_memory)
             data_rss = sum(after[w]["VmRSS"] - before[w]["VmRSS"] for w in after)
+            empty = empty_iteration(client, Xp)
+            print(f"n={n:,}: empty iteration {1e3 * empty:.1f} ms", flush=True)
             for k in [int(v) for v in args.ks.split(",")]:
                 rng = np.random.default_rng(0)
                 pick = np.sort(rng.choice(n, k, replace=False))
                 init = (X[pick].compute().astype(np.float64) / 255).astype(np.float32)
-                res = {"n": n, "k": k, "chunks": len(Xp.chunks[0]),
+                res = {"n": n, "k": k, "chunks": len(Xp.chunks[0]), "empty_iteration_s": empty,
                        "data_rss_ratio_to_uint8": data_rss / X.nbytes}
                 mine = ours(client, Xp, init.astype(np.float64), args.iters, args.repeats)
                 km = mine.pop("model")

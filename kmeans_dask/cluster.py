@@ -273,10 +273,13 @@ def describe(client) -> str:
     """One line saying where the client is connected and where the dashboard is."""
     workers = worker_info(client)
     threads = sum(w.get("nthreads", 0) for w in workers.values())
+    from .dashboard import page_link
+
     link = client.dashboard_link or "(no dashboard)"
+    page = page_link(client)
     plural = "" if len(workers) == 1 else "s"
     return (f"scheduler {client.scheduler.address}: {len(workers)} worker{plural}, {threads} threads; "
-            f"dashboard {link}")
+            f"dashboard {link}" + (f"; K-Means page {page}" if page else ""))
 
 
 def active_client():

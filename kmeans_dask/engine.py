@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import dask.array as da
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import _kernels
+from . import _kernels, dashboard
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,9 @@ class Engine:
         self.iteration = self.iteration + 1 if iteration is None else iteration
         return self._finish(self._pass(centers), centers)
 
+    def publish(self, record: dict, centers: np.ndarray, max_iter: int) -> None:
+        """Show an iteration's record on the cluster's K-Means page (nothing without one)."""
+
     def close(self) -> None:
         """Forget the per-chunk states."""
 
@@ -403,6 +407,10 @@ class ClusterEngine(Engine):
         super().__init__(rows, stats, persisted=persisted, source=source)
         self.client = client
         client.register_plugin(ChunkStates(), name=EXTENSION)
+        self.page = dashboard.register(client)
+        self._started = time.perf_counter()
+        self._outbox: list = []
+        self._held: list = []
         self.tag = self.spec.run[:8]
         n = rows.nchunks
         if persisted:
@@ -473,6 +481,13 @@ class ClusterEngine(Engine):
                                    key=(name, j), workers=[addr] if addr else None,
                                    allow_other_workers=True, pure=False)
                 for j, (addr, idx) in enumerate(self.plan)]
+            # Messages to the scheduler are batched: one sent just before the
+            # submission (a release, a page update) would hold it back by the
+            # batching interval.  So they go just after it.
+            self._held = futures
+            for msg in self._outbox:
+                dashboard.send(self.client, msg)
+            self._outbox = []
             parts = self.client.gather(futures)
         except ValueError as exc:
             if self.client.status in ("running", "connecting"):
@@ -509,6 +524,13 @@ class ClusterEngine(Engine):
                  for f, m in zip(futures, self.rows.row_chunks)]
         return da.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    def publish(self, record: dict, centers: np.ndarray, max_iter: int) -> None:
+        """Queue the record for the K-Means page; it is sent with the next pass."""
+        if self.page:
+            record = {**record, "elapsed": time.perf_counter() - self._started}
+            self._outbox.append(dashboard.iteration_message(
+                self.spec.run, record, centers, n_rows=self.rows.n, max_iter=max_iter))
+
     def _label_source(self, i: int):
         """What chunk ``i``'s labels task recomputes from if its result is lost.
 
@@ -529,6 +551,9 @@ class ClusterEngine(Engine):
         return self.blocks[i]
 
     def close(self) -> None:
+        for msg in self._outbox:
+            dashboard.send(self.client, msg)
+        self._outbox, self._held = [], []
         try:
             self.client.run(_drop_run, self.spec.run)
         except Exception as exc:  # the states go with the cluster anyway

@@ -486,12 +486,14 @@ def _lloyd(est: KMeans, rows: ChunkedRows, engine: Engine, init, callback, check
         record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
                   "seconds": time.perf_counter() - t0, "relocated": relocated,
                   "changed": int(part["changed"]),
-                  "skipped": 1.0 - part["pairs"] / max(1, part["rows"] * len(centers))}
+                  # Near ties are ranked twice (float32, then exactly): clamp at 0.
+                  "skipped": max(0.0, 1.0 - part["pairs"] / max(1, part["rows"] * len(centers)))}
         history.append(record)
         log.debug("iteration %d: inertia %.6g, shift %.3g, rows recomputed %s", n_iter,
                   record["inertia"], shift, part.get("computed", "all"))
         if callback is not None:
             callback(record)
+        engine.publish(record, new, est.max_iter)
         centers = new
         if checkpoint is not None:
             checkpoint({"iteration": n_iter, "centers": centers, "init": init, "history": history})

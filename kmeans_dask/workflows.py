@@ -16,11 +16,12 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from . import metrics, plots, store
+from . import dashboard, metrics, plots, store
 from .cluster import active_client
 from .errors import StoreError
 from .kmeans import KMeans, from_result, save
@@ -445,6 +446,8 @@ def sweep(data_path, ks, params: dict, out_dir, *, progress=None, overwrite=Fals
     fit_true = np.asarray(fit_data.labels.compute())
     test_true = np.asarray(test.labels.compute())
     rows = []
+    client = active_client()
+    sweep_id = uuid.uuid4().hex
     for k in ks:
         t0 = time.perf_counter()
         model = make_estimator({**params, "n_clusters": k}).fit(fit_data.images)
@@ -463,6 +466,8 @@ def sweep(data_path, ks, params: dict, out_dir, *, progress=None, overwrite=Fals
         rows.append(row)
         log.info("K=%d: train inertia %.6g, accuracy %.4f, NMI %.4f (%.1f s)", k,
                  row["train_inertia"], row["accuracy"], row["nmi"], row["seconds"])
+        if client is not None:
+            dashboard.publish_sweep(client, sweep_id, k, row["train_inertia"])
         if progress is not None:
             progress(row)
     buf = io.StringIO()
