@@ -50,11 +50,11 @@ def tiles(centers: np.ndarray, max_tiles: int = MAX_TILES) -> list | None:
     k = min(k, max_tiles)
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
-    # Gaps are 0, drawn white like the images' background (NaN is not JSON).
+    # Gaps are 0, white like the images' background.
     grid = np.zeros((rows * (side + 1), cols * (side + 1)))
     for j in range(k):
         r, c = divmod(j, cols)
-        # Row 0 of an image is its top; Bokeh's image puts row 0 at the bottom.
+        # Row 0 of an image is its top; the page draws grid row 0 at the bottom.
         grid[r * (side + 1):r * (side + 1) + side, c * (side + 1):c * (side + 1) + side] = (
             centers[j].reshape(side, side))
     grid = grid[::-1]
@@ -127,14 +127,17 @@ class KMeansPage(SchedulerPlugin):
         if source == "iterations":
             return dict(self.iterations)
         if source == "centroids":
+            # One rect per lit pixel: plain columns, which every Bokeh glyph reads.
             if self.centroids is None:
-                return {"image": [], "dw": [], "dh": []}
+                return {"x": [], "y": [], "v": []}
             if getattr(self, "_grid", None) is None:
                 h, w = self.centroids["shape"]
                 raw = np.frombuffer(base64.b64decode(self.centroids["b64"]), dtype=np.uint8)
-                self._grid = np.round(raw.reshape(h, w) / 255.0, 3).tolist()
-            h, w = len(self._grid), len(self._grid[0])
-            return {"image": [self._grid], "dw": [w], "dh": [h]}
+                grid = raw.reshape(h, w)
+                y, x = np.nonzero(grid > 4)
+                self._grid = {"x": x.tolist(), "y": y.tolist(),
+                              "v": np.round(grid[y, x] / 255.0, 3).tolist()}
+            return dict(self._grid)
         if source == "elbow":
             return dict(self.elbow)
         return dict(self.meta)
@@ -151,7 +154,8 @@ def _page() -> str:
     """The page: Bokeh figures over AjaxDataSources, BokehJS inlined (works offline)."""
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
-    from bokeh.models import AjaxDataSource, Div, LinearColorMapper
+    from bokeh.models import AjaxDataSource, Div
+    from bokeh.transform import linear_cmap
     from bokeh.plotting import figure
     from bokeh.resources import INLINE
 
@@ -161,7 +165,7 @@ def _page() -> str:
                               data={c: [] for c in columns})
 
     it = source("iterations", ITERATION_COLUMNS)
-    cent = source("centroids", ("image", "dw", "dh"))
+    cent = source("centroids", ("x", "y", "v"))
     elbow = source("elbow", ("k", "inertia"))
     kw = dict(height=260, width=420, tools="pan,wheel_zoom,box_zoom,reset,hover")
 
@@ -178,8 +182,8 @@ def _page() -> str:
     f_moved.vbar(x="iteration", top="changed", width=0.8, source=it, color="slategray")
     f_cent = figure(title="Current centroids (first 64)", height=420, width=420,
                     tools="pan,wheel_zoom,reset", match_aspect=True)
-    f_cent.image(image="image", x=0, y=0, dw="dw", dh="dh", source=cent,
-                 color_mapper=LinearColorMapper(palette="Greys256", low=1, high=0))
+    f_cent.rect(x="x", y="y", width=1, height=1, source=cent, line_color=None,
+                fill_color=linear_cmap("v", "Greys256", low=1, high=0))
     f_cent.axis.visible = False
     f_cent.grid.visible = False
     f_elbow = figure(title="Sweep: inertia against K (the elbow)", x_axis_label="K", **kw)
