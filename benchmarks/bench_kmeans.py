@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _noop_pass(spec, centers, indices, rows, weights):
+def _noop_pass(spec, centers, indices, rows, weights, publish=()):
     """The pass task's arguments and reply, with no work done."""
     from distributed import get_worker
 

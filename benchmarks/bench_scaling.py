@@ -192,7 +192,7 @@ def peers(Xf, init, iters, repeats, which):
     return out
 
 
-def _noop_pass(spec, centers, indices, rows, weights):
+def _noop_pass(spec, centers, indices, rows, weights, publish=()):
     from distributed import get_worker
 
     k, d = centers.shape

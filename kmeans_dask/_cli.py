@@ -97,9 +97,11 @@ def iteration_bar(total, desc: str, quiet: bool):
     log = logging.getLogger("kmeans_dask.progress")
 
     started = time.monotonic()
+    done = [0]  # iterations seen here (a disabled bar does not count them)
 
     def callback(record):
         bar.update(1)
+        done[0] += 1
         post = {"inertia": f"{record['inertia']:.6g}", "shift": f"{record['center_shift']:.2e}"}
         if "skipped" in record:
             post["skipped"] = f"{record['skipped']:.0%}"
@@ -107,7 +109,7 @@ def iteration_bar(total, desc: str, quiet: bool):
         if not interactive and record["iteration"] % 10 == 0:
             elapsed = time.monotonic() - started
             # An upper bound: the fit stops earlier once the shift is under tol.
-            left = elapsed / bar.n * (total - record["iteration"]) if total and bar.n else 0.0
+            left = elapsed / done[0] * (total - record["iteration"]) if total else 0.0
             extra = (f", rows moved {record['changed']}, distances skipped "
                      f"{record['skipped']:.0%}" if "skipped" in record else "")
             log.info("%s: iteration %d, inertia %.6g, centre shift %.2e%s; %.1f s elapsed, "

@@ -257,10 +257,16 @@ def extension() -> ChunkStates:
 
 
 def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
-                weights: list | None) -> dict:
-    """A task: the pass over one worker's chunks (arrays, or :class:`Source` s when streamed)."""
+                weights: list | None, publish: tuple = ()) -> dict:
+    """A task: the pass over one worker's chunks (arrays, or :class:`Source` s when streamed).
+
+    ``publish``: the K-Means page's messages about the iteration before, sent
+    from here so that the client sends the scheduler one message per iteration.
+    """
     from distributed import get_worker
 
+    for msg in publish:
+        get_worker().log_event(dashboard.TOPIC, msg)
     ext = extension()
     weights = weights if weights is not None else [None] * len(indices)
     if not len(rows) == len(weights) == len(indices):
@@ -476,18 +482,11 @@ class ClusterEngine(Engine):
         # Readable on the dashboard as kmeans-lloyd; unique per pass and per fit.
         name = f"kmeans-lloyd-{self.iteration}-{self.tag}-{self.passes}"
         try:
-            futures = [
-                self.client.submit(self.task, self.spec, centers, idx, *self._args(j, idx),
-                                   key=(name, j), workers=[addr] if addr else None,
-                                   allow_other_workers=True, pure=False)
-                for j, (addr, idx) in enumerate(self.plan)]
-            # Messages to the scheduler are batched: one sent just before the
-            # submission (a release, a page update) would hold it back by the
-            # batching interval.  So they go just after it.
+            futures = self.client.compute(self._pass_tasks(name, centers), optimize_graph=False)
+            # The client batches what it sends the scheduler: a message sent just
+            # before a submission holds it back by the batching interval.  So the
+            # last pass's results are released just after this one is submitted.
             self._held = futures
-            for msg in self._outbox:
-                dashboard.send(self.client, msg)
-            self._outbox = []
             parts = self.client.gather(futures)
         except ValueError as exc:
             if self.client.status in ("running", "connecting"):
@@ -501,6 +500,25 @@ class ClusterEngine(Engine):
             log.info("chunks moved between workers; placing the passes again")
             self._plan()
         return add_parts(parts)
+
+    def _pass_tasks(self, name: str, centers: np.ndarray) -> list:
+        """The pass's tasks, one per worker, pinned to it by annotation.
+
+        Submitted together: the client batches what it sends to the scheduler,
+        and a second ``submit`` straight after a first would wait for the
+        batching interval (10 ms).
+        """
+        fn = dask.delayed(self.task, pure=False)
+        tasks = []
+        for j, (addr, idx) in enumerate(self.plan):
+            pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
+            # The page's messages ride with the first task (see worker_pass).
+            extra = {"publish": tuple(self._outbox)} if j == 0 and self._outbox else {}
+            with dask.annotate(**pin):
+                tasks.append(fn(self.spec, centers, idx, *self._args(j, idx),
+                                dask_key_name=(name, j), **extra))
+        self._outbox = []
+        return tasks
 
     def labels(self, centers: np.ndarray) -> da.Array:
         """int32 labels, chunked like the rows, for ``centers`` (the last pass's).
@@ -525,7 +543,7 @@ class ClusterEngine(Engine):
         return da.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def publish(self, record: dict, centers: np.ndarray, max_iter: int) -> None:
-        """Queue the record for the K-Means page; it is sent with the next pass."""
+        """Queue the record for the K-Means page; it travels with the next pass."""
         if self.page:
             record = {**record, "elapsed": time.perf_counter() - self._started}
             self._outbox.append(dashboard.iteration_message(
