@@ -342,6 +342,25 @@ def settle(rows, own, need, best, second, pick, g_first, g_pick, g_second, pos_o
     return n_flagged
 
 
+@numba.njit(nogil=True, cache=True)
+def exact_sqdist(X, labels, centers, scale, out):
+    """``out[i] = |scale X[i] - centers[labels[i]]|^2`` in float64, summed left to right.
+
+    One pass over the rows with no temporary: the NumPy form (convert a
+    block, gather its centres, subtract, square, sum) made four and cost
+    most of a k-means|| round.  No reassociation: the sum's order, and so
+    its value, is the same on every machine.
+    """
+    d = X.shape[1]
+    for i in range(X.shape[0]):
+        c = centers[labels[i]]
+        acc = 0.0
+        for q in range(d):
+            v = X[i, q] * scale - c[q]
+            acc += v * v
+        out[i] = acc
+
+
 def warm_up(x_dtype, compute_dtype) -> None:
     """Compile (or load from the cache) every loop here for rows of ``x_dtype``.
 
@@ -370,3 +389,4 @@ def warm_up(x_dtype, compute_dtype) -> None:
     rank_rows(X, rows, mat, vec, np.zeros((4, 2), dtype=f), mat[:0])
     if X.dtype.kind in "ui":
         add_rows(X, rows, rows, np.zeros((1, 2), dtype=np.int64), 1)
+    exact_sqdist(X, rows, np.zeros((1, 2)), 1.0, none)

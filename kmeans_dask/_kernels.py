@@ -288,10 +288,7 @@ def _assign(X, centers, scale, block_rows, labels, min_dist=None):
         near.block(X, start, stop, labels[start:stop])
     if min_dist is not None:
         # Exact float64 distances to the chosen centres, row by row.
-        for start in range(0, X.shape[0], step):
-            stop = min(start + step, X.shape[0])
-            diff = np.asarray(X[start:stop], dtype=np.float64) * scale - near.c[labels[start:stop]]
-            min_dist[start:stop] = np.einsum("ij,ij->i", diff, diff)
+        _jit.exact_sqdist(X, labels, near.c, float(scale), min_dist)
 
 
 def _check_chunk(X, weights):
