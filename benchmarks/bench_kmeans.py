@@ -65,13 +65,16 @@ def _memory():
     return out
 
 
-def inertia_of(X: np.ndarray, centers: np.ndarray) -> float:
-    """Sum of squared distances to the nearest centre, float64, computed the same for all."""
+def inertia_of(X: np.ndarray, centers: np.ndarray, scale: float | None = None) -> float:
+    """Sum of squared distances to the nearest centre, float64, computed the same for all.
+
+    ``X`` is float64 already scaled, or (with ``scale``) raw rows converted block by block.
+    """
     c = centers.astype(np.float64)
     csq = (c * c).sum(1)
     total = 0.0
     for s in range(0, len(X), 4096):
-        x = X[s:s + 4096]
+        x = X[s:s + 4096] if scale is None else X[s:s + 4096].astype(np.float64) * scale
         d = (x * x).sum(1)[:, None] - 2 * x @ c.T + csq
         total += float(np.maximum(d.min(1), 0).sum())
     return total

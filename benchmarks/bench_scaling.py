@@ -43,20 +43,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import bench_kmeans  # noqa: E402
+from bench_kmeans import _memory, _noop_pass, _reset_peak, inertia_of, timed  # noqa: E402
 
-def _memory():
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS", "VmHWM")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
+# The no-op pass is sent to the workers, which need not find benchmarks/ on their path.
+import cloudpickle  # noqa: E402
 
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+cloudpickle.register_pickle_by_value(bench_kmeans)
 
 
 def fashion(source) -> np.ndarray:
@@ -100,32 +93,6 @@ def build_store(path: Path, base: np.ndarray, n: int, chunk_rows: int) -> Path:
                      splits={"train": store.SplitData(images, labels, {"source": "bench_scaling"})},
                      attrs={"source": "benchmarks/bench_scaling.py (shifted copies)"})
     return final
-
-
-def rows_of(path: Path, n: int) -> np.ndarray:
-    from kmeans_dask import store
-
-    return store.open_data(path, "train").images.compute()
-
-
-def inertia_of(X: np.ndarray, centers: np.ndarray, scale=1 / 255) -> float:
-    c = centers.astype(np.float64)
-    csq = (c * c).sum(1)
-    total = 0.0
-    for a in range(0, len(X), 65536):
-        x = X[a:a + 65536].astype(np.float64) * scale
-        d = (x * x).sum(1)[:, None] - 2 * x @ c.T + csq
-        total += float(np.maximum(d.min(1), 0).sum())
-    return total
-
-
-def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def per_iter(fit, iters, repeats):
@@ -190,14 +157,6 @@ def peers(Xf, init, iters, repeats, which):
             pi, whole, c = per_iter(fai, iters, repeats)
             out["faiss"] = {"per_iter_s": pi, "fit_s": whole, "centers": c}
     return out
-
-
-def _noop_pass(spec, centers, indices, rows, weights, publish=()):
-    from distributed import get_worker
-
-    k, d = centers.shape
-    return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
-            "pairs": 0, "changed": 0, "worker": get_worker().address}
 
 
 def empty_iteration(client, Xp, k=10) -> float:
@@ -317,9 +276,10 @@ def main(argv=None):
                     got = peers(Xf, init, args.iters, args.repeats, args.peers.split(","))
                     del Xf
                     for name, r in got.items():
-                        r["inertia"] = inertia_of(Xn, r.pop("centers"))
+                        r["inertia"] = inertia_of(Xn, r.pop("centers"), 1 / 255)
                         res[name] = r
-                    res["kmeans_dask"]["inertia_check"] = inertia_of(Xn, km.cluster_centers_)
+                    res["kmeans_dask"]["inertia_check"] = inertia_of(Xn, km.cluster_centers_,
+                                                                     1 / 255)
                 else:
                     res["peers"] = (f"not run: a float32 copy of {n} rows is "
                                     f"{n * 784 * 4 / 2**30:.1f} GiB")

@@ -96,23 +96,27 @@ def iteration_bar(total, desc: str, quiet: bool):
                dynamic_ncols=True)
     log = logging.getLogger("kmeans_dask.progress")
 
-    started = time.monotonic()
-    done = [0]  # iterations seen here (a disabled bar does not count them)
+    # The iterations' clock starts with the first one (not with set-up and init),
+    # and counts them itself (a disabled bar does not).
+    started = [None]
+    done = [0]
 
     def callback(record):
         bar.update(1)
         done[0] += 1
+        if started[0] is None:
+            started[0] = time.monotonic() - record.get("seconds", 0.0)
         post = {"inertia": f"{record['inertia']:.6g}", "shift": f"{record['center_shift']:.2e}"}
         if "skipped" in record:
             post["skipped"] = f"{record['skipped']:.0%}"
         bar.set_postfix(post, refresh=False)
         if not interactive and record["iteration"] % 10 == 0:
-            elapsed = time.monotonic() - started
+            elapsed = time.monotonic() - started[0]
             # An upper bound: the fit stops earlier once the shift is under tol.
             left = elapsed / done[0] * (total - record["iteration"]) if total else 0.0
             extra = (f", rows moved {record['changed']}, distances skipped "
                      f"{record['skipped']:.0%}" if "skipped" in record else "")
-            log.info("%s: iteration %d, inertia %.6g, centre shift %.2e%s; %.1f s elapsed, "
+            log.info("%s: iteration %d, inertia %.6g, centre shift %.2e%s; iterations %.1f s, "
                      "at most %.0f s left (max_iter %s)", desc, record["iteration"],
                      record["inertia"], record["center_shift"], extra, elapsed, left, total)
 

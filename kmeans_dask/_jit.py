@@ -364,7 +364,7 @@ def exact_sqdist(X, labels, centers, scale, out):
 def warm_up(x_dtype, compute_dtype) -> None:
     """Compile (or load from the cache) every loop here for rows of ``x_dtype``.
 
-    Called where rows are first held (a worker's actor), so that the first
+    Called where a chunk's state is first made (on its worker), so that the first
     iteration timed is not the one that compiles.  The arguments are empty
     but of the types :mod:`kmeans_dask._kernels` passes.
     """
