@@ -11,9 +11,9 @@
   - ``/kmeans/data/<source>.json``: the columns those plots poll every second
     (``iterations``, ``centroids``, ``elbow``).
 
-* Fits and sweeps publish with :func:`publish_iteration` and
-  :func:`publish_sweep`: ``Client.log_event`` messages on the
-  ``kmeans-dask`` topic (batched, they do not wait for the scheduler), which
+* Fits publish :func:`iteration_message` s (the engine sends each with the
+  next pass's task) and sweeps :func:`publish_sweep`: ``log_event`` messages
+  on the ``kmeans-dask`` topic (batched, they do not wait for the scheduler), which
   the plugin receives through its ``log_event`` hook and keeps: the
   iterations of the latest fit, its latest centroids, the latest sweep.
 """
@@ -248,11 +248,6 @@ def send(client, msg: dict) -> None:
         client.log_event(TOPIC, msg)
     except Exception as exc:  # the page is a view: never fail a fit for it
         log.debug("dashboard update not sent: %s", exc)
-
-
-def publish_iteration(client, run: str, record: dict, centers: np.ndarray, *, n_rows: int,
-                      max_iter: int) -> None:
-    send(client, iteration_message(run, record, centers, n_rows=n_rows, max_iter=max_iter))
 
 
 def publish_sweep(client, sweep: str, k: int, inertia: float) -> None:

@@ -93,16 +93,10 @@ def on_grid(values, grid: float):
 
 
 def add_parts(parts: list) -> dict | None:
-    """Add partials key by key; exact for grid-rounded sums, so order does not matter."""
+    """:func:`kmeans_dask._kernels.add` of the partials that exist (None if none do);
+    exact for grid-rounded sums, so their order does not matter."""
     parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    out = {key: (value.copy() if isinstance(value, np.ndarray) else value)
-           for key, value in parts[0].items()}
-    for p in parts[1:]:
-        for key, value in p.items():
-            out[key] = out[key] + value
-    return out
+    return _kernels.add(*parts) if parts else None
 
 
 @dataclass(frozen=True)
@@ -282,11 +276,6 @@ def worker_labels(spec: PassSpec, centers: np.ndarray, index: int, X) -> np.ndar
     """A task: one chunk's labels (from its state on this worker when it has it)."""
     state = extension().states(spec.run).get(index)
     return chunk_labels(X, state, centers, spec)
-
-
-def worker_drop(run: str) -> None:
-    """A task run on every worker: forget one fit's states."""
-    extension().drop(run)
 
 
 def hold(value):
