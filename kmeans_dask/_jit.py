@@ -361,6 +361,90 @@ def exact_sqdist(X, labels, centers, scale, out):
         out[i] = acc
 
 
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def fold_batch(X, g, csq, weights, scale, labels, dist, sums, wsum):
+    """The per-row half of a mini-batch step, one pass over the batch's rows.
+
+    ``g`` holds ``X . (scale c).T`` from BLAS.  For every row: its nearest
+    centre by ``|c|^2 - 2 g`` (the rule of a full pass), its squared
+    distance ``scale^2 |x|^2 + |c|^2 - 2 g`` (float64, at least 0), and its
+    weighted raw values added to that centre's ``sums`` and its weight to
+    ``wsum``.  ``|x|^2`` and the sums are float64 of the stored values, so
+    uint8 rows with integer weights add up exactly in any order.
+    """
+    k = g.shape[1]
+    d = X.shape[1]
+    s2 = scale * scale
+    for i in range(X.shape[0]):
+        best = 0
+        value = csq[0] - 2 * g[i, 0]
+        for j in range(1, k):
+            v = csq[j] - 2 * g[i, j]
+            if v < value:
+                value, best = v, j
+        labels[i] = best
+        w = weights[i]
+        target = sums[best]
+        acc = 0.0
+        for q in range(d):
+            x = np.float64(X[i, q])
+            acc += x * x
+            target[q] += w * x
+        dist[i] = max(acc * s2 + np.float64(value), 0.0)
+        wsum[best] += w
+
+
+@numba.njit(nogil=True, cache=True)
+def update_centers(centers, counts, sums, wsum, scale):
+    """Sculley's update with per-centre learning rates, in place; returns the
+    sum of squared centre changes.
+
+    A centre with batch weight ``v`` and raw sums ``S`` moves to
+    ``(c n + scale S) / (n + v)`` and its count ``n`` grows by ``v``.
+    """
+    shift = 0.0
+    d = centers.shape[1]
+    for j in range(centers.shape[0]):
+        v = wsum[j]
+        if v > 0:
+            n = counts[j]
+            inv = 1.0 / (n + v)
+            c = centers[j]
+            t = sums[j]
+            for q in range(d):
+                new = (c[q] * n + t[q] * scale) * inv
+                delta = new - c[q]
+                shift += delta * delta
+                c[q] = new
+            counts[j] = n + v
+    return shift
+
+
+@numba.njit(nogil=True, cache=True)
+def integer_stats(X, weights, col_sum, col_sumsq):
+    """Per-feature sums of x and x^2 of integer rows, added into ``col_sum`` and
+    ``col_sumsq`` (int64, exact), and ``(sum w |x|^2, max x)``.
+
+    ``weights`` is empty for unit weights.  One pass over the rows, in
+    integers: the float form converts every block first.
+    """
+    d = X.shape[1]
+    sqnorm = 0.0
+    top = 0
+    weighted = weights.shape[0] > 0
+    for i in range(X.shape[0]):
+        row = 0
+        for q in range(d):
+            x = np.int64(X[i, q])
+            col_sum[q] += x
+            col_sumsq[q] += x * x
+            row += x * x
+            if x > top:
+                top = x
+        sqnorm += np.float64(row) * weights[i] if weighted else np.float64(row)
+    return sqnorm, top
+
+
 def warm_up(x_dtype, compute_dtype) -> None:
     """Compile (or load from the cache) every loop here for rows of ``x_dtype``.
 
@@ -390,3 +474,7 @@ def warm_up(x_dtype, compute_dtype) -> None:
     if X.dtype.kind in "ui":
         add_rows(X, rows, rows, np.zeros((1, 2), dtype=np.int64), 1)
     exact_sqdist(X, rows, np.zeros((1, 2)), 1.0, none)
+    fold_batch(X, mat[:0], vec, none, 1.0, rows, none, np.zeros((1, 2)), f64)
+    update_centers(np.zeros((1, 2)), f64, np.zeros((1, 2)), f64, 1.0)
+    if X.dtype.kind == "u":
+        integer_stats(X, none, np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64))

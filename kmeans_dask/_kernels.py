@@ -336,6 +336,16 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
         out["bad"] = int(m * d - np.count_nonzero(np.isfinite(X)))
         if out["bad"]:
             return out
+    if X.dtype.kind == "u":
+        # Exact integer sums, scaled once (the float form rounds every product).
+        col_sum, col_sumsq = np.zeros(d, dtype=np.int64), np.zeros(d, dtype=np.int64)
+        sqnorm, top = _jit.integer_stats(X, np.zeros(0) if weights is None else weights,
+                                         col_sum, col_sumsq)
+        out["sum"] = col_sum * float(scale)
+        out["sumsq"] = col_sumsq * float(scale) ** 2
+        out["sqnorm"] = sqnorm * float(scale) ** 2
+        out["absmax"] = float(top) * abs(scale)
+        return out
     out["absmax"] = float(np.abs(X).max() if X.dtype.kind == "f" else X.max()) * abs(scale)
     sq = np.empty((min(block_rows, m), d), dtype=np.float64)
     # float64 throughout: these sums must agree with the exact per-centre sums.

@@ -42,6 +42,19 @@ def task(fn):
 _TASKS: dict = {}
 
 
+def total_stats(parts: list) -> dict:
+    """Every chunk's :func:`_kernels.chunk_stats`, in chunk order, combined.
+
+    Returns the totals plus ``bad_chunk``/``negative_chunk``: the index of
+    the first chunk holding a non-finite value or a negative weight.
+    """
+    total = _kernels.add(*parts)
+    total["absmax"] = max(p["absmax"] for p in parts)
+    total["bad_chunk"] = next((i for i, p in enumerate(parts) if p["bad"]), None)
+    total["negative_chunk"] = next((i for i, p in enumerate(parts) if p["negative"]), None)
+    return total
+
+
 def _levels(parts: list, split_every: int, combine_group) -> list:
     """Replace ``parts`` by ``combine_group(group, level, index)`` over consecutive
     groups of ``split_every`` until at most ``split_every`` remain.
@@ -129,11 +142,8 @@ class ChunkedRows:
     # ------------------------------------------------------------------ passes
 
     def stats(self) -> dict:
-        """One pass of :func:`_kernels.chunk_stats`; keeps each chunk's ``sqnorm``.
-
-        Returns the totals plus ``bad_chunk``/``negative_chunk``: the index of
-        the first chunk holding a non-finite value or a negative weight.
-        """
+        """One pass of :func:`_kernels.chunk_stats`, as :func:`total_stats`;
+        keeps each chunk's ``sqnorm``."""
         name = f"kmeans-stats-{uuid.uuid4().hex}"
         tasks = [
             task(_kernels.chunk_stats)(b, w, dask_key_name=(name, i), **self._kw())
@@ -141,11 +151,7 @@ class ChunkedRows:
         ]
         parts = dask.compute(*tasks)
         self.chunk_sqnorm = [p["sqnorm"] for p in parts]
-        total = _kernels.add(*parts)
-        total["absmax"] = max(p["absmax"] for p in parts)
-        total["bad_chunk"] = next((i for i, p in enumerate(parts) if p["bad"]), None)
-        total["negative_chunk"] = next((i for i, p in enumerate(parts) if p["negative"]), None)
-        return total
+        return total_stats(parts)
 
     def batch(self, centers: np.ndarray, rows: np.ndarray) -> dict:
         """Partial sums, weights and inertia (:func:`_kernels.lloyd_chunk`) of the global row indices ``rows`` only (a mini-batch).

@@ -356,13 +356,18 @@ class Engine:
 
 
 class LocalEngine(Engine):
-    """The pass in this process, over a thread pool (no ``distributed`` client)."""
+    """The pass in this process, over a thread pool (no ``distributed`` client,
+    or rows that are here already: ``arrays``, a list of ``(X, weights)``
+    NumPy chunks of ``rows``)."""
 
-    def __init__(self, rows, stats, *, persisted, source=None):
+    def __init__(self, rows, stats, *, persisted, source=None, arrays=None):
         super().__init__(rows, stats, persisted=persisted, source=source)
         X = rows.X.to_delayed().ravel()
         W = rows.weights.to_delayed().ravel() if rows.weights is not None else [None] * len(X)
-        if persisted:
+        if arrays is not None:
+            # The rows' chunks, already in this process.
+            X, W = [x for x, _ in arrays], [w for _, w in arrays]
+        elif persisted:
             got = dask.compute(*X, *[w for w in W if w is not None])
             X, W = got[:len(X)], (got[len(X):] or [None] * len(X))
         else:

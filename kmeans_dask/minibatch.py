@@ -11,17 +11,23 @@ How a fit is organised:
 
 * the client draws the global row indices of the next ``R`` batches from the
   seeded random state (uniform, or in proportion to ``sample_weight``), so
-  the batches do not depend on how many workers there are;
-* one ``compute`` per round trip fetches those rows, uint8 as stored, by one
-  ``np.take`` task per chunk holding some of them (only sampled rows move);
-  ``R`` is chosen so a round trip moves about :data:`ROUND_BYTES`;
-* the sequential updates of those ``R`` batches run here in NumPy (a GEMM in
-  the kernels' float type, argmin, per-centre sums);
-* the initialisation (k-means++ by default) runs on ``init_size`` sampled
-  rows, fetched in the same round trip as the first batches;
-* labels and inertia over all rows come from one distributed pass
-  (:meth:`ChunkedRows.nearest`, the nearest-centre rule ``predict`` uses),
-  skipped with ``compute_labels=False``.
+  the batches do not depend on how many workers there are, nor on how
+  many batches travel together;
+* one ``compute`` per round trip fetches those rows, as stored, by one task
+  per chunk holding some of them (each distinct row travels once); ``R`` is
+  set by the ``kmeans_dask.minibatch-*`` keys (:mod:`kmeans_dask.config`):
+  small rounds for persisted rows, few large ones for streamed rows, each
+  of which reads the chunks it samples from;
+* the first round also brings every chunk's statistics (for ``tol``, the
+  checks of the data, and the final inertia) and the samples the
+  initialisation (k-means++ by default) runs on; rows that take at most two
+  rounds come all at once instead, and everything after runs here;
+* the sequential updates run here: per step one GEMM in the kernels' float
+  type and one compiled pass for the argmin and per-centre sums
+  (:func:`kmeans_dask._jit.fold_batch`);
+* labels and inertia over all rows come from one pass of the engine Lloyd
+  uses (:mod:`kmeans_dask.engine`): on the workers, or here for rows that
+  came whole; skipped with ``compute_labels=False``.
 """
 
 from __future__ import annotations
@@ -39,15 +45,14 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
-from . import _kernels
-from ._passes import ChunkedRows, task
+from . import _jit, _kernels, config
+from ._passes import ChunkedRows, task, total_stats
+from .engine import Engine, LocalEngine
 from .init import INITS
 from .kmeans import KMeans, _check_stats, _memory_budget, _persist
 
 log = logging.getLogger(__name__)
 
-# Sampled rows moved to the client per round trip (the brief's 32-64 MiB).
-ROUND_BYTES = 48 * 2**20
 MINIBATCH_INITS = ("k-means++", "random", "k-means||")
 
 
@@ -243,24 +248,21 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         scale = self._effective_scale(X.dtype)
         input_chunks = X.chunks[0]
         start = time.perf_counter()
-        budget = _memory_budget()
-        if budget is None or X.nbytes <= 0.5 * budget:
+        mode = _Fetcher.mode_for(X)
+        source = X
+        if mode == "persisted":
             # Kept in the input's chunks: a batch takes rows from any chunk alike.
             X, w = _persist(X, w)
-        else:
+        elif mode == "streamed":
             log.info("rows not persisted (%.0f MiB): streaming them from their source",
                      X.nbytes / 2**20)
         rows = self._rows(X, w, scale)
-        if X.dtype != np.uint8 or self.tol > 0 or w is not None:
-            # Non-finite values, bad weights and the data's variance (for tol): one pass.
-            stats = rows.stats()
-            _check_stats(stats, rows)
-            total = float(stats["w"])
-            mean_var = float(np.mean(stats["sumsq"] / total - (stats["sum"] / total) ** 2))
+        fetch = _Fetcher(rows, mode)
+        stats = fetch.load() if mode == "whole" else None
+        if mode == "whole":
+            weights = fetch.weights
         else:
-            total, mean_var = float(n), 0.0
-        self._tol = self.tol * mean_var
-        weights = None if w is None else np.asarray(w.compute(), dtype=np.float64)
+            weights = None if w is None else np.asarray(w.compute(), dtype=np.float64)
         master = check_random_state(self.random_state)
         seeds = master.randint(np.iinfo(np.int32).max, size=3)
         sampler = _Sampler(n, weights, np.random.RandomState(seeds[0]))
@@ -269,20 +271,26 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         dtype = _kernels.compute_dtype(X.dtype)
         b = self._batch_size
         n_steps = max(1, (self.max_iter * n) // b)
-        per_round = max(1, ROUND_BYTES // (b * d * X.dtype.itemsize))
+        per_round = max(1, fetch.round_bytes // (b * d * X.dtype.itemsize))
 
-        # First round trip: the validation and init samples, and the first batches.
+        # First round trip: every chunk's statistics (unless all rows came at
+        # once), the validation and init samples, and the first batches.
         sizes = []
         if isinstance(init, str) and init != "k-means||":
             sizes = [self._init_size] * (1 + self._n_init)
-        fetch = _Fetcher(rows)
         first = min(per_round, n_steps)
         idx = [sampler.draw(s) for s in sizes] + [sampler.draw(first * b)]
-        got = fetch(np.concatenate(idx))
-        pieces = np.split(got, np.cumsum([len(i) for i in idx])[:-1])
-        batches = pieces[-1]
-        centers = self._initial_centers(init, rows, pieces[:-1], init_rng, scale, dtype)
+        got, first_stats = fetch.first(np.concatenate(idx))
+        stats = stats if stats is not None else first_stats
+        _check_stats(stats, rows)
+        total = float(stats["w"])
+        mean_var = float(np.mean(stats["sumsq"] / n - (stats["sum"] / n) ** 2))
+        self._tol = self.tol * mean_var
+        offsets = np.cumsum([0] + [len(i) for i in idx])
+        samples = [got.rows(offsets[j], offsets[j + 1]) for j in range(len(sizes))]
+        centers = self._initial_centers(init, rows, samples, init_rng, scale, dtype)
         self.init_centers_ = centers.copy()
+        batches = got.window(offsets[-2], first * b)
 
         self._counts = np.zeros(self.n_clusters, dtype=np.float64)
         self._n_since_last_reassign = 0
@@ -304,13 +312,11 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
                 pos = 0
                 pending = prefetch()
             t0 = time.perf_counter()
-            xb = batches[pos * b:(pos + 1) * b]
+            xb = batches.rows(pos * b, (pos + 1) * b)
             pos += 1
             reassign = self._random_reassign()
-            old = centers.copy()
-            inertia, relocated = _step(xb, ones, centers, self._counts, scale, dtype,
-                                       reassign_rng, reassign, self.reassignment_ratio)
-            shift = float(((centers - old) ** 2).sum())
+            inertia, shift, relocated = _step(xb, ones, centers, self._counts, scale, dtype,
+                                              reassign_rng, reassign, self.reassignment_ratio)
             record = {"iteration": step + 1, "inertia": inertia / b, "center_shift": shift,
                       "seconds": time.perf_counter() - t0, "relocated": relocated}
             history.append(record)
@@ -330,20 +336,31 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         self.scale_ = scale
         self.n_features_in_ = d
         self._ewa_inertia = ewa["ewa"]
+        log.info("mini-batch K=%d: %d steps (%d round trips of up to %d batches), %.2f s",
+                 self.n_clusters, step, fetch.calls, per_round, time.perf_counter() - start)
         if self.compute_labels:
-            near = rows.nearest(self.cluster_centers_).persist()
-            dist = near[:, 0] if w is None else near[:, 0] * w
-            self.inertia_ = float(dist.sum().compute())
-            labels = near[:, 1].astype(np.int32)
+            # The Lloyd pass of the engine: inertia from its exact totals, and the
+            # labels it leaves on the workers.
+            final = self.cluster_centers_.astype(np.float64)
+            if mode == "whole":
+                # The rows are here: the same pass, in this process.
+                engine = fetch.local_engine(stats, input_chunks)
+            else:
+                engine = Engine.create(rows, stats, persisted=mode == "persisted",
+                                       source=source if mode == "persisted" else None)
+            try:
+                self.inertia_ = float(engine.lloyd(final, iteration=0)["inertia"])
+                labels = engine.labels(final)
+            finally:
+                engine.close()
             self.labels_ = (labels if labels.chunks[0] == input_chunks
                             else labels.rechunk((input_chunks,)))
         else:
             smoothed = ewa["ewa"] if ewa["ewa"] is not None else history[-1]["inertia"]
             self.inertia_ = float(smoothed * total)
         self.fit_seconds_ = time.perf_counter() - start
-        log.info("mini-batch K=%d: %d steps (%d fetches of up to %d batches), inertia %.6g, "
-                 "%.2f s", self.n_clusters, step, fetch.calls, per_round, self.inertia_,
-                 self.fit_seconds_)
+        log.info("mini-batch K=%d: inertia %.6g, %.2f s with the final pass", self.n_clusters,
+                 self.inertia_, self.fit_seconds_)
         return self
 
     def _initial_centers(self, init, rows: ChunkedRows, samples, rng, scale, dtype):
@@ -356,7 +373,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
             return init.copy()
         if init == "k-means||":
             return INITS[init](rows, self.n_clusters, rng)
-        valid = np.asarray(samples[0], dtype=dtype)
+        valid = samples[0]
         best, best_inertia = None, None
         for sample in samples[1:]:
             sample = _scaled(sample, scale, dtype)
@@ -429,15 +446,15 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
             self._centers = self._centers.astype(np.float64)
         dtype = _kernels.compute_dtype(block.dtype)
         t0 = time.perf_counter()
-        old = self._centers.copy()
         reassign = self._random_reassign()
-        inertia, relocated = _step(block, weights, self._centers, self._counts, self.scale_,
-                                   dtype, self._random_state, reassign, self.reassignment_ratio)
+        inertia, shift, relocated = _step(block, weights, self._centers, self._counts,
+                                          self.scale_, dtype, self._random_state, reassign,
+                                          self.reassignment_ratio)
         self.cluster_centers_ = self._centers.astype(dtype)
         self.n_steps_ += 1
         self.history_.append({"iteration": self.n_steps_, "inertia": inertia / block.shape[0],
-                              "center_shift": float(((self._centers - old) ** 2).sum()),
-                              "seconds": time.perf_counter() - t0, "relocated": relocated})
+                              "center_shift": shift, "seconds": time.perf_counter() - t0,
+                              "relocated": relocated})
         if self.compute_labels:
             labels, dist = _assign(np.asarray(block, dtype=dtype), self.cluster_centers_,
                                    self.scale_, dtype)
@@ -487,8 +504,50 @@ class _Sampler:
         return np.minimum(idx, self.n - 1).astype(np.int64)
 
 
+class _Round:
+    """Rows of one round trip: ``data[positions[i]]`` is the i-th row drawn."""
+
+    def __init__(self, data: np.ndarray, positions: np.ndarray):
+        self.data, self.positions = data, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        return self.data[self.positions[lo:hi]]
+
+    def window(self, lo: int, size: int) -> _Round:
+        return _Round(self.data, self.positions[lo:lo + size])
+
+
+def _take_chunk(X, w, local, *, stats: bool, scale: float) -> dict:
+    """A chunk's rows at ``local`` (all of them, and their weights, for None),
+    as stored, and with ``stats`` its :func:`_kernels.chunk_stats` while it is
+    in memory."""
+    if local is None:
+        out = {"rows": np.asarray(X), "weights": w}
+    else:
+        out = {"rows": np.take(X, local, axis=0)}
+    if stats:
+        out["stats"] = _kernels.chunk_stats(X, w, scale=scale)
+    return out
+
+
 class _Fetcher:
-    """Rows at global indices, as stored, in one compute: one ``np.take`` per chunk.
+    """Sampled rows, as stored, brought here one round trip at a time.
+
+    ``mode`` is where the rows are (:meth:`mode_for`):
+
+    * ``"whole"``: rows of at most two rounds come here all at once, with
+      every chunk's statistics (:meth:`load`); the rounds then index them
+      here, and the final pass runs here too (fewer bytes than sampling the
+      rows again, and no persisted copy on the workers);
+    * ``"persisted"``: the rows are in worker memory; every round is one
+      ``compute`` of one :func:`_take_chunk` task per chunk holding some of
+      the rows (each distinct row travels once), the first with every
+      chunk's statistics;
+    * ``"streamed"``: the same, reading the chunks from their source, in
+      few large rounds (each reads every chunk it samples from).
 
     With a ``distributed`` client, :meth:`submit` starts the transfer and
     returns at once, so the next round's rows travel while this round's
@@ -496,42 +555,94 @@ class _Fetcher:
     computed when submitted.
     """
 
-    def __init__(self, rows: ChunkedRows):
+    def __init__(self, rows: ChunkedRows, mode: str):
         from .cluster import active_client
 
-        self.rows = rows
+        self.rows, self.mode = rows, mode
         self.calls = 0
         self.blocks = rows.X.to_delayed().ravel()
-        self.take = task(np.take)
+        self.wblocks = (rows.weights.to_delayed().ravel() if rows.weights is not None
+                        else [None] * len(self.blocks))
+        self.take = task(_take_chunk)
         self.client = active_client()
+        self.round_bytes = config.get("minibatch-stream-round-bytes" if mode == "streamed"
+                                      else "minibatch-round-bytes")
+        self.local = self.weights = None
 
-    def submit(self, indices: np.ndarray):
-        uniq, inverse = np.unique(indices, return_inverse=True)
+    @staticmethod
+    def mode_for(X: da.Array) -> str:
+        if X.nbytes <= 2 * config.get("minibatch-round-bytes"):
+            return "whole"
+        budget = _memory_budget()
+        return "persisted" if budget is None or X.nbytes <= 0.5 * budget else "streamed"
+
+    def _compute(self, parts):
+        self.calls += 1
+        if self.client is not None:
+            return self.client.compute(parts)
+        return dask.compute(*parts)
+
+    def _gather(self, parts) -> list:
+        return self.client.gather(parts) if self.client is not None else list(parts)
+
+    def _submit(self, indices: np.ndarray, stats: bool):
         offsets = self.rows.offsets
+        uniq, inverse = np.unique(indices, return_inverse=True)
         chunk_of = np.searchsorted(offsets, uniq, side="right") - 1
         bounds = np.searchsorted(chunk_of, np.arange(len(offsets)))
         parts = []
         for i in range(len(offsets) - 1):
             lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo:
-                parts.append(self.take(self.blocks[i], uniq[lo:hi] - offsets[i], axis=0))
-        self.calls += 1
-        if self.client is not None:
-            return self.client.compute(parts), inverse.ravel()
-        return dask.compute(*parts), inverse.ravel()
+            if hi > lo or stats:
+                parts.append(self.take(self.blocks[i], self.wblocks[i], uniq[lo:hi] - offsets[i],
+                                       stats=stats, scale=self.rows.scale))
+        return self._compute(parts), inverse.ravel()
 
-    def result(self, handle) -> np.ndarray:
-        parts, inverse = handle
-        if self.client is not None:
-            parts = self.client.gather(parts)
-        return np.concatenate(parts)[inverse]
+    def load(self) -> dict:
+        """All rows (and weights) here, in one round trip; their statistics."""
+        parts = self._gather(self._compute(
+            [self.take(x, w, None, stats=True, scale=self.rows.scale)
+             for x, w in zip(self.blocks, self.wblocks)]))
+        self.local = np.concatenate([p["rows"] for p in parts])
+        if self.rows.weights is not None:
+            self.weights = np.concatenate([p["weights"] for p in parts])
+        return total_stats([p["stats"] for p in parts])
+
+    def first(self, indices: np.ndarray):
+        """The first round's rows, and the statistics of all rows (None once loaded)."""
+        if self.local is not None:
+            return _Round(self.local, indices), None
+        parts, positions = self._submit(indices, stats=True)
+        parts = self._gather(parts)
+        data = np.concatenate([p["rows"] for p in parts])
+        return _Round(data, positions), total_stats([p["stats"] for p in parts])
+
+    def submit(self, indices: np.ndarray):
+        if self.local is not None:
+            return None, indices
+        return self._submit(indices, stats=False)
+
+    def result(self, handle) -> _Round:
+        parts, positions = handle
+        if parts is None:
+            return _Round(self.local, positions)
+        return _Round(np.concatenate([p["rows"] for p in self._gather(parts)]), positions)
 
     def cancel(self, handle) -> None:
-        if handle is not None and self.client is not None:
+        if handle is not None and handle[0] is not None and self.client is not None:
             self.client.cancel(handle[0])
 
-    def __call__(self, indices: np.ndarray) -> np.ndarray:
-        return self.result(self.submit(indices))
+    def local_engine(self, stats: dict, chunks: tuple) -> LocalEngine:
+        """The engine's pass over the loaded rows, in this process, in ``chunks``."""
+        cuts = np.cumsum((0,) + tuple(chunks))
+        arrays = [(self.local[a:b], None if self.weights is None else self.weights[a:b])
+                  for a, b in zip(cuts[:-1], cuts[1:])]
+        # name=False: not hashed, and never computed (the engine is given the arrays).
+        X = da.from_array(self.local, chunks=(chunks, -1), name=False)
+        w = (None if self.weights is None
+             else da.from_array(self.weights, chunks=(chunks,), name=False))
+        rows = ChunkedRows(X, w, scale=self.rows.scale, block_rows=self.rows.block_rows)
+        return LocalEngine(rows, stats, persisted=True, arrays=arrays)
 
 
 def _scaled(x: np.ndarray, scale: float, dtype) -> np.ndarray:
@@ -560,44 +671,57 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng, w=None) -> np.ndarray:
     centers = np.empty((k, x.shape[1]), dtype=np.float64)
 
     def dist_to(ids):
-        # (m, d) @ (d, t) on one thread: measured 2-3 x faster than x[ids] @ x.T
-        # on two, the product being too thin to share.
-        with threadpool_limits(1, user_api="blas"):
-            g = (x @ x[ids].T).T.astype(np.float64)
+        g = (x @ x[ids].T).T.astype(np.float64)
         return np.maximum(xsq[ids, None] + xsq[None, :] - 2.0 * g, 0.0)
 
-    first = rng.choice(m, p=w / w.sum())
-    centers[0] = x[first]
-    closest = dist_to(np.array([first]))[0]
-    pot = closest @ w
-    for c in range(1, k):
-        rand = rng.uniform(size=trials) * pot
-        cand = np.searchsorted(np.cumsum(w * closest, dtype=np.float64), rand)
-        np.clip(cand, None, m - 1, out=cand)
-        d = dist_to(cand)
-        np.minimum(closest, d, out=d)
-        pots = d @ w
-        best = int(np.argmin(pots))
-        pot, closest = pots[best], d[best]
-        centers[c] = x[cand[best]]
+    # (m, d) @ (d, t) on one thread: the product is too thin to share.  One
+    # limit for the whole loop (setting it costs a scan of the loaded libraries).
+    with threadpool_limits(1, user_api="blas"):
+        first = rng.choice(m, p=w / w.sum())
+        centers[0] = x[first]
+        closest = dist_to(np.array([first]))[0]
+        pot = closest @ w
+        for c in range(1, k):
+            rand = rng.uniform(size=trials) * pot
+            cand = np.searchsorted(np.cumsum(w * closest, dtype=np.float64), rand)
+            np.clip(cand, None, m - 1, out=cand)
+            d = dist_to(cand)
+            np.minimum(closest, d, out=d)
+            pots = d @ w
+            best = int(np.argmin(pots))
+            pot, closest = pots[best], d[best]
+            centers[c] = x[cand[best]]
     return centers
 
 
 def _assign(x: np.ndarray, centers: np.ndarray, scale: float, dtype):
-    """Nearest centre and squared distance (float64) of every row of ``scale * x``.
-
-    ``x`` holds unscaled rows in ``dtype``; the scale is folded into the
-    centres (``|s x - c|^2 = s^2 |x|^2 - 2 x.(s c) + |c|^2``), so the rows are
-    converted once and never multiplied.
-    """
-    c = np.asarray(centers, dtype=np.float64)
-    g = x @ (c * scale).astype(dtype).T
-    g *= -2
-    g += np.einsum("ij,ij->i", c, c).astype(dtype)
-    labels = np.argmin(g, axis=1)
-    xsq = np.einsum("ij,ij->i", x, x, dtype=np.float64) * (scale * scale)
-    dist = np.maximum(xsq + g[np.arange(len(x)), labels], 0.0)
+    """Nearest centre and squared distance (float64) of every row of ``scale * x``,
+    as a step computes them (:func:`_fold`)."""
+    labels, dist, _, _ = _fold(x, np.ones(len(x)), centers, scale, dtype)
     return labels, dist
+
+
+def _fold(xb, weights, centers, scale, dtype):
+    """Labels, squared distances, raw weighted per-centre sums and weights of the
+    rows ``xb`` (as stored) against ``centers`` (float64, scaled units).
+
+    The scale is folded into the centres (``|s x - c|^2 = s^2 |x|^2 - 2 x.(s c)
+    + |c|^2``): one GEMM in the compute dtype, then one compiled pass over the
+    rows (:func:`_jit.fold_batch`).
+    """
+    dtype = np.dtype(dtype)
+    k, d = centers.shape
+    m = xb.shape[0]
+    x = xb if xb.dtype == dtype else xb.astype(dtype)
+    g = x @ (centers * scale).astype(dtype).T
+    csq = np.einsum("ij,ij->i", centers, centers).astype(dtype)
+    labels = np.empty(m, dtype=np.intp)
+    dist = np.empty(m)
+    sums = np.zeros((k, d))
+    wsum = np.zeros(k)
+    _jit.fold_batch(xb, g, csq, np.asarray(weights, dtype=np.float64), float(scale), labels,
+                    dist, sums, wsum)
+    return labels, dist, sums, wsum
 
 
 def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
@@ -605,30 +729,13 @@ def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
     ``centers`` (float64, scaled units) and ``counts`` in place.
 
     Returns the batch's weighted inertia (with the centres before the
-    update) and the number of centres reassigned.
+    update), the sum of squared centre changes, and the number of centres
+    reassigned.
     """
-    from scipy import sparse
-
-    dtype = np.dtype(dtype)
-    x = np.asarray(xb, dtype=dtype)
-    labels, dist = _assign(x, centers, scale, dtype)
+    m = len(xb)
+    _, dist, sums, wsum = _fold(xb, weights, centers, scale, dtype)
     inertia = float(dist @ weights)
-    k, m = centers.shape[0], len(xb)
-    # Per-centre sums as a one-hot product, O(m d).  Unweighted uint8 rows add up
-    # exactly in float32 (integers below 2**24); anything else in float64.
-    exact = xb.dtype == np.uint8 and m * 255 < 2**24 and np.all(weights == 1)
-    sum_dtype = np.float32 if exact else np.float64
-    onehot = sparse.csr_matrix((np.asarray(weights, dtype=sum_dtype), (labels, np.arange(m))),
-                               shape=(k, m))
-    sums = np.asarray(onehot @ (x if x.dtype == sum_dtype else x.astype(sum_dtype)),
-                      dtype=np.float64)
-    if scale != 1.0:
-        sums *= scale
-    wsum = np.bincount(labels, weights=weights, minlength=k)
-    got = wsum > 0
-    new_counts = counts[got] + wsum[got]
-    centers[got] = (centers[got] * counts[got, None] + sums[got]) * (1.0 / new_counts)[:, None]
-    counts[got] = new_counts
+    shift = _jit.update_centers(centers, counts, sums, wsum, float(scale))
     relocated = 0
     if reassign and ratio > 0:
         low = counts < ratio * counts.max()
@@ -637,10 +744,13 @@ def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
         relocated = int(low.sum())
         if relocated:
             pick = rng.choice(m, replace=False, size=relocated)
+            old = centers[low]
             centers[low] = np.asarray(xb[pick], dtype=np.float64) * scale
+            moved = centers[low] - old
+            shift += float(np.einsum("ij,ij->", moved, moved))
             log.debug("reassigned %d centre(s) with low counts", relocated)
         counts[low] = np.min(counts[~low])
-    return inertia, relocated
+    return inertia, shift, relocated
 
 
 def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: float) -> bool:

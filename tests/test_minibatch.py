@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -33,25 +34,64 @@ def fashion_t10k(fashion_t10k_store):
     return store.open_data(fashion_t10k_store, "test").images
 
 
-def test_fetcher_takes_rows_from_every_chunk_in_one_compute():
+@pytest.mark.parametrize("mode", ["whole", "persisted", "streamed"])
+def test_fetcher_takes_rows_from_every_chunk_in_one_compute(mode):
+    """Sampled rows as stored, in the order drawn, one compute per round; the
+    first round brings every chunk's statistics (small rows come whole)."""
     X = np.arange(50 * 3, dtype=np.uint8).reshape(50, 3)
     rows = ChunkedRows(da.from_array(X, chunks=(7, 3)), None, scale=1.0, block_rows=8)
-    fetch = mb._Fetcher(rows)
+    fetch = mb._Fetcher(rows, mode)
+    loaded = fetch.load() if mode == "whole" else None
     idx = np.array([49, 0, 7, 7, 13, 48, 0, 21])
-    got = fetch(idx)
-    assert got.dtype == np.uint8
-    np.testing.assert_array_equal(got, X[idx])
-    assert fetch.calls == 1
+    got, stats = fetch.first(idx)
+    stats = stats if loaded is None else loaded
+    assert got.rows(0, len(idx)).dtype == np.uint8
+    np.testing.assert_array_equal(got.rows(0, len(idx)), X[idx])
+    np.testing.assert_array_equal(got.window(2, 3).rows(0, 3), X[idx[2:5]])
+    assert stats["n"] == 50 and stats["sqnorm"] == float((X.astype(np.float64) ** 2).sum())
+    more = np.array([3, 3, 40, 1])
+    np.testing.assert_array_equal(fetch.result(fetch.submit(more)).rows(0, 4), X[more])
+    assert fetch.calls == (1 if mode == "whole" else 2)
+    assert mode != "streamed" or fetch.round_bytes > mb.config.get("minibatch-round-bytes")
 
 
-def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k):
+def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
+    X = da.zeros((1000, 10), dtype=np.uint8, chunks=(100, 10))
+    assert mb._Fetcher.mode_for(X) == "whole"
+    with dask.config.set({"kmeans_dask.minibatch-round-bytes": 1000}):
+        assert mb._Fetcher.mode_for(X) == "persisted"
+
+
+def test_fold_batch_matches_numpy():
+    """The compiled half of a step: nearest centre, distance, weighted sums."""
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 256, (97, 13), dtype=np.uint8)
+    C = rng.random((5, 13))
+    w = rng.integers(1, 4, 97).astype(np.float64)
+    labels, dist, sums, wsum = mb._fold(X, w, C, 1 / 255, np.float64)
+    x = X / 255
+    full = ((x[:, None, :] - C[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, full.argmin(1))
+    np.testing.assert_allclose(dist, full.min(1), rtol=1e-9, atol=1e-12)
+    for j in range(5):
+        np.testing.assert_array_equal(sums[j], (X[labels == j] * w[labels == j, None]).sum(0))
+        assert wsum[j] == w[labels == j].sum()
+
+
+def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch):
+    """One seed, one result: without a cluster, on one or two workers, with the
+    rows brought whole, sampled from worker memory in small rounds, or
+    streamed from the store."""
     params = dict(n_clusters=10, batch_size=512, random_state=3, max_no_improvement=None,
                   max_iter=8)
     local = MiniBatchKMeans(**params).fit(fashion_t10k)
     results = []
-    for n_workers in (1, 2):
+    for n_workers, mode in ((1, "whole"), (2, "whole"), (2, "persisted"), (1, "streamed")):
+        monkeypatch.setattr(mb._Fetcher, "mode_for", staticmethod(lambda X, mode=mode: mode))
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
-                          protocol="tcp://", host="127.0.0.1", dashboard_address=":0") as lc, Client(lc):
+                          protocol="tcp://", host="127.0.0.1", dashboard_address=":0") as lc, \
+                Client(lc), dask.config.set({"kmeans_dask.minibatch-round-bytes": 2**20,
+                                             "kmeans_dask.minibatch-stream-round-bytes": 3 * 2**20}):
             km = MiniBatchKMeans(**params).fit(fashion_t10k)
             results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
     for centers, inertia, labels in results:
