@@ -35,7 +35,10 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from kmeans_dask import _jit
 
@@ -48,6 +51,19 @@ NARROW = 64
 def warm_up(dtype) -> None:
     """Compile the bounded pass's loops for rows of ``dtype`` ahead of the first pass."""
     _jit.warm_up(dtype, compute_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread, for loops that are either
+    too thin to share or run on threads of their own.  The loaded libraries
+    are looked up once per process (``threadpool_limits`` does it per call,
+    milliseconds each)."""
+    return _blas().limit(limits=1, user_api="blas")
 
 
 def compute_dtype(dtype) -> np.dtype:

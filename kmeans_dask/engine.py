@@ -153,7 +153,10 @@ def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
 
     if pool is None or len(chunks) < 2:
         return add_parts([one(item) for item in chunks])
-    return add_parts(list(pool.map(one, chunks)))
+    # The pool's threads share the cores: BLAS threads of their own would
+    # oversubscribe them.
+    with _kernels.one_blas_thread():
+        return add_parts(list(pool.map(one, chunks)))
 
 
 def chunk_labels(X, state, centers: np.ndarray, spec: PassSpec) -> np.ndarray:

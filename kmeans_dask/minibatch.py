@@ -43,7 +43,6 @@ import dask.array as da
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils import check_random_state
-from threadpoolctl import threadpool_limits
 
 from . import _jit, _kernels, config
 from ._passes import ChunkedRows, task, total_stats
@@ -54,6 +53,8 @@ from .kmeans import KMeans, _check_stats, _memory_budget, _persist
 log = logging.getLogger(__name__)
 
 MINIBATCH_INITS = ("k-means++", "random", "k-means||")
+# k-means++ on at most this many bytes of row products keeps them all.
+GRAM_BYTES = 64 * 2**20
 
 
 class MiniBatchKMeans(ClusterMixin, BaseEstimator):
@@ -670,13 +671,18 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng, w=None) -> np.ndarray:
     xsq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
     centers = np.empty((k, x.shape[1]), dtype=np.float64)
 
+    gram = None
+    if k * trials >= m // 4 and m * m * x.itemsize <= GRAM_BYTES:
+        # Most rows will be candidates: all their products in one full-speed
+        # GEMM cost less than the thin ones for each centre.
+        gram = x @ x.T
+
     def dist_to(ids):
-        g = (x @ x[ids].T).T.astype(np.float64)
+        g = (gram[ids] if gram is not None else (x @ x[ids].T).T).astype(np.float64)
         return np.maximum(xsq[ids, None] + xsq[None, :] - 2.0 * g, 0.0)
 
-    # (m, d) @ (d, t) on one thread: the product is too thin to share.  One
-    # limit for the whole loop (setting it costs a scan of the loaded libraries).
-    with threadpool_limits(1, user_api="blas"):
+    # (m, d) @ (d, t) on one thread: the product is too thin to share.
+    with _kernels.one_blas_thread():
         first = rng.choice(m, p=w / w.sum())
         centers[0] = x[first]
         closest = dist_to(np.array([first]))[0]
