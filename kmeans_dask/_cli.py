@@ -87,8 +87,9 @@ def check_model_params(params: dict) -> None:
 
 
 def iteration_bar(total, desc: str, quiet: bool):
-    """Progress for KMeans.fit's callback: a tqdm bar on a terminal, a log line every
-    10 iterations otherwise (so redirected output stays readable)."""
+    """Progress for a fit's callback: a tqdm bar on a terminal; otherwise a log
+    line every 10 Lloyd iterations, or every 10 s of mini-batch steps (``total``
+    None), so redirected output stays readable."""
     from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty() and not quiet
@@ -100,25 +101,42 @@ def iteration_bar(total, desc: str, quiet: bool):
     # and counts them itself (a disabled bar does not).
     started = [None]
     done = [0]
+    logged = [0.0]
+
+    def due(record) -> bool:
+        # Lloyd: every 10 iterations.  Mini-batch (no total): its steps take
+        # milliseconds, so at most one line every 10 seconds.
+        if total:
+            return record["iteration"] % 10 == 0
+        if time.monotonic() - logged[0] >= 10.0:
+            logged[0] = time.monotonic()
+            return True
+        return False
 
     def callback(record):
         bar.update(1)
         done[0] += 1
         if started[0] is None:
-            started[0] = time.monotonic() - record.get("seconds", 0.0)
+            started[0] = logged[0] = time.monotonic() - record.get("seconds", 0.0)
         post = {"inertia": f"{record['inertia']:.6g}", "shift": f"{record['center_shift']:.2e}"}
         if "skipped" in record:
             post["skipped"] = f"{record['skipped']:.0%}"
         bar.set_postfix(post, refresh=False)
-        if not interactive and record["iteration"] % 10 == 0:
-            elapsed = time.monotonic() - started[0]
-            # An upper bound: the fit stops earlier once the shift is under tol.
-            left = elapsed / done[0] * (total - record["iteration"]) if total else 0.0
-            extra = (f", rows moved {record['changed']}, distances skipped "
-                     f"{record['skipped']:.0%}" if "skipped" in record else "")
-            log.info("%s: iteration %d, inertia %.6g, centre shift %.2e%s; iterations %.1f s, "
-                     "at most %.0f s left (max_iter %s)", desc, record["iteration"],
-                     record["inertia"], record["center_shift"], extra, elapsed, left, total)
+        if interactive or not due(record):
+            return
+        elapsed = time.monotonic() - started[0]
+        if not total:
+            log.info("%s: step %d, batch inertia %.6g per row, centre shift %.2e; steps %.1f s",
+                     desc, record["iteration"], record["inertia"], record["center_shift"],
+                     elapsed)
+            return
+        # An upper bound: the fit stops earlier once the shift is under tol.
+        left = elapsed / done[0] * (total - record["iteration"])
+        extra = (f", rows moved {record['changed']}, distances skipped "
+                 f"{record['skipped']:.0%}" if "skipped" in record else "")
+        log.info("%s: iteration %d, inertia %.6g, centre shift %.2e%s; iterations %.1f s, "
+                 "at most %.0f s left (max_iter %s)", desc, record["iteration"],
+                 record["inertia"], record["center_shift"], extra, elapsed, left, total)
 
     return bar, callback
 

@@ -521,16 +521,21 @@ class _Round:
         return _Round(self.data, self.positions[lo:lo + size])
 
 
-def _take_chunk(X, w, local, *, stats: bool, scale: float) -> dict:
-    """A chunk's rows at ``local`` (all of them, and their weights, for None),
-    as stored, and with ``stats`` its :func:`_kernels.chunk_stats` while it is
-    in memory."""
-    if local is None:
-        out = {"rows": np.asarray(X), "weights": w}
-    else:
-        out = {"rows": np.take(X, local, axis=0)}
+def _take_chunks(Xs, ws, locals_, *, stats: bool, scale: float) -> dict:
+    """Rows of some chunks, as stored, one chunk after another: those at
+    ``locals_[j]`` of chunk ``j`` (all of them, and their weights, for None).
+    With ``stats``, each chunk's :func:`_kernels.chunk_stats` too, while it
+    is in memory."""
+    rows, weights, out = [], [], {}
+    for X, w, local in zip(Xs, ws, locals_):
+        rows.append(np.asarray(X) if local is None else np.take(X, local, axis=0))
+        if local is None and w is not None:
+            weights.append(np.asarray(w))
+    out["rows"] = np.concatenate(rows)
+    if weights:
+        out["weights"] = np.concatenate(weights)
     if stats:
-        out["stats"] = _kernels.chunk_stats(X, w, scale=scale)
+        out["stats"] = [_kernels.chunk_stats(X, w, scale=scale) for X, w in zip(Xs, ws)]
     return out
 
 
@@ -544,11 +549,12 @@ class _Fetcher:
       here, and the final pass runs here too (fewer bytes than sampling the
       rows again, and no persisted copy on the workers);
     * ``"persisted"``: the rows are in worker memory; every round is one
-      ``compute`` of one :func:`_take_chunk` task per chunk holding some of
-      the rows (each distinct row travels once), the first with every
-      chunk's statistics;
-    * ``"streamed"``: the same, reading the chunks from their source, in
-      few large rounds (each reads every chunk it samples from).
+      ``compute`` of one :func:`_take_chunks` task per worker, over the
+      chunks it holds (each distinct row travels once), the first with
+      every chunk's statistics;
+    * ``"streamed"``: the same with one task per chunk, which reads it from
+      its source, in few large rounds (each reads every chunk it samples
+      from).
 
     With a ``distributed`` client, :meth:`submit` starts the transfer and
     returns at once, so the next round's rows travel while this round's
@@ -564,11 +570,12 @@ class _Fetcher:
         self.blocks = rows.X.to_delayed().ravel()
         self.wblocks = (rows.weights.to_delayed().ravel() if rows.weights is not None
                         else [None] * len(self.blocks))
-        self.take = task(_take_chunk)
+        self.take = task(_take_chunks)
         self.client = active_client()
         self.round_bytes = config.get("minibatch-stream-round-bytes" if mode == "streamed"
                                       else "minibatch-round-bytes")
         self.local = self.weights = None
+        self.groups = None
 
     @staticmethod
     def mode_for(X: da.Array) -> str:
@@ -586,37 +593,72 @@ class _Fetcher:
     def _gather(self, parts) -> list:
         return self.client.gather(parts) if self.client is not None else list(parts)
 
+    def _groups(self) -> list:
+        """``[(worker or None, [chunk index, ...])]``: one task per group per round.
+
+        Persisted rows on a cluster: one group per worker, of the chunks it
+        holds (a round of 800 one-chunk tasks cost the scheduler more than
+        the steps).  Otherwise one chunk per group (streamed: each task
+        reads its chunk).
+        """
+        n = len(self.blocks)
+        if self.mode != "persisted" or self.client is None:
+            return [(None, [i]) for i in range(n)]
+        from .engine import _chunk_futures
+
+        who = self.client.who_has(_chunk_futures(self.rows.X))
+        keys = [k[0] if isinstance(k, list) else k for k in self.rows.X.__dask_keys__()]
+        plan: dict = {}
+        for i, key in enumerate(keys):
+            plan.setdefault(min(who.get(key, ()) or ("",)), []).append(i)
+        return [(addr or None, idx) for addr, idx in sorted(plan.items())]
+
     def _submit(self, indices: np.ndarray, stats: bool):
+        if self.groups is None:
+            self.groups = self._groups()
         offsets = self.rows.offsets
         uniq, inverse = np.unique(indices, return_inverse=True)
         chunk_of = np.searchsorted(offsets, uniq, side="right") - 1
         bounds = np.searchsorted(chunk_of, np.arange(len(offsets)))
-        parts = []
-        for i in range(len(offsets) - 1):
-            lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo or stats:
-                parts.append(self.take(self.blocks[i], self.wblocks[i], uniq[lo:hi] - offsets[i],
+        parts, order = [], []
+        for addr, idx in self.groups:
+            idx = [i for i in idx if bounds[i + 1] > bounds[i] or stats]
+            if not idx:
+                continue
+            local = [uniq[bounds[i]:bounds[i + 1]] - offsets[i] for i in idx]
+            with dask.annotate(**({"workers": [addr], "allow_other_workers": True}
+                                  if addr else {})):
+                parts.append(self.take([self.blocks[i] for i in idx],
+                                       [self.wblocks[i] for i in idx], local,
                                        stats=stats, scale=self.rows.scale))
-        return self._compute(parts), inverse.ravel()
+            order.append((idx, [np.arange(bounds[i], bounds[i + 1]) for i in idx]))
+        # The parts come in group order; map each drawn row to where it lands.
+        at = np.concatenate([r for _, ranges in order for r in ranges]) if order else np.zeros(0)
+        where = np.empty(len(uniq), dtype=np.intp)
+        where[at.astype(np.intp)] = np.arange(len(at))
+        self.last_chunks = [i for idx, _ in order for i in idx]
+        return self._compute(parts), where[inverse.ravel()]
 
     def load(self) -> dict:
         """All rows (and weights) here, in one round trip; their statistics."""
         parts = self._gather(self._compute(
-            [self.take(x, w, None, stats=True, scale=self.rows.scale)
+            [self.take([x], [w], [None], stats=True, scale=self.rows.scale)
              for x, w in zip(self.blocks, self.wblocks)]))
         self.local = np.concatenate([p["rows"] for p in parts])
         if self.rows.weights is not None:
             self.weights = np.concatenate([p["weights"] for p in parts])
-        return total_stats([p["stats"] for p in parts])
+        return total_stats([st for p in parts for st in p["stats"]])
 
     def first(self, indices: np.ndarray):
         """The first round's rows, and the statistics of all rows (None once loaded)."""
         if self.local is not None:
             return _Round(self.local, indices), None
         parts, positions = self._submit(indices, stats=True)
+        chunks = self.last_chunks
         parts = self._gather(parts)
         data = np.concatenate([p["rows"] for p in parts])
-        return _Round(data, positions), total_stats([p["stats"] for p in parts])
+        per_chunk = dict(zip(chunks, (st for p in parts for st in p["stats"])))
+        return _Round(data, positions), total_stats([per_chunk[i] for i in sorted(per_chunk)])
 
     def submit(self, indices: np.ndarray):
         if self.local is not None:
