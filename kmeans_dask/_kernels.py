@@ -334,7 +334,8 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
         ``sum w |x|^2`` (for inertia), ``absmax`` the largest scaled
         ``|x|`` (bounds every sum, :mod:`kmeans_dask.engine`), and ``bad`` the number of non-finite
         values (float input only) and ``negative`` the number of negative
-        weights.
+        weights.  Integer rows also give ``raw``: the exact integer sums
+        (and, unweighted, ``sum |x|^2``) with the scale.
     """
     _check_chunk(X, weights)
     m, d = X.shape
@@ -347,13 +348,18 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
     else:
         out["w"] = float(m)
     if m == 0:
+        if X.dtype.kind == "u":
+            out["raw"] = {"sum": np.zeros(d, dtype=np.int64), "sumsq": np.zeros(d, dtype=np.int64),
+                          "scale": float(scale), "sqnorm": 0 if weights is None else None}
         return out
     if X.dtype.kind == "f":
         out["bad"] = int(m * d - np.count_nonzero(np.isfinite(X)))
         if out["bad"]:
             return out
     if X.dtype.kind == "u":
-        # Exact integer sums, scaled once (the float form rounds every product).
+        # Integer sums in one pass, kept exact in ``raw`` too, so that totals
+        # over any grouping of the rows into chunks are the same
+        # (:func:`kmeans_dask._passes.total_stats`).
         col_sum, col_sumsq = np.zeros(d, dtype=np.int64), np.zeros(d, dtype=np.int64)
         sqnorm, top = _jit.integer_stats(X, np.zeros(0) if weights is None else weights,
                                          col_sum, col_sumsq)
@@ -361,6 +367,8 @@ def chunk_stats(X: np.ndarray, weights=None, *, scale: float = 1.0,
         out["sumsq"] = col_sumsq * float(scale) ** 2
         out["sqnorm"] = sqnorm * float(scale) ** 2
         out["absmax"] = float(top) * abs(scale)
+        out["raw"] = {"sum": col_sum, "sumsq": col_sumsq, "scale": float(scale),
+                      "sqnorm": int(sqnorm) if weights is None else None}
         return out
     out["absmax"] = float(np.abs(X).max() if X.dtype.kind == "f" else X.max()) * abs(scale)
     sq = np.empty((min(block_rows, m), d), dtype=np.float64)
@@ -724,14 +732,17 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
 
 def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, weights=None, *,
                         scale: float = 1.0, sqnorm: float = 0.0,
-                        block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
+                        block_rows: int = DEFAULT_BLOCK_ROWS, keep_centers: bool = False) -> dict:
     """:func:`lloyd_chunk` with the bounds of ``state`` kept between calls.
 
     Returns what :func:`lloyd_chunk` returns for the same centres, bit for
     bit, plus ``computed`` (rows whose distances were looked at),
     ``pairs`` (row-centre distances ranked) and ``changed`` (rows that
     changed centre).  A fresh or reset ``state`` ranks every row against
-    every centre.
+    every centre.  With ``keep_centers`` the state keeps ``centers`` (float64,
+    which the caller then never changes) instead of a copy.  Unweighted
+    integer rows also give ``raw_sums``, the exact int64 sums of the stored
+    values.
     """
     _check_chunk(X, weights)
     m, d = X.shape
@@ -753,7 +764,7 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     else:
         todo, old, looked, pairs = _rank_open(X, st, near, err, _movement(st.centers, c),
                                               _separation(c))
-    st.centers = c.copy()
+    st.centers = c if keep_centers and c is centers else c.copy()
     moved = st.labels[todo] != old
     changed = todo[moved]
     if weights is not None:
@@ -779,8 +790,11 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         if m:
             _accumulate(X, st.labels, weights, scale, block_rows, sums, counts)
     inertia = _inertia(c, dtype, sums, counts, sqnorm) if m else 0.0
-    return {"sums": sums, "counts": counts, "inertia": inertia,
-            "computed": int(looked), "pairs": int(pairs), "changed": int(changed.size)}
+    out = {"sums": sums, "counts": counts, "inertia": inertia,
+           "computed": int(looked), "pairs": int(pairs), "changed": int(changed.size)}
+    if st.exact:
+        out["raw_sums"] = st.raw_sums.copy()
+    return out
 
 
 def batch_chunk(X: np.ndarray, rows: np.ndarray, centers: np.ndarray, weights=None, *,

@@ -48,7 +48,16 @@ def total_stats(parts: list) -> dict:
     Returns the totals plus ``bad_chunk``/``negative_chunk``: the index of
     the first chunk holding a non-finite value or a negative weight.
     """
-    total = _kernels.add(*parts)
+    raw = [p.get("raw") for p in parts]
+    total = _kernels.add(*[{k: v for k, v in p.items() if k != "raw"} for p in parts])
+    if all(r is not None for r in raw):
+        # Integer rows: totals from the exact integer sums, scaled once, so the
+        # same on any grouping of the rows into chunks.
+        scale = raw[0]["scale"]
+        total["sum"] = sum(r["sum"] for r in raw) * scale
+        total["sumsq"] = sum(r["sumsq"] for r in raw) * scale ** 2
+        if all(r["sqnorm"] is not None for r in raw):
+            total["sqnorm"] = float(sum(r["sqnorm"] for r in raw)) * scale ** 2
     total["absmax"] = max(p["absmax"] for p in parts)
     total["bad_chunk"] = next((i for i, p in enumerate(parts) if p["bad"]), None)
     total["negative_chunk"] = next((i for i, p in enumerate(parts) if p["negative"]), None)

@@ -30,10 +30,11 @@ block-rows : int, default 256
 split-every : int, default 8
     Fan-in of the trees that combine one-time per-chunk results (statistics,
     k-means|| candidates, the farthest rows).
-minibatch-round-bytes : int, default 50331648 (48 MiB)
+minibatch-round-bytes : int, default 268435456 (256 MiB)
     Sampled rows :class:`~kmeans_dask.MiniBatchKMeans` brings to the client
-    per round trip from persisted rows (their batches' steps run there).
-    Persisted rows of at most twice this size are brought over whole, once.
+    per round trip from persisted rows (their batches' steps run there; a
+    round trip costs the cores the steps need, so rounds are large).  Rows
+    of at most this size are brought over whole, once.
 minibatch-stream-round-bytes : int, default 1073741824 (1 GiB)
     The same for streamed rows: every round reads each chunk it samples
     from, so rounds are few and large.  The client holds two rounds.
@@ -47,7 +48,7 @@ from __future__ import annotations
 import dask
 
 DEFAULTS = {"task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8,
-            "minibatch-round-bytes": 48 * 2**20, "minibatch-stream-round-bytes": 2**30}
+            "minibatch-round-bytes": 256 * 2**20, "minibatch-stream-round-bytes": 2**30}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "minibatch-round-bytes": 1,
            "minibatch-stream-round-bytes": 1}
 

@@ -123,14 +123,24 @@ class PassSpec:
 
 
 def chunk_pass(X: np.ndarray, weights, state: _kernels.ChunkState, centers: np.ndarray,
-               spec: PassSpec) -> dict:
-    """The bounded kernel on one chunk, its sums and weights rounded to the spec's grids."""
+               spec: PassSpec, *, keep_centers: bool = False) -> dict:
+    """The bounded kernel on one chunk, its sums and weights rounded to the spec's
+    grids (integer rows: their exact integer sums, ``raw_sums``).
+
+    ``keep_centers``: the state may keep ``centers`` itself (float64, never
+    changed afterwards) rather than a copy, so the chunks of one pass share one.
+    """
     out = _kernels.bounded_lloyd_chunk(X, state, centers, weights, scale=spec.scale,
-                                       block_rows=spec.block_rows)
-    return {"sums": on_grid(out["sums"], spec.sum_grid),
-            "counts": on_grid(out["counts"], spec.count_grid),
-            "rows": int(X.shape[0]), "computed": out["computed"], "pairs": out["pairs"],
-            "changed": out["changed"]}
+                                       block_rows=spec.block_rows, keep_centers=keep_centers)
+    part = {"counts": on_grid(out["counts"], spec.count_grid), "rows": int(X.shape[0]),
+            "computed": out["computed"], "pairs": out["pairs"], "changed": out["changed"]}
+    if "raw_sums" in out:
+        # Integers add exactly whatever the chunks: the totals, and so the
+        # centres, do not depend on how the rows are cut into chunks either.
+        part["raw_sums"] = out["raw_sums"]
+    else:
+        part["sums"] = on_grid(out["sums"], spec.sum_grid)
+    return part
 
 
 def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
@@ -139,8 +149,12 @@ def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
 
     ``X`` and ``weights`` are arrays, or :class:`Source` s read here (streamed
     rows).  ``states`` maps a chunk index to its kept state; a missing state,
-    or one made for a chunk of another size, is made fresh.
+    or one made for a chunk of another size, is made fresh.  Memory beyond
+    the states is a few partials, whatever the number of chunks: they are
+    added as they come (exactly, so in any order), and the states share one
+    copy of the centres.
     """
+    centers = np.array(centers, dtype=np.float64)
 
     def one(item):
         i, X, w = item
@@ -149,14 +163,20 @@ def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
         if st is None or st.labels.shape[0] != X.shape[0]:
             st = _kernels.ChunkState(X, w, scale=spec.scale, block_rows=spec.block_rows)
             states[i] = st
-        return chunk_pass(X, w, st, centers, spec)
+        return chunk_pass(X, w, st, centers, spec, keep_centers=True)
+
+    def total(parts):
+        out = None
+        for part in parts:
+            out = part if out is None else add_parts([out, part])
+        return out
 
     if pool is None or len(chunks) < 2:
-        return add_parts([one(item) for item in chunks])
+        return total(one(item) for item in chunks)
     # The pool's threads share the cores: BLAS threads of their own would
     # oversubscribe them.
     with _kernels.one_blas_thread():
-        return add_parts(list(pool.map(one, chunks)))
+        return total(pool.map(one, chunks))
 
 
 def chunk_labels(X, state, centers: np.ndarray, spec: PassSpec) -> np.ndarray:
@@ -334,6 +354,8 @@ class Engine:
             part = {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
                     "pairs": 0, "changed": 0}
         part.pop("worker", None)
+        if "raw_sums" in part:
+            part["sums"] = part.pop("raw_sums").astype(np.float64) * self.spec.scale
         part["inertia"] = _kernels._inertia(centers, self.dtype, part["sums"], part["counts"],
                                             self.sqnorm)
         self.passes += 1

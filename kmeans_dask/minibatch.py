@@ -20,8 +20,8 @@ How a fit is organised:
   of which reads the chunks it samples from;
 * the first round also brings every chunk's statistics (for ``tol``, the
   checks of the data, and the final inertia) and the samples the
-  initialisation (k-means++ by default) runs on; rows that take at most two
-  rounds come all at once instead, and everything after runs here;
+  initialisation (k-means++ by default) runs on; rows that take at most one
+  round come all at once instead, and everything after runs here;
 * the sequential updates run here: per step one GEMM in the kernels' float
   type and one compiled pass for the argmin and per-centre sums
   (:func:`kmeans_dask._jit.fold_batch`);
@@ -48,7 +48,7 @@ from . import _jit, _kernels, config
 from ._passes import ChunkedRows, task, total_stats
 from .engine import Engine, LocalEngine
 from .init import INITS
-from .kmeans import KMeans, _check_stats, _memory_budget, _persist
+from .kmeans import KMeans, _check_stats, _memory_budget, _persist, _regroup
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,10 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         mode = _Fetcher.mode_for(X)
         source = X
         if mode == "persisted":
-            # Kept in the input's chunks: a batch takes rows from any chunk alike.
-            X, w = _persist(X, w)
+            # In chunks of about task-bytes, as Lloyd's: the final pass keeps a
+            # state per chunk.  (Batches are drawn by global row, whatever the chunks.)
+            source, w = _regroup(X, w, config.get("task-bytes"))
+            X, w = _persist(source, w)
         elif mode == "streamed":
             log.info("rows not persisted (%.0f MiB): streaming them from their source",
                      X.nbytes / 2**20)
@@ -544,7 +546,7 @@ class _Fetcher:
 
     ``mode`` is where the rows are (:meth:`mode_for`):
 
-    * ``"whole"``: rows of at most two rounds come here all at once, with
+    * ``"whole"``: rows of at most one round come here all at once, with
       every chunk's statistics (:meth:`load`); the rounds then index them
       here, and the final pass runs here too (fewer bytes than sampling the
       rows again, and no persisted copy on the workers);
@@ -579,7 +581,7 @@ class _Fetcher:
 
     @staticmethod
     def mode_for(X: da.Array) -> str:
-        if X.nbytes <= 2 * config.get("minibatch-round-bytes"):
+        if X.nbytes <= config.get("minibatch-round-bytes"):
             return "whole"
         budget = _memory_budget()
         return "persisted" if budget is None or X.nbytes <= 0.5 * budget else "streamed"
