@@ -529,7 +529,7 @@ class ChunkState:
 
     Memory per row: 24 bytes plus 4 per group (one group per 16 centres, at
     most 16 groups: 88 bytes at K = 256, 11 % of a 784-pixel uint8 image),
-    plus k x d sums.
+    plus k x d integer sums per chunk where they are kept (``keep_sums``).
     """
 
     def __init__(self, X: np.ndarray, weights=None, *, scale: float = 1.0,
@@ -573,6 +573,10 @@ GROUP_BLOCK_ROWS = 64
 # Above this share of (row, group) pairs left open by the bounds, the open rows
 # are ranked by one GEMM against all centres instead of group by group.
 DENSE_SHARE = 0.5
+
+
+# The last centres grouped for a pass whose chunks share them (keep_centers).
+_GROUPS: dict = {}
 
 
 def group_centers(c: np.ndarray, t: int, iters: int = 5):
@@ -732,7 +736,8 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
 
 def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, weights=None, *,
                         scale: float = 1.0, sqnorm: float = 0.0,
-                        block_rows: int = DEFAULT_BLOCK_ROWS, keep_centers: bool = False) -> dict:
+                        block_rows: int = DEFAULT_BLOCK_ROWS, keep_centers: bool = False,
+                        keep_sums: bool = True) -> dict:
     """:func:`lloyd_chunk` with the bounds of ``state`` kept between calls.
 
     Returns what :func:`lloyd_chunk` returns for the same centres, bit for
@@ -742,7 +747,9 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     every centre.  With ``keep_centers`` the state keeps ``centers`` (float64,
     which the caller then never changes) instead of a copy.  Unweighted
     integer rows also give ``raw_sums``, the exact int64 sums of the stored
-    values.
+    values; with ``keep_sums`` the state keeps them (k x d per chunk) and
+    later passes update them by the rows that changed centre, without it
+    they are added again from all rows.
     """
     _check_chunk(X, weights)
     m, d = X.shape
@@ -752,7 +759,17 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     st = state
     if st.centers is None or st.centers.shape != c.shape or m == 0:
         st.reset()
-        st.order, st.starts, st.group_of = group_centers(c, min(MAX_GROUPS, k // GROUP_SIZE))
+        t = min(MAX_GROUPS, k // GROUP_SIZE)
+        if keep_centers:
+            # The chunks of a pass share these centres: group them once.
+            got = _GROUPS.get(id(c))
+            if got is None or got[0] is not c or got[1] != t:
+                got = (c, t, group_centers(c, t))
+                _GROUPS.clear()
+                _GROUPS[id(c)] = got
+            st.order, st.starts, st.group_of = got[2]
+        else:
+            st.order, st.starts, st.group_of = group_centers(c, t)
         st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
     near = _Nearest(c, dtype, scale, block_rows, st.xmax, order=st.order)
     err = near.row_error(st.xsq)
@@ -770,7 +787,7 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
     if st.exact:
-        if st.raw_sums is None:
+        if st.raw_sums is None or not keep_sums:
             st.raw_sums = np.zeros((k, d), dtype=np.int64)
             _segment_sums(X, np.arange(m), st.labels, st.raw_sums, None, 1.0, block_rows)
             st.counts = np.bincount(st.labels, minlength=k).astype(np.float64)
@@ -793,7 +810,9 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     out = {"sums": sums, "counts": counts, "inertia": inertia,
            "computed": int(looked), "pairs": int(pairs), "changed": int(changed.size)}
     if st.exact:
-        out["raw_sums"] = st.raw_sums.copy()
+        out["raw_sums"] = st.raw_sums if not keep_sums else st.raw_sums.copy()
+        if not keep_sums:
+            st.raw_sums = st.counts = None
     return out
 
 

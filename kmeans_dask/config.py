@@ -1,14 +1,17 @@
 """Tuning knobs, as ``dask.config`` keys under ``kmeans_dask``.
 
 They choose how the work is cut, not what is computed.  ``block-rows``
-changes no centre of unweighted uint8 rows (their sums are exact integers);
-it orders float additions within a block, which can move the last bits of
-the inertia, and of the sums of float or weighted rows.  ``task-bytes`` sets the row chunks of persisted
-data, and k-means|| draws its candidates chunk by chunk, so a different
-value can give a different initialisation; ``split-every`` orders the
-additions of float partials in the one-time reductions (k-means|| and the
-farthest rows), which can move their last bits.  For a given setting, fits
-are bit-for-bit reproducible on any number of workers.  Set them as any Dask
+orders float additions within a block, which can move the last bits of the
+sums of float or weighted rows.  ``task-bytes`` sets the row chunks of
+persisted data; k-means|| draws its candidates chunk by chunk, so a
+different value can give a different initialisation, and float or weighted
+rows are summed on a grid per chunk, which the chunking can move in the last
+bits.  ``split-every`` orders the additions of float partials in the
+one-time reductions (k-means|| and the farthest rows), which can move their
+last bits.  Unweighted uint8 rows are summed as exact integers, so for them
+neither the blocks nor the chunks change an iteration from given initial
+centres.  For a given setting, fits are bit-for-bit reproducible on any
+number of workers.  Set them as any Dask
 option::
 
     import dask

@@ -113,6 +113,11 @@ class PassSpec:
         Rows per block inside the kernel.
     sum_grid, count_grid : float
         Grids the per-chunk sums and weights are rounded to (:func:`grid_for`).
+    keep_sums : bool
+        Whether integer chunks keep their k x d sums between passes (and
+        update them by the rows that changed centre).  Persisted rows do;
+        streamed rows, whose workers hold only the per-row state, add their
+        sums again each pass.
     """
 
     run: str
@@ -120,6 +125,7 @@ class PassSpec:
     block_rows: int
     sum_grid: float
     count_grid: float
+    keep_sums: bool = True
 
 
 def chunk_pass(X: np.ndarray, weights, state: _kernels.ChunkState, centers: np.ndarray,
@@ -131,7 +137,8 @@ def chunk_pass(X: np.ndarray, weights, state: _kernels.ChunkState, centers: np.n
     changed afterwards) rather than a copy, so the chunks of one pass share one.
     """
     out = _kernels.bounded_lloyd_chunk(X, state, centers, weights, scale=spec.scale,
-                                       block_rows=spec.block_rows, keep_centers=keep_centers)
+                                       block_rows=spec.block_rows, keep_centers=keep_centers,
+                                       keep_sums=spec.keep_sums)
     part = {"counts": on_grid(out["counts"], spec.count_grid), "rows": int(X.shape[0]),
             "computed": out["computed"], "pairs": out["pairs"], "changed": out["changed"]}
     if "raw_sums" in out:
@@ -334,7 +341,7 @@ class Engine:
         self.dtype = _kernels.compute_dtype(rows.X.dtype)
         self.spec = PassSpec(run=uuid.uuid4().hex, scale=rows.scale, block_rows=rows.block_rows,
                              sum_grid=grid_for(float(stats["w"]) * float(stats["absmax"])),
-                             count_grid=grid_for(float(stats["w"])))
+                             count_grid=grid_for(float(stats["w"])), keep_sums=persisted)
         self.iteration = 0
         self.passes = 0
 
@@ -462,7 +469,15 @@ class ClusterEngine(Engine):
         n = self.rows.nchunks
         if self.persisted:
             who = self.client.who_has(self.blocks)
-            owner = [min(who.get(f.key, ()) or ("",)) for f in self.blocks]
+            # A chunk held by several workers goes to the one with the fewest
+            # rows so far (the first one would give them all to one worker).
+            load: dict = {}
+            owner = []
+            for f, rows in zip(self.blocks, self.rows.row_chunks):
+                holders = sorted(who.get(f.key, ())) or [""]
+                addr = min(holders, key=lambda a: (load.get(a, 0), a))
+                load[addr] = load.get(addr, 0) + rows
+                owner.append(addr)
         else:
             workers = sorted(self._workers().items())
             if not workers:

@@ -48,7 +48,7 @@ from . import _jit, _kernels, config
 from ._passes import ChunkedRows, task, total_stats
 from .engine import Engine, LocalEngine
 from .init import INITS
-from .kmeans import KMeans, _check_stats, _memory_budget, _persist, _regroup
+from .kmeans import KMeans, _check_stats, _memory_budget, _persist
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,9 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         mode = _Fetcher.mode_for(X)
         source = X
         if mode == "persisted":
-            # In chunks of about task-bytes, as Lloyd's: the final pass keeps a
-            # state per chunk.  (Batches are drawn by global row, whatever the chunks.)
-            source, w = _regroup(X, w, config.get("task-bytes"))
-            X, w = _persist(source, w)
+            # Kept in the input's chunks: merging them would cost more than the
+            # final pass saves by having fewer.
+            X, w = _persist(X, w)
         elif mode == "streamed":
             log.info("rows not persisted (%.0f MiB): streaming them from their source",
                      X.nbytes / 2**20)
@@ -275,6 +274,9 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         b = self._batch_size
         n_steps = max(1, (self.max_iter * n) // b)
         per_round = max(1, fetch.round_bytes // (b * d * X.dtype.itemsize))
+        log.info("mini-batch K=%d on %d rows (%s): at most %d steps of %d rows (max_iter=%d "
+                 "passes), %d per round trip", self.n_clusters, n, mode, n_steps, b,
+                 self.max_iter, per_round)
 
         # First round trip: every chunk's statistics (unless all rows came at
         # once), the validation and init samples, and the first batches.
@@ -606,9 +608,13 @@ class _Fetcher:
         n = len(self.blocks)
         if self.mode != "persisted" or self.client is None:
             return [(None, [i]) for i in range(n)]
+        from distributed import wait
+
         from .engine import _chunk_futures
 
-        who = self.client.who_has(_chunk_futures(self.rows.X))
+        futures = _chunk_futures(self.rows.X)
+        wait(futures)  # where the chunks are is known once they are there
+        who = self.client.who_has(futures)
         keys = [k[0] if isinstance(k, list) else k for k in self.rows.X.__dask_keys__()]
         plan: dict = {}
         for i, key in enumerate(keys):
@@ -627,7 +633,8 @@ class _Fetcher:
             idx = [i for i in idx if bounds[i + 1] > bounds[i] or stats]
             if not idx:
                 continue
-            local = [uniq[bounds[i]:bounds[i + 1]] - offsets[i] for i in idx]
+            # int32 within a chunk: half the bytes of the round's graph.
+            local = [(uniq[bounds[i]:bounds[i + 1]] - offsets[i]).astype(np.int32) for i in idx]
             with dask.annotate(**({"workers": [addr], "allow_other_workers": True}
                                   if addr else {})):
                 parts.append(self.take([self.blocks[i] for i in idx],

@@ -1,4 +1,4 @@
-"""The engine's pieces without a cluster: exact grid sums, kept vs fresh state, labels, config.
+"""The engine's pieces: exact grid sums, kept vs fresh state, labels, config, placement.
 
 The subprocess-cluster tests (test_cluster_reproducibility.py,
 test_faults_cluster.py) drive the same engine over real workers.
@@ -117,8 +117,8 @@ def test_config_knobs_change_no_result_and_bad_values_are_named():
     with dask.config.set({"kmeans_dask.block-rows": 7, "kmeans_dask.split-every": 2}):
         other = KMeans(5, init=init, max_iter=20, tol=0).fit(Xd)
     np.testing.assert_array_equal(base.cluster_centers_, other.cluster_centers_)
-    # The inertia's sum of |x|^2 is a float sum over blocks: its last bits may move.
-    assert other.inertia_ == pytest.approx(base.inertia_, rel=1e-12)
+    # Its sum of |x|^2 is an exact integer sum too.
+    assert other.inertia_ == base.inertia_
     with dask.config.set({"kmeans_dask.block-rows": 0}):
         with pytest.raises(ValueError, match=r"kmeans_dask.block-rows must be an integer >= 1, got 0"):
             KMeans(5).fit(Xd)
@@ -136,3 +136,46 @@ def test_numpy_and_streamed_rows_give_the_same_fit():
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
     assert a.inertia_ == b.inertia_
     np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())
+
+
+def test_uint8_fit_does_not_depend_on_the_chunks():
+    """Unweighted uint8 rows: exact integer sums and statistics per chunk, so from
+    one set of initial centres every chunking gives the same centres and inertia."""
+    X, _ = make_blobs(3000, 6, centers=5, random_state=1)
+    X = np.clip((X - X.min()) * 8, 0, 255).astype(np.uint8)
+    init = X[:5] / 255.0
+    with dask.config.set({"kmeans_dask.task-bytes": 1}):  # keep the chunks as given
+        fits = [KMeans(5, init=init, max_iter=20, tol=0).fit(da.from_array(X, chunks=c))
+                for c in (3000, 1000, 257)]
+    for other in fits[1:]:
+        np.testing.assert_array_equal(fits[0].cluster_centers_, other.cluster_centers_)
+        assert other.inertia_ == fits[0].inertia_
+        assert other.n_iter_ == fits[0].n_iter_
+    # Float rows are summed on a grid per chunk: the chunking may move last bits.
+    Xf = X / 255.0
+    with dask.config.set({"kmeans_dask.task-bytes": 1}):
+        a = KMeans(5, init=init, max_iter=20, tol=0).fit(da.from_array(Xf, chunks=3000))
+        b = KMeans(5, init=init, max_iter=20, tol=0).fit(da.from_array(Xf, chunks=257))
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=1e-6)
+
+
+def test_chunks_held_twice_are_shared_out_between_workers():
+    """A replicated chunk goes to the holder with the fewest rows so far, so a
+    pass after a replication (or a task that ran away from its chunks) still
+    uses every worker."""
+    from distributed import Client, LocalCluster, wait
+
+    X = np.arange(8000 * 4, dtype=np.float64).reshape(8000, 4)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=":0") as lc, Client(lc) as client:
+        Xp = da.from_array(X, chunks=(1000, 4)).persist()
+        wait(Xp)
+        client.replicate(engine._chunk_futures(Xp), n=2)
+        rows = ChunkedRows(Xp, None, scale=1.0)
+        eng = engine.ClusterEngine(client, rows, rows.stats(), persisted=True)
+        try:
+            assert [len(idx) for _, idx in eng.plan] == [4, 4]
+            part = eng.lloyd(X[[0, 4000]])
+            assert part["counts"].sum() == 8000
+        finally:
+            eng.close()

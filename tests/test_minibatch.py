@@ -153,6 +153,21 @@ def test_partial_fit_takes_dask_blocks_and_reassigns_like_scikit_learn():
     np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-6)
 
 
+def test_partial_fit_reads_a_store_chunk_by_chunk(fashion_t10k_store):
+    """Data arriving in pieces: each chunk of a Zarr store is one step, as
+    scikit-learn's partial_fit on the same images (scaled to [0, 1])."""
+    images = store.open_data(fashion_t10k_store, "test").images
+    start = images[:6].compute() / 255.0
+    ours = MiniBatchKMeans(6, init=start, random_state=0)
+    ref = SKMiniBatchKMeans(6, init=start, n_init=1, random_state=0)
+    for block in images.blocks:  # 2,500 rows each, read when the step runs
+        ours.partial_fit(block)
+        ref.partial_fit(block.compute() / 255.0)
+    assert ours.n_steps_ == ref.n_steps_ == len(images.chunks[0])
+    np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-5)
+    np.testing.assert_allclose(ours._counts, ref._counts)
+
+
 def test_integer_weights_equal_repeated_rows():
     X = blobs(n=900, d=4)
     rng = np.random.default_rng(2)
