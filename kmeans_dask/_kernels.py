@@ -816,19 +816,6 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     return out
 
 
-def batch_chunk(X: np.ndarray, rows: np.ndarray, centers: np.ndarray, weights=None, *,
-                scale: float = 1.0, block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
-    """:func:`lloyd_chunk` on the rows ``rows`` of this chunk only (a mini-batch's share).
-
-    ``rows`` may repeat (batches are drawn with replacement); the inertia
-    returned is that of the sampled rows.
-    """
-    sub = np.take(X, rows, axis=0)
-    w = None if weights is None else np.asarray(weights)[rows]
-    sqnorm = chunk_stats(sub, w, scale=scale, block_rows=block_rows)["sqnorm"]
-    return lloyd_chunk(sub, centers, w, scale=scale, sqnorm=sqnorm, block_rows=block_rows)
-
-
 def predict_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
                   block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """Index of the nearest centre of every row, as int32."""

@@ -162,22 +162,6 @@ class ChunkedRows:
         self.chunk_sqnorm = [p["sqnorm"] for p in parts]
         return total_stats(parts)
 
-    def batch(self, centers: np.ndarray, rows: np.ndarray) -> dict:
-        """Partial sums, weights and inertia (:func:`_kernels.lloyd_chunk`) of the global row indices ``rows`` only (a mini-batch).
-
-        Each chunk gathers its own sampled rows; only chunks holding some take part.
-        """
-        name = f"kmeans-batch-{uuid.uuid4().hex}"
-        c = self._broadcast(centers, name)
-        chunk_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        parts = []
-        for i in np.unique(chunk_of):
-            local = rows[chunk_of == i] - self.offsets[i]
-            parts.append(task(_kernels.batch_chunk)(
-                self._blocks[i], local, c, self._wblocks[i], dask_key_name=(name, int(i)),
-                **self._kw()))
-        return reduce_on_client(parts, _kernels.add, self.split_every, name)
-
     def farthest(self, centers: np.ndarray, n: int) -> dict:
         """The ``n`` rows farthest from their nearest centre, over all chunks."""
         name = f"kmeans-farthest-{uuid.uuid4().hex}"

@@ -179,3 +179,21 @@ def test_chunks_held_twice_are_shared_out_between_workers():
             assert part["counts"].sum() == 8000
         finally:
             eng.close()
+
+
+def test_streamed_states_keep_no_per_chunk_sums():
+    """Streamed rows: a chunk's state holds per-row data only; its integer sums
+    are added again each pass and equal the kept ones."""
+    rng = np.random.default_rng(5)
+    X = rng.integers(0, 256, (700, 9), dtype=np.uint8)
+    kept, fresh = _kernels.ChunkState(X, scale=1 / 255), _kernels.ChunkState(X, scale=1 / 255)
+    c = X[:4] / 255.0
+    for _ in range(4):
+        a = _kernels.bounded_lloyd_chunk(X, kept, c, scale=1 / 255)
+        b = _kernels.bounded_lloyd_chunk(X, fresh, c, scale=1 / 255, keep_sums=False)
+        np.testing.assert_array_equal(a["raw_sums"], b["raw_sums"])
+        np.testing.assert_array_equal(a["counts"], b["counts"])
+        assert kept.raw_sums is not None and fresh.raw_sums is None
+        keep = a["counts"] > 0
+        c = c.copy()
+        c[keep] = a["sums"][keep] / a["counts"][keep, None]
