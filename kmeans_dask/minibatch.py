@@ -252,8 +252,8 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         mode = _Fetcher.mode_for(X)
         source = X
         if mode == "persisted":
-            # Kept in the input's chunks: merging them would cost more than the
-            # final pass saves by having fewer.
+            # Kept in the input's chunks: merging them (as Lloyd does, for its many
+            # passes) costs about what one final pass saves by having fewer.
             X, w = _persist(X, w)
         elif mode == "streamed":
             log.info("rows not persisted (%.0f MiB): streaming them from their source",
