@@ -468,16 +468,7 @@ class ClusterEngine(Engine):
         contiguous runs of chunks shared out by the workers' threads."""
         n = self.rows.nchunks
         if self.persisted:
-            who = self.client.who_has(self.blocks)
-            # A chunk held by several workers goes to the one with the fewest
-            # rows so far (the first one would give them all to one worker).
-            load: dict = {}
-            owner = []
-            for f, rows in zip(self.blocks, self.rows.row_chunks):
-                holders = sorted(who.get(f.key, ())) or [""]
-                addr = min(holders, key=lambda a: (load.get(a, 0), a))
-                load[addr] = load.get(addr, 0) + rows
-                owner.append(addr)
+            owner = chunk_owners(self.client, self.blocks, self.rows.row_chunks)
         else:
             workers = sorted(self._workers().items())
             if not workers:
@@ -619,6 +610,23 @@ def _drop_run(run: str, dask_worker=None) -> None:
     ext = dask_worker.plugins.get(EXTENSION) if dask_worker is not None else None
     if ext is not None:
         ext.drop(run)
+
+
+def chunk_owners(client, futures: list, rows: tuple) -> list:
+    """The worker that works on each persisted chunk (``""`` if none holds it).
+
+    A chunk held by several workers goes to the one with the fewest rows so
+    far (the first one would give them all to one worker).
+    """
+    who = client.who_has(futures)
+    load: dict = {}
+    owner = []
+    for f, n in zip(futures, rows):
+        holders = sorted(who.get(f.key, ())) or [""]
+        addr = min(holders, key=lambda a: (load.get(a, 0), a))
+        load[addr] = load.get(addr, 0) + n
+        owner.append(addr)
+    return owner
 
 
 def _chunk_futures(x) -> list:

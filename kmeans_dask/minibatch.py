@@ -461,8 +461,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
                               "center_shift": shift, "seconds": time.perf_counter() - t0,
                               "relocated": relocated})
         if self.compute_labels:
-            labels, dist = _assign(np.asarray(block, dtype=dtype), self.cluster_centers_,
-                                   self.scale_, dtype)
+            labels, dist = _assign(block, self.cluster_centers_, self.scale_, dtype)
             self.labels_ = labels.astype(np.int32)
             self.inertia_ = float(dist @ weights)
         return self
@@ -610,15 +609,13 @@ class _Fetcher:
             return [(None, [i]) for i in range(n)]
         from distributed import wait
 
-        from .engine import _chunk_futures
+        from .engine import _chunk_futures, chunk_owners
 
         futures = _chunk_futures(self.rows.X)
         wait(futures)  # where the chunks are is known once they are there
-        who = self.client.who_has(futures)
-        keys = [k[0] if isinstance(k, list) else k for k in self.rows.X.__dask_keys__()]
         plan: dict = {}
-        for i, key in enumerate(keys):
-            plan.setdefault(min(who.get(key, ()) or ("",)), []).append(i)
+        for i, addr in enumerate(chunk_owners(self.client, futures, self.rows.row_chunks)):
+            plan.setdefault(addr, []).append(i)
         return [(addr or None, idx) for addr, idx in sorted(plan.items())]
 
     def _submit(self, indices: np.ndarray, stats: bool):
@@ -645,8 +642,8 @@ class _Fetcher:
         at = np.concatenate([r for _, ranges in order for r in ranges]) if order else np.zeros(0)
         where = np.empty(len(uniq), dtype=np.intp)
         where[at.astype(np.intp)] = np.arange(len(at))
-        self.last_chunks = [i for idx, _ in order for i in idx]
-        return self._compute(parts), where[inverse.ravel()]
+        chunks = [i for idx, _ in order for i in idx]
+        return self._compute(parts), where[inverse.ravel()], chunks
 
     def load(self) -> dict:
         """All rows (and weights) here, in one round trip; their statistics."""
@@ -662,8 +659,7 @@ class _Fetcher:
         """The first round's rows, and the statistics of all rows (None once loaded)."""
         if self.local is not None:
             return _Round(self.local, indices), None
-        parts, positions = self._submit(indices, stats=True)
-        chunks = self.last_chunks
+        parts, positions, chunks = self._submit(indices, stats=True)
         parts = self._gather(parts)
         data = np.concatenate([p["rows"] for p in parts])
         per_chunk = dict(zip(chunks, (st for p in parts for st in p["stats"])))
@@ -672,7 +668,8 @@ class _Fetcher:
     def submit(self, indices: np.ndarray):
         if self.local is not None:
             return None, indices
-        return self._submit(indices, stats=False)
+        parts, positions, _ = self._submit(indices, stats=False)
+        return parts, positions
 
     def result(self, handle) -> _Round:
         parts, positions = handle
@@ -767,6 +764,7 @@ def _fold(xb, weights, centers, scale, dtype):
     rows (:func:`_jit.fold_batch`).
     """
     dtype = np.dtype(dtype)
+    centers = np.asarray(centers, dtype=np.float64)
     k, d = centers.shape
     m = xb.shape[0]
     x = xb if xb.dtype == dtype else xb.astype(dtype)
