@@ -478,6 +478,10 @@ class _Unreachable(SourceError):
     """No mirror could be reached at all (as opposed to one serving bad bytes)."""
 
 
+class _MirrorFailed(Exception):
+    """One mirror failed; the next is tried."""
+
+
 def _check_url(url: str) -> None:
     parsed = urllib.parse.urlparse(url)
     loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
@@ -509,6 +513,8 @@ def download_file(
     """
     from tqdm.auto import tqdm
 
+    from .store import atomic_file  # store imports this module
+
     mirrors = list(mirrors if mirrors is not None else spec.mirrors)
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -518,42 +524,37 @@ def download_file(
     for base in mirrors:
         url = urllib.parse.urljoin(base if base.endswith("/") else base + "/", f.name)
         _check_url(url)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".part", dir=dest_dir)
-        tmp = Path(tmp_name)
         try:
-            md5 = hashlib.md5()
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp, os.fdopen(fd, "wb") as out:
+            with atomic_file(final, suffix=".part") as tmp:
+                md5 = hashlib.md5()
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                        reached = True
+                        total = int(resp.headers.get("Content-Length") or 0) or None
+                        with tqdm(total=total, unit="B", unit_scale=True, desc=f.name,
+                                  disable=not progress, leave=False) as bar:
+                            while True:
+                                block = resp.read(_BLOCK)
+                                if not block:
+                                    break
+                                md5.update(block)
+                                out.write(block)
+                                bar.update(len(block))
+                except urllib.error.HTTPError as exc:
                     reached = True
-                    total = int(resp.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f.name,
-                              disable=not progress, leave=False) as bar:
-                        while True:
-                            block = resp.read(_BLOCK)
-                            if not block:
-                                break
-                            md5.update(block)
-                            out.write(block)
-                            bar.update(len(block))
-            except urllib.error.HTTPError as exc:
-                reached = True
-                failures.append(f"{url}: HTTP {exc.code}")
-                continue
-            except (urllib.error.URLError, OSError) as exc:
-                failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
-                continue
-            if md5.hexdigest() != f.gz_md5:
-                failures.append(f"{url}: MD5 {md5.hexdigest()} does not match the published {f.gz_md5}")
-                continue
-            try:
-                decompress_idx(tmp, f.kind, expected=f)
-            except (IDXFormatError, ChecksumError) as exc:
-                failures.append(f"{url}: {exc}")
-                continue
-            os.replace(tmp, final)
-            log.info("downloaded %s from %s", f.name, url)
-            return final
-        finally:
-            tmp.unlink(missing_ok=True)
+                    raise _MirrorFailed(f"HTTP {exc.code}") from None
+                except (urllib.error.URLError, OSError) as exc:
+                    raise _MirrorFailed(getattr(exc, "reason", exc)) from None
+                if md5.hexdigest() != f.gz_md5:
+                    raise _MirrorFailed(f"MD5 {md5.hexdigest()} does not match the published {f.gz_md5}")
+                try:
+                    decompress_idx(tmp, f.kind, expected=f)
+                except (IDXFormatError, ChecksumError) as exc:
+                    raise _MirrorFailed(exc) from None
+        except _MirrorFailed as exc:
+            failures.append(f"{url}: {exc}")
+            continue
+        log.info("downloaded %s from %s", f.name, url)
+        return final
     kind = SourceError if reached else _Unreachable
     raise kind(f"could not download {f.name}: " + "; ".join(failures))

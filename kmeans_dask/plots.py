@@ -1,19 +1,19 @@
 """Pictures: NumPy arrays in, PNG files out (matplotlib's Agg canvas, no pyplot state).
 
-Every function writes its PNG atomically (temporary name, then rename) and
+Every function writes its PNG atomically (:func:`store.atomic_file`) and
 returns the path.  Nothing here knows about Dask or the estimator.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from . import store
 
 IMAGE_SHAPE = (28, 28)
 DPI = 100
@@ -43,20 +43,9 @@ def grid_shape(k: int) -> tuple[int, int]:
 
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with store.atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        # mkstemp's private mode would survive the rename; readable as the umask says.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

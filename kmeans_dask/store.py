@@ -138,6 +138,11 @@ def _related(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def exists_error(path, what: str) -> StoreError:
+    """The refusal of an existing output: ``what`` says what it holds."""
+    return StoreError(f"{path} already exists {what}; pass --overwrite to replace it")
+
+
 def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path:
     """Check that ``path`` may be written as an output of ``kind``; returns it absolute.
 
@@ -169,7 +174,7 @@ def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path
     if have is None:
         return final
     if not overwrite:
-        raise StoreError(f"{final} already exists ({_describe(have)}); pass --overwrite to replace it")
+        raise exists_error(final, f"({_describe(have)})")
     if have != kind and have != EMPTY_DIR:  # replacing an empty directory loses nothing
         raise StoreError(f"refusing to overwrite {final}: it is {_describe(have)}, not "
                          f"{_describe(kind)}; remove it yourself or choose another path")
@@ -227,22 +232,35 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def write_text(path, text: str) -> Path:
-    """Replace a small file atomically (temporary file, fsync, rename), readable as
-    the umask says."""
-    path = absolute(path)
+@contextlib.contextmanager
+def atomic_file(path, suffix: str = ""):
+    """Yield a temporary sibling of ``path``; on a clean exit it is fsynced, made
+    readable as the umask says and renamed to ``path``.
+
+    On any exception the temporary is removed and an existing ``path`` is left as
+    it was.  Callers run :func:`check_output` themselves where ``path`` is an output.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, file_mode())
+        tmp.chmod(file_mode())  # mkstemp's private mode would survive the rename
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> Path:
+    """Replace a small file atomically (:func:`atomic_file`)."""
+    path = absolute(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -730,9 +748,8 @@ def ingest(
             rows = {s: spec.files[s]["labels"].n_items for s in sources}
             return IngestReport(final, rows, sources, skipped=True)
         if output_kind(final) == DATA_FORMAT:
-            raise StoreError(
-                f"{final} already exists and does not match {dataset} {sorted(sources)} with "
-                f"chunk_rows={chunk_rows}; pass --overwrite to replace it")
+            raise exists_error(final, f"and does not match {dataset} {sorted(sources)} with "
+                                      f"chunk_rows={chunk_rows}")
     check_output(final, DATA_FORMAT, overwrite=overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     splits = {}

@@ -13,8 +13,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -107,11 +105,8 @@ def performance_report(path, *, overwrite=False):
     from distributed import performance_report as _report
 
     path = store.check_output(path, store.REPORT_KIND, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".html", dir=path.parent)
-    os.close(fd)
-    try:
-        report = _report(filename=tmp)
+    with store.atomic_file(path, suffix=".html") as tmp:
+        report = _report(filename=str(tmp))
         report.__enter__()
         try:
             yield path
@@ -124,11 +119,6 @@ def performance_report(path, *, overwrite=False):
                 log.debug("performance report not closed: %s", exit_exc)
             raise
         report.__exit__(None, None, None)
-        os.chmod(tmp, store.file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- fit

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import http.server
+import stat
 import threading
 
 import pytest
 
-from kmeans_dask import datasets
+from kmeans_dask import datasets, store
 from kmeans_dask.errors import SourceError
 
 from conftest import leftovers
@@ -55,6 +56,7 @@ def test_good_mirror(server, tmp_path):
     assert path == dest / f.name
     datasets.decompress_idx(path, "images", expected=f)
     assert leftovers(dest) == [f.name]
+    assert stat.S_IMODE(path.stat().st_mode) == store.file_mode()  # not mkstemp's 0600
 
 
 @pytest.mark.t10k

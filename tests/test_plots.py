@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from kmeans_dask import plots
+from kmeans_dask import plots, store
 
 
 def png_size(path):
@@ -49,6 +51,7 @@ def test_other_pictures(tmp_path):
     b = plots.blobs(X, np.repeat([0, 1], 10), X[:2], np.repeat([1, 0], 10), X[2:4], tmp_path / "b.png")
     assert png_size(b) == (1000, 460)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png", "conf.png", "e.png", "m.png"]
+    assert stat.S_IMODE(b.stat().st_mode) == store.file_mode()  # not mkstemp's 0600
 
 
 def test_no_images():

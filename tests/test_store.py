@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -178,6 +180,40 @@ def test_atomic_path_cleans_up_on_failure(tmp_path):
         with store.atomic_path(final, store.RESULT_FORMAT):
             pass
     assert leftovers(tmp_path) == ["result.zarr"]
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_atomic_file_is_readable_as_the_umask_says(tmp_path, umask):
+    path = tmp_path / "sub" / "a.txt"
+    with store.atomic_file(path, suffix=".part") as tmp:
+        assert tmp.parent == path.parent and not path.exists()
+        tmp.write_text("new")
+    assert path.read_text() == "new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    store.write_text(path, "newer")
+    assert path.read_text() == "newer" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert leftovers(path.parent) == ["a.txt"]
+
+
+def test_atomic_file_failure_leaves_the_old_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.atomic_file(path) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old" and leftovers(tmp_path) == ["a.txt"]
+    (tmp_path / "d" / "x").mkdir(parents=True)
+    with pytest.raises(OSError):  # the rename itself fails
+        with store.atomic_file(tmp_path / "d") as tmp:
+            tmp.write_text("x")
+    assert leftovers(tmp_path) == ["a.txt", "d"] and leftovers(tmp_path / "d") == ["x"]
 
 
 def test_empty_split_is_refused(tmp_path, mnist_store):
