@@ -188,6 +188,7 @@ def pass_bytes(km) -> int:
 
 
 def streamed(path, limit, k, iters, seed_rows):
+    import dask
     from distributed import Client, LocalCluster
 
     from kmeans_dask import KMeans, store
@@ -203,7 +204,8 @@ def streamed(path, limit, k, iters, seed_rows):
             return str(dask_worker.status)
 
         t = time.perf_counter()
-        km = KMeans(k, init=init, max_iter=iters, tol=0, persist=False).fit(X)
+        with dask.config.set({"kmeans_dask.persist": False}):
+            km = KMeans(k, init=init, max_iter=iters, tol=0).fit(X)
         whole = time.perf_counter() - t
         paused = client.run(watch)
         peak = client.run(_memory)

@@ -55,7 +55,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, k_required: bool = Tru
 
 # What an option left unset means, per algorithm: the estimator's own defaults.
 DEFAULTS = {
-    "lloyd": {"init": "k-means||", "max_iter": 300, "tol": 1e-4, "n_init": 1},
+    "lloyd": {"init": "k-means||", "max_iter": 300, "tol": 1e-4, "n_init": "auto"},
     "minibatch": {"init": "k-means++", "max_iter": 100, "tol": 0.0, "n_init": "auto"},
 }
 

@@ -860,12 +860,23 @@ def transform_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
     _check_finite(X)
     dtype = compute_dtype(X.dtype)
     neg2_t, csq = _prepared_centers(centers, dtype, scale)
-    out = np.empty((X.shape[0], centers.shape[0]), dtype=dtype)
+    c = np.asarray(centers, dtype=np.float64)
+    # |x|^2 - 2 x.c + |c|^2 loses the small distances to cancellation (a row on
+    # a centre would be sqrt(eps |x|^2) away): pairs this close are computed
+    # again as |x - c|^2 in float64.
+    close = 1e3 * np.finfo(dtype).eps
+    out = np.empty((X.shape[0], c.shape[0]), dtype=dtype)
     for start, stop, x in _Blocks(X, 1.0, block_rows):
         g = out[start:stop]
         np.dot(x, neg2_t, out=g)
         g += csq
-        g += (np.einsum("ij,ij->i", x, x, dtype=np.float64) * (scale * scale)).astype(dtype)[:, None]
+        xsq = np.einsum("ij,ij->i", x, x, dtype=np.float64) * (scale * scale)
+        g += xsq.astype(dtype)[:, None]
+        rows, cols = np.nonzero(g <= close * (xsq[:, None] + csq[None, :]))
+        for lo in range(0, rows.size, 4096):
+            i, j = rows[lo:lo + 4096], cols[lo:lo + 4096]
+            diff = x[i].astype(np.float64) * scale - c[j]
+            g[i, j] = np.einsum("ij,ij->i", diff, diff)
         np.maximum(g, 0, out=g)
         np.sqrt(g, out=g)
     return out

@@ -22,6 +22,12 @@ or in a Dask YAML file, or through ``DASK_KMEANS_DASK__BLOCK_ROWS=512``.
 
 Keys
 ----
+persist : "auto", true or false, default "auto"
+    Keep the rows in worker memory between Lloyd passes.  "auto": when
+    they take at most half the cluster's memory (and always without a
+    cluster); otherwise every pass reads them again from their source (a
+    Zarr store, say), keeping only each row's label and bounds on the
+    workers.  Results do not depend on it.
 task-bytes : int, default 33554432 (32 MiB)
     Persisted rows whose chunks are smaller than this are merged into
     chunks of about this size before the fit: each chunk is one unit of
@@ -50,12 +56,22 @@ from __future__ import annotations
 
 import dask
 
-DEFAULTS = {"task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8,
+DEFAULTS = {"persist": "auto", "task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8,
             "minibatch-round-bytes": 256 * 2**20, "minibatch-stream-round-bytes": 2**30}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "minibatch-round-bytes": 1,
            "minibatch-stream-round-bytes": 1}
 
 dask.config.update_defaults({"kmeans_dask": dict(DEFAULTS)})
+
+
+def persist():
+    """``kmeans_dask.persist``: "auto", True or False (also from YAML or environment text)."""
+    value = dask.config.get("kmeans_dask.persist", "auto")
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise ValueError(f"dask config kmeans_dask.persist must be 'auto', true or false, "
+                     f"got {value!r}")
 
 
 def get(key: str) -> int:

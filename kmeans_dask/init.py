@@ -29,8 +29,10 @@ def _weights_on_client(rows: ChunkedRows):
 
 
 def _choice(n: int, size: int, rng, weights=None) -> np.ndarray:
+    # Always with probabilities (as scikit-learn draws): unit weights then draw
+    # exactly what no weights do.
     if weights is None:
-        return rng.choice(n, size=size, replace=False)
+        weights = np.ones(n)
     positive = np.count_nonzero(weights > 0)
     if positive < size:
         raise ValueError(f"only {positive} rows have a positive sample_weight; {size} needed")

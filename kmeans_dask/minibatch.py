@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 import warnings
 
 import dask
 import dask.array as da
 import numpy as np
-from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils import check_random_state
 
 from . import _jit, _kernels, config
+from ._base import BaseKMeans
+from ._params import ARRAY, BOOLEAN, CALLABLE, NONE, RANDOM_STATE, VERBOSE, Number, Options
 from ._passes import ChunkedRows, task, total_stats
 from .engine import Engine, LocalEngine
 from .init import INITS
@@ -57,20 +57,33 @@ MINIBATCH_INITS = ("k-means++", "random", "k-means||")
 GRAM_BYTES = 64 * 2**20
 
 
-class MiniBatchKMeans(ClusterMixin, BaseEstimator):
+class MiniBatchKMeans(BaseKMeans):
     """Mini-batch K-Means of a Dask array of rows, as scikit-learn's MiniBatchKMeans.
+
+    A drop-in for scikit-learn's ``MiniBatchKMeans`` on dense input: NumPy
+    input gives NumPy results, Dask input lazy Dask results; uint8 rows are
+    scaled by 1/255 (``scale="auto"``; ``scale=1`` gives scikit-learn's
+    behaviour).
 
     Parameters
     ----------
     n_clusters : int, default=8
-    init : {"k-means++", "random", "k-means||"} or array-like of shape (n_clusters, n_features), default="k-means++"
+    init : {"k-means++", "random", "k-means||"}, callable or array-like of shape (n_clusters, n_features), default="k-means++"
         k-means++ (scikit-learn's) or distinct random rows, both on
         ``init_size`` sampled rows; k-means|| over all chunks (costly: a few
-        passes over the data); or explicit centres in scaled units.
+        passes over the data); ``init(X, n_clusters, random_state=rng)`` on
+        the sampled rows; or explicit centres in scaled units (copied).
     max_iter : int, default=100
         Maximum passes over the data: at most ``max_iter * n_samples // batch_size`` steps.
     batch_size : int, default=1024
         Rows per mini-batch.
+    verbose : int, default=0
+        Print every step's batch inertia and the convergence, as scikit-learn does.
+    compute_labels : bool, default=True
+        Compute ``labels_`` and ``inertia_`` over all rows after the fit (one
+        distributed pass); otherwise ``inertia_`` is the smoothed batch
+        inertia times the total weight, and ``labels_`` is not set.
+    random_state : int, RandomState instance or None, default=None
     tol : float, default=0.0
         Stop when the sum of squared centre changes of a step is at most
         ``tol`` times the mean per-feature variance of the data (0 disables).
@@ -87,11 +100,6 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
     reassignment_ratio : float, default=0.01
         Every ``10 * n_clusters`` rows, centres whose accumulated weight is
         below this fraction of the largest are moved to random rows of the batch.
-    random_state : int, RandomState instance or None, default=None
-    compute_labels : bool, default=True
-        Compute ``labels_`` and ``inertia_`` over all rows after the fit (one
-        distributed pass); otherwise ``inertia_`` is the smoothed batch
-        inertia times the total weight, and ``labels_`` is not set.
     scale : "auto" or float, default="auto"
         Multiplier applied to rows: 1/255 for uint8 images, 1 for float input.
 
@@ -99,9 +107,9 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
     ----------
     cluster_centers_ : ndarray of shape (n_clusters, n_features)
         float32 for uint8 or float32 input, float64 for float64 input.
-    labels_ : dask.array.Array of shape (n_samples,)
-        int32, lazy, chunked like ``X`` (``fit``); a NumPy array of the
-        block's labels after ``partial_fit``.
+    labels_ : ndarray or dask.array.Array of shape (n_samples,)
+        int32: NumPy for NumPy input, lazy and chunked like ``X`` for Dask
+        input (``fit``); a NumPy array of the block's labels after ``partial_fit``.
     inertia_ : float
     n_iter_ : int
         Passes over the data, rounded up.
@@ -115,6 +123,8 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         float64 initial centres of the fit.
     scale_ : float
     n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only for input with string column names (a DataFrame).
 
     Examples
     --------
@@ -125,70 +135,44 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
     [1.0, 8.0]
     """
 
-    # Used by the methods borrowed from KMeans (predict, transform, score).
+    _parameter_constraints = {
+        "n_clusters": [Number(1, integer=True)],
+        "init": [Options(MINIBATCH_INITS), CALLABLE, ARRAY],
+        "max_iter": [Number(1, integer=True)],
+        "batch_size": [Number(1, integer=True)],
+        "verbose": [VERBOSE],
+        "compute_labels": [BOOLEAN],
+        "random_state": [RANDOM_STATE],
+        "tol": [Number(0)],
+        "max_no_improvement": [Number(0, integer=True), NONE],
+        "init_size": [Number(1, integer=True), NONE],
+        "n_init": [Options(("auto",)), Number(1, integer=True)],
+        "reassignment_ratio": [Number(0)],
+        "scale": [Options(("auto",)), Number(0, strict=True)],
+    }
+    _default_n_init = 3
 
     def __init__(self, n_clusters=8, *, init="k-means++", max_iter=100, batch_size=1024,
-                 tol=0.0, max_no_improvement=10, init_size=None, n_init="auto",
-                 reassignment_ratio=0.01, random_state=None, compute_labels=True, scale="auto"):
+                 verbose=0, compute_labels=True, random_state=None, tol=0.0,
+                 max_no_improvement=10, init_size=None, n_init="auto", reassignment_ratio=0.01,
+                 scale="auto"):
         self.n_clusters = n_clusters
         self.init = init
         self.max_iter = max_iter
         self.batch_size = batch_size
+        self.verbose = verbose
+        self.compute_labels = compute_labels
+        self.random_state = random_state
         self.tol = tol
         self.max_no_improvement = max_no_improvement
         self.init_size = init_size
         self.n_init = n_init
         self.reassignment_ratio = reassignment_ratio
-        self.random_state = random_state
-        self.compute_labels = compute_labels
         self.scale = scale
-
-    # The input checks and the uses of a fitted model are KMeans's own.
-    _check_X = KMeans._check_X
-    _check_weights = KMeans._check_weights
-    _effective_scale = KMeans._effective_scale
-    _rows = KMeans._rows
-    _fitted_rows = KMeans._fitted_rows
-    predict = KMeans.predict
-    transform = KMeans.transform
-    score = KMeans.score
-
-    # ------------------------------------------------------------------ validation
-
-    def _validate_params(self):
-        _integer(self, "n_clusters", 1)
-        _integer(self, "max_iter", 1)
-        _integer(self, "batch_size", 1)
-        _integer(self, "max_no_improvement", 0, allow_none=True)
-        _integer(self, "init_size", 1, allow_none=True)
-        if self.n_init != "auto":
-            _integer(self, "n_init", 1, extra="or 'auto'")
-        _real(self, "tol", 0.0)
-        _real(self, "reassignment_ratio", 0.0)
-        if self.scale != "auto":
-            _real(self, "scale", 0.0, strict=True)
-        if isinstance(self.init, str):
-            if self.init not in MINIBATCH_INITS:
-                raise ValueError(f"init must be one of {list(MINIBATCH_INITS)} or an array of "
-                                 f"shape (n_clusters, n_features), got {self.init!r}")
-        if not isinstance(self.compute_labels, (bool, np.bool_)):
-            raise ValueError(f"compute_labels must be True or False, got {self.compute_labels!r}")
-
-    def _check_init_array(self, d: int):
-        if isinstance(self.init, str):
-            return self.init
-        init = np.asarray(self.init, dtype=np.float64)
-        if init.shape != (self.n_clusters, d):
-            raise ValueError(f"init array has shape {init.shape}, expected "
-                             f"(n_clusters, n_features) = ({self.n_clusters}, {d})")
-        if not np.isfinite(init).all():
-            raise ValueError("init array contains NaN or infinity")
-        return init
 
     def _check_params_vs_input(self, n: int):
         """scikit-learn's ``_check_params_vs_input``: batch size, init size, n_init."""
-        if self.n_clusters > n:
-            raise ValueError(f"n_clusters={self.n_clusters} must be <= n_samples={n}")
+        self._check_n_samples(n)
         self._batch_size = min(self.batch_size, n)
         init_size = self.init_size
         if init_size is None:
@@ -201,15 +185,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
                           RuntimeWarning, stacklevel=3)
             init_size = 3 * self.n_clusters
         self._init_size = min(init_size, n)
-        if self.n_init == "auto":
-            self._n_init = 3 if (isinstance(self.init, str) and self.init == "random") else 1
-        else:
-            self._n_init = self.n_init
-        if not isinstance(self.init, str) and self._n_init != 1:
-            warnings.warn(f"Explicit initial center position passed: performing only one init "
-                          f"in MiniBatchKMeans instead of n_init={self._n_init}.",
-                          RuntimeWarning, stacklevel=3)
-            self._n_init = 1
+        self._resolve_n_init()
 
     def _random_reassign(self) -> bool:
         """scikit-learn's rule: every ``10 * n_clusters`` rows, or when a centre has no weight."""
@@ -241,10 +217,10 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         self : MiniBatchKMeans
         """
         self._validate_params()
-        X = self._check_X(X, fitting=True)
+        X = self._check_X(X, reset=True)
         w = self._check_weights(sample_weight, X)
         n, d = X.shape
-        init = self._check_init_array(d)
+        init = self._init_array(self.init, d) if ARRAY.accepts(self.init) else self.init
         self._check_params_vs_input(n)
         scale = self._effective_scale(X.dtype)
         input_chunks = X.chunks[0]
@@ -258,7 +234,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         elif mode == "streamed":
             log.info("rows not persisted (%.0f MiB): streaming them from their source",
                      X.nbytes / 2**20)
-        rows = self._rows(X, w, scale)
+        rows = ChunkedRows(X, w, scale=scale)
         fetch = _Fetcher(rows, mode)
         stats = fetch.load() if mode == "whole" else None
         if mode == "whole":
@@ -281,7 +257,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         # First round trip: every chunk's statistics (unless all rows came at
         # once), the validation and init samples, and the first batches.
         sizes = []
-        if isinstance(init, str) and init != "k-means||":
+        if not isinstance(init, np.ndarray) and init != "k-means||":
             sizes = [self._init_size] * (1 + self._n_init)
         first = min(per_round, n_steps)
         idx = [sampler.draw(s) for s in sizes] + [sampler.draw(first * b)]
@@ -327,7 +303,11 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
             history.append(record)
             if callback is not None:
                 callback(record)
-            stop = _converged(self, ewa, step, n, shift if self._tol > 0 else 0.0, inertia)
+            if self.verbose:
+                print(f"Minibatch step {step + 1}/{n_steps}: mean batch inertia: "
+                      f"{inertia / b}")
+            stop = _converged(self, ewa, step, n, shift if self._tol > 0 else 0.0, inertia,
+                              n_steps)
             step += 1
             if stop:
                 break
@@ -358,8 +338,9 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
                 labels = engine.labels(final)
             finally:
                 engine.close()
-            self.labels_ = (labels if labels.chunks[0] == input_chunks
-                            else labels.rechunk((input_chunks,)))
+            if labels.chunks[0] != input_chunks:
+                labels = labels.rechunk((input_chunks,))
+            self.labels_ = self._output(labels)
         else:
             smoothed = ewa["ewa"] if ewa["ewa"] is not None else history[-1]["inertia"]
             self.inertia_ = float(smoothed * total)
@@ -374,7 +355,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         ``samples`` holds the validation rows then one sample per init, as
         fetched (the sample already reflects the weights, so each row counts once).
         """
-        if not isinstance(init, str):
+        if isinstance(init, np.ndarray):
             return init.copy()
         if init == "k-means||":
             return INITS[init](rows, self.n_clusters, rng)
@@ -382,18 +363,15 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         best, best_inertia = None, None
         for sample in samples[1:]:
             sample = _scaled(sample, scale, dtype)
-            centers = _init_block(init, sample, None, self.n_clusters, rng)
+            if callable(init):
+                centers = self._called_init(sample, rng)
+            else:
+                centers = _init_block(init, sample, None, self.n_clusters, rng)
             _, dist = _assign(valid, centers, scale, dtype)
             inertia = float(dist.sum())
             if best_inertia is None or inertia < best_inertia:
                 best, best_inertia = centers, inertia
         return np.asarray(best, dtype=np.float64)
-
-    def fit_predict(self, X, y=None, sample_weight=None):
-        return self.fit(X, sample_weight=sample_weight).labels_
-
-    def fit_transform(self, X, y=None, sample_weight=None):
-        return self.fit(X, sample_weight=sample_weight).transform(X)
 
     # ------------------------------------------------------------------ partial_fit
 
@@ -412,7 +390,7 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         fitted = hasattr(self, "cluster_centers_")
         if not fitted:
             self._validate_params()
-        X = self._check_X(X, fitting=not fitted)
+        X = self._check_X(X, reset=not fitted)
         w = self._check_weights(sample_weight, X)
         block = np.asarray(X.compute())
         weights = np.ones(block.shape[0]) if w is None else np.asarray(w.compute())
@@ -424,10 +402,9 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
         self.n_steps_ = getattr(self, "n_steps_", 0)
         if not fitted:
             n, d = block.shape
-            init = self._check_init_array(d)
+            init = self._init_array(self.init, d) if ARRAY.accepts(self.init) else self.init
             self._check_params_vs_input(n)
             self.scale_ = self._effective_scale(block.dtype)
-            self.n_features_in_ = d
             x = _scaled(block, self.scale_, _kernels.compute_dtype(block.dtype))
             if self._init_size < n:
                 pick = self._random_state.randint(0, n, self._init_size)
@@ -438,6 +415,8 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
                 rows = ChunkedRows(da.from_array(x_init, chunks=(len(x_init), -1)),
                                    da.from_array(w_init, chunks=len(w_init)), scale=1.0)
                 self._centers = INITS[init](rows, self.n_clusters, self._random_state)
+            elif callable(init):
+                self._centers = self._called_init(x_init, self._random_state)
             elif isinstance(init, str):
                 self._centers = _init_block(init, x_init, w_init, self.n_clusters,
                                             self._random_state)
@@ -468,24 +447,6 @@ class MiniBatchKMeans(ClusterMixin, BaseEstimator):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _integer(est, name, low, allow_none=False, extra=""):
-    value = getattr(est, name)
-    if value is None and allow_none:
-        return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        more = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {low}{more}{' ' + extra if extra else ''}, "
-                         f"got {value!r}")
-
-
-def _real(est, name, low, strict=False):
-    value = getattr(est, name)
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value)
-            or value < low or (strict and value == low)):
-        op = ">" if strict else ">="
-        raise ValueError(f"{name} must be a number {op} {low}, got {value!r}")
 
 
 class _Sampler:
@@ -808,7 +769,8 @@ def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
     return inertia, shift, relocated
 
 
-def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: float) -> bool:
+def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: float,
+               n_steps: int) -> bool:
     """scikit-learn's ``_mini_batch_convergence`` (``step`` counted from 0)."""
     batch_inertia /= est._batch_size
     if step == 0:
@@ -818,6 +780,8 @@ def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: f
                   else ewa["ewa"] * (1 - alpha) + batch_inertia * alpha)
     if est._tol > 0.0 and shift <= est._tol:
         log.info("mini-batch converged at step %d: centre change %.3g", step + 1, shift)
+        if est.verbose:
+            print(f"Converged (small centers change) at step {step + 1}/{n_steps}")
         return True
     if ewa["min"] is None or ewa["ewa"] < ewa["min"]:
         ewa["no_improvement"] = 0
@@ -827,6 +791,8 @@ def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: f
     if est.max_no_improvement is not None and ewa["no_improvement"] >= est.max_no_improvement:
         log.info("mini-batch stopped at step %d: no improvement of the smoothed inertia in "
                  "%d steps", step + 1, ewa["no_improvement"])
+        if est.verbose:
+            print(f"Converged (lack of improvement in inertia) at step {step + 1}/{n_steps}")
         return True
     return False
 

@@ -41,11 +41,12 @@ def test_lloyd_same_on_one_two_and_three_workers(dask_processes, fashion_test_sm
     for n_workers in (1, 2, 3, 3):  # the last one repeats the run on the same cluster
         while len(dask_processes.procs) - 1 < n_workers:
             dask_processes.start_worker()
-        with Client(address, timeout=30) as client, dask.config.set(SMALL_TASKS):
+        with (Client(address, timeout=30) as client,
+              dask.config.set({**SMALL_TASKS, "kmeans_dask.persist": persist})):
             client.wait_for_workers(n_workers, timeout=60)
             assert len(client.scheduler_info()["workers"]) == n_workers
             X = _rows(fashion_test_small_chunks)
-            km = KMeans(10, init="k-means||", random_state=0, max_iter=30, persist=persist).fit(X)
+            km = KMeans(10, init="k-means||", random_state=0, max_iter=30).fit(X)
             assert km.labels_.chunks == X.chunks[:1]
             results.append(_result(km))
     _assert_same(results)
@@ -66,8 +67,9 @@ def test_weighted_and_grouped_same_on_one_and_three_workers_persisted_or_streame
             X = _rows(fashion_test_small_chunks)
             for persist in (True, False):
                 for weights in (None, w):
-                    km = KMeans(64, init="k-means++", random_state=1, max_iter=25, tol=0,
-                                persist=persist).fit(X, sample_weight=weights)
+                    with dask.config.set({"kmeans_dask.persist": persist}):
+                        km = KMeans(64, init="k-means++", random_state=1, max_iter=25,
+                                    tol=0).fit(X, sample_weight=weights)
                     runs[n_workers, persist, weights is None] = _result(km)
     for unweighted in (True, False):
         # Persisted and streamed rows keep the same 500-row chunks here.
@@ -90,11 +92,11 @@ def test_one_worker_with_two_threads_equals_two_workers(dask_processes, fashion_
 @pytest.mark.parametrize("persist", [True, False], ids=["persisted", "streamed"])
 def test_every_iteration_is_a_task_on_every_worker(dask_processes, fashion_test_small_chunks,
                                                    persist):
-    with dask_processes.client(2) as client, dask.config.set(SMALL_TASKS):
+    with (dask_processes.client(2) as client,
+          dask.config.set({**SMALL_TASKS, "kmeans_dask.persist": persist})):
         X = _rows(fashion_test_small_chunks)
         with get_task_stream(client) as ts:
-            km = KMeans(10, init="k-means++", random_state=0, max_iter=6, tol=0,
-                        persist=persist).fit(X)
+            km = KMeans(10, init="k-means++", random_state=0, max_iter=6, tol=0).fit(X)
         lloyd = [t for t in ts.data if str(t["key"]).startswith("('kmeans-lloyd-")]
         # Every iteration and the final pass: one task per worker, named for its iteration.
         passes = km.n_iter_ + 1

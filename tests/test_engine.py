@@ -131,8 +131,10 @@ def test_numpy_and_streamed_rows_give_the_same_fit():
     X, _ = make_blobs(4000, 8, centers=6, random_state=4)
     Xd = da.from_array(X, chunks=700)
     with dask.config.set({"kmeans_dask.task-bytes": 1}):
-        a = KMeans(6, random_state=0, persist=True).fit(Xd)
-        b = KMeans(6, random_state=0, persist=False).fit(Xd)
+        with dask.config.set({"kmeans_dask.persist": True}):
+            a = KMeans(6, random_state=0).fit(Xd)
+        with dask.config.set({"kmeans_dask.persist": "false"}):
+            b = KMeans(6, random_state=0).fit(Xd)
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
     assert a.inertia_ == b.inertia_
     np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())

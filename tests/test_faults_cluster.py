@@ -21,6 +21,7 @@ import pytest
 from distributed import Client
 
 from kmeans_dask import KMeans, store
+from kmeans_dask.kmeans import _should_persist
 
 from conftest import ROOT, leftovers, run_job
 
@@ -34,10 +35,11 @@ def _worker_pids(client) -> dict:
 @pytest.mark.parametrize("persist", [True, False], ids=["persisted", "streamed"])
 def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fashion_store,
                                                              persist, caplog):
-    with dask_processes.client(3) as client, dask.config.set({"kmeans_dask.task-bytes": 1}):
+    with (dask_processes.client(3) as client,
+          dask.config.set({"kmeans_dask.task-bytes": 1, "kmeans_dask.persist": persist})):
         # 28 chunks of 2,500 rows over 3 workers: each pass task holds several.
         X = store.open_data(fashion_store, "train").images.rechunk({0: 2500})
-        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8, persist=persist)
+        params = dict(n_clusters=10, random_state=0, tol=0, max_iter=8)
         calm = KMeans(**params).fit(X)
 
         killed = {}
@@ -190,7 +192,7 @@ def test_data_larger_than_cluster_memory_is_streamed(dask_processes, fashion_sto
         client.wait_for_workers(2, timeout=60)
         X = store.open_data(tmp_path / "big.zarr", "train").images
         km = KMeans(10, init="random", random_state=0, max_iter=3, tol=0)
-        assert not km._should_persist(X)
+        assert not _should_persist(X)
         km.fit(X)
         assert km.n_iter_ == 3 and km.inertia_ > 0
         assert len(client.scheduler_info()["workers"]) == 2  # nobody was killed for memory

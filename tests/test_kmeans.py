@@ -8,6 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans as SKKMeans
+from sklearn.exceptions import NotFittedError
 from sklearn.metrics import v_measure_score
 
 from kmeans_dask import KMeans
@@ -161,20 +162,27 @@ def _bad(**kw):
 @pytest.mark.parametrize(
     "params, X, weight, message",
     [
-        ({"n_clusters": 0}, None, None, "n_clusters must be an integer >= 1, got 0"),
-        ({"n_clusters": 21}, None, None, "n_clusters=21 must be <= n_samples=20"),
-        ({"n_clusters": 2.5}, None, None, "n_clusters must be an integer >= 1, got 2.5"),
-        ({"init": "kmeans"}, None, None, "init must be one of ['k-means++', 'k-means||', 'random'] or an array"),
-        ({"init": np.zeros((2, 3))}, None, None, r"init array has shape (2, 3), expected (n_clusters, n_features) = (3, 3)"),
-        ({"algorithm": "elkan"}, None, None, "algorithm must be one of ('lloyd',), got 'elkan'"),
-        ({"max_iter": 0}, None, None, "max_iter must be an integer >= 1, got 0"),
-        ({"tol": -1}, None, None, "tol must be a number >= 0.0, got -1"),
-        ({"persist": "yes"}, None, None, "persist must be 'auto', True or False, got 'yes'"),
-        ({}, np.array([[1.0, np.nan, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-19)"),
-        ({}, np.array([[1.0, np.inf, 0]] * 20), None, "X contains NaN or infinity (first in rows 0-19)"),
-        ({}, np.zeros((20, 3), dtype=np.int64), None, "X has dtype int64; expected uint8, float32 or float64"),
-        ({}, np.zeros((0, 3)), None, "X is empty: shape (0, 3)"),
-        ({}, np.zeros(20), None, "X must be 2-D (n_samples, n_features), got shape (20,)"),
+        ({"n_clusters": 0}, None, None, "The 'n_clusters' parameter of KMeans must be an int >= 1; got 0"),
+        ({"n_clusters": 21}, None, None, "n_samples=20 should be >= n_clusters=21."),
+        ({"n_clusters": 2.5}, None, None, "The 'n_clusters' parameter of KMeans must be an int >= 1; got 2.5"),
+        ({"init": "kmeans"}, None, None, "The 'init' parameter of KMeans must be one of 'random', 'k-means++', 'k-means||' or a callable or an array-like; got 'kmeans'"),
+        ({"init": np.zeros((2, 3))}, None, None, "The shape of the initial centers (2, 3) does not match the number of clusters 3."),
+        ({"init": np.zeros((3, 2))}, None, None, "The shape of the initial centers (3, 2) does not match the number of features of the data 3."),
+        ({"algorithm": "elkan"}, None, None, "The 'algorithm' parameter of KMeans must be one of 'lloyd'; got 'elkan'"),
+        ({"max_iter": 0}, None, None, "The 'max_iter' parameter of KMeans must be an int >= 1; got 0"),
+        ({"tol": -1}, None, None, "The 'tol' parameter of KMeans must be a float >= 0; got -1"),
+        ({"n_init": "best"}, None, None, "The 'n_init' parameter of KMeans must be one of 'auto' or an int >= 1; got 'best'"),
+        ({"verbose": -1}, None, None, "The 'verbose' parameter of KMeans must be a bool or an int >= 0; got -1"),
+        ({"random_state": "x"}, None, None, "The 'random_state' parameter of KMeans must be None, an int or a numpy RandomState; got 'x'"),
+        ({}, da.from_array(np.array([[1.0, np.nan, 0]] * 20), chunks=10), None, "X contains NaN or infinity (first in rows 0-19)"),
+        ({}, da.from_array(np.array([[1.0, 0, 0]] * 10 + [[1.0, np.inf, 0]] * 10), chunks=10), None, "X contains NaN or infinity (first in rows 0-19)"),
+        ({}, np.array([[1.0, np.nan, 0]] * 20), None, "Input X contains NaN."),
+        ({}, np.array([[1.0, np.inf, 0]] * 20), None, "Input X contains infinity"),
+        ({}, da.from_array(np.array([["a", "b", "c"]] * 20)), None, "X has dtype <U1; expected numbers"),
+        ({}, np.zeros((0, 3)), None, "Found array with 0 sample(s) (shape=(0, 3)) while a minimum of 1 is required by KMeans."),
+        ({}, da.zeros((0, 3)), None, "X is empty: shape (0, 3)"),
+        ({}, np.zeros(20), None, "Expected 2D array, got 1D array instead"),
+        ({}, da.zeros(20), None, "X must be 2-D (n_samples, n_features), got shape (20,)"),
         ({}, da.zeros((20, 4), chunks=(10, 2)), None, "X is chunked along columns (column chunks (2, 2)); chunk it by rows only"),
         ({}, None, -np.ones(20), "sample_weight has negative or NaN values (first in rows 0-19)"),
         ({}, None, np.zeros(20), "sample_weight sums to zero: no row carries weight"),
@@ -191,11 +199,12 @@ def test_bad_parameters_and_data_raise_clear_errors(params, X, weight, message):
 
 
 def test_predict_before_fit_and_wrong_width():
-    with pytest.raises(ValueError, match="not fitted yet"):
+    with pytest.raises(NotFittedError, match="This KMeans instance is not fitted yet"):
         KMeans(2).predict(np.zeros((3, 2)))
     km = KMeans(2, random_state=0).fit(blobs()[0])
-    with pytest.raises(ValueError, match="X has 3 features, but this KMeans was fitted with 2"):
-        km.predict(np.zeros((3, 3)))
+    for X in (np.zeros((3, 3)), da.zeros((3, 3))):
+        with pytest.raises(ValueError, match="X has 3 features, but KMeans is expecting 2 features"):
+            km.predict(X)
 
 
 def test_n_init_keeps_the_best_run():

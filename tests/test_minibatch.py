@@ -220,7 +220,7 @@ def test_reassignment_moves_starved_centres():
     moved = MiniBatchKMeans(**kw).fit(X)
     assert moved.history_[0]["relocated"] == 1
     assert np.abs(moved.cluster_centers_).max() < 100
-    assert np.bincount(moved.labels_.compute(), minlength=4).min() > 0
+    assert np.bincount(moved.labels_, minlength=4).min() > 0
     kept = MiniBatchKMeans(reassignment_ratio=0, **kw).fit(X)
     assert sum(h["relocated"] for h in kept.history_) == 0
     assert kept.cluster_centers_[3].tolist() == [1e3] * 4
@@ -238,19 +238,19 @@ def test_partial_fit_after_fit_keeps_counts():
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"n_clusters": 0}, "n_clusters must be an integer >= 1, got 0"),
-    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
-    ({"max_iter": 1.5}, "max_iter must be an integer >= 1, got 1.5"),
-    ({"max_no_improvement": -1}, "max_no_improvement must be an integer >= 0 or None, got -1"),
-    ({"init_size": 0}, "init_size must be an integer >= 1 or None, got 0"),
-    ({"n_init": 0}, "n_init must be an integer >= 1 or 'auto', got 0"),
-    ({"tol": -1.0}, "tol must be a number >= 0.0, got -1.0"),
-    ({"reassignment_ratio": -0.1}, "reassignment_ratio must be a number >= 0.0, got -0.1"),
-    ({"scale": 0}, "scale must be a number > 0.0, got 0"),
-    ({"init": "kmeans"}, "init must be one of"),
-    ({"init": np.zeros((2, 4))}, r"init array has shape \(2, 4\), expected"),
-    ({"compute_labels": "yes"}, "compute_labels must be True or False"),
-    ({"n_clusters": 700}, "n_clusters=700 must be <= n_samples=600"),
+    ({"n_clusters": 0}, "The 'n_clusters' parameter of MiniBatchKMeans must be an int >= 1; got 0"),
+    ({"batch_size": 0}, "The 'batch_size' parameter of MiniBatchKMeans must be an int >= 1; got 0"),
+    ({"max_iter": 1.5}, "The 'max_iter' parameter of MiniBatchKMeans must be an int >= 1; got 1.5"),
+    ({"max_no_improvement": -1}, "The 'max_no_improvement' parameter of MiniBatchKMeans must be an int >= 0 or None; got -1"),
+    ({"init_size": 0}, "The 'init_size' parameter of MiniBatchKMeans must be an int >= 1 or None; got 0"),
+    ({"n_init": 0}, "The 'n_init' parameter of MiniBatchKMeans must be one of 'auto' or an int >= 1; got 0"),
+    ({"tol": -1.0}, "The 'tol' parameter of MiniBatchKMeans must be a float >= 0; got -1.0"),
+    ({"reassignment_ratio": -0.1}, "The 'reassignment_ratio' parameter of MiniBatchKMeans must be a float >= 0; got -0.1"),
+    ({"scale": 0}, "The 'scale' parameter of MiniBatchKMeans must be one of 'auto' or a float > 0; got 0"),
+    ({"init": "kmeans"}, "The 'init' parameter of MiniBatchKMeans must be one of 'k-means.., 'random', 'k-means||' or a callable or an array-like; got 'kmeans'"),
+    ({"init": np.zeros((2, 4))}, r"The shape of the initial centers \(2, 4\) does not match the number of clusters 3."),
+    ({"compute_labels": "yes"}, "The 'compute_labels' parameter of MiniBatchKMeans must be a bool; got 'yes'"),
+    ({"n_clusters": 700}, "n_samples=600 should be >= n_clusters=700."),
 ])
 def test_bad_parameters_are_named(params, message):
     kw = {"n_clusters": 3, **params}
@@ -264,10 +264,12 @@ def test_bad_parameters_are_named(params, message):
 def test_bad_data_and_weights_are_named():
     X = blobs()
     X[5, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN or infinity"):
+    with pytest.raises(ValueError, match="Input X contains NaN"):
         MiniBatchKMeans(3).fit(X)
-    with pytest.raises(ValueError, match="NaN or infinity"):
+    with pytest.raises(ValueError, match="Input X contains NaN"):
         MiniBatchKMeans(3).partial_fit(X)
+    with pytest.raises(ValueError, match=r"X contains NaN or infinity \(first in rows 0-299\)"):
+        MiniBatchKMeans(3).fit(da.from_array(X, chunks=300))
     with pytest.raises(ValueError, match="negative"):
         MiniBatchKMeans(3).fit(blobs(), sample_weight=-np.ones(600))
     with pytest.raises(ValueError, match="not fitted"):
@@ -295,13 +297,13 @@ def test_jobs_build_a_minibatch_estimator(fashion_t10k_store, tmp_path):
                       "n_init": "auto", "batch_size": 1024, "random_state": 0, "n_clusters": 10}
     lloyd = _cli.model_params(parser.parse_args(["--k", "10"]))
     assert lloyd == {"algorithm": "lloyd", "init": "k-means||", "max_iter": 300, "tol": 1e-4,
-                     "n_init": 1, "random_state": 0, "n_clusters": 10}
+                     "n_init": "auto", "random_state": 0, "n_clusters": 10}
     with pytest.raises(ValueError, match="--batch-size is a mini-batch option"):
         _cli.model_params(parser.parse_args(["--k", "10", "--batch-size", "64"]))
     assert not hasattr(KMeans(), "batch_size")
-    with pytest.raises(ValueError, match="algorithm must be one of"):
+    with pytest.raises(ValueError, match="The 'algorithm' parameter of KMeans must be one of 'lloyd'"):
         KMeans(2, algorithm="minibatch").fit(blobs())
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="The 'batch_size' parameter of MiniBatchKMeans must be an int >= 1; got 0"):
         _cli.check_model_params({**params, "batch_size": 0})
     data = store.open_data(fashion_t10k_store, "test")
     model, path = workflows.fit_store(data, tmp_path / "mb.zarr", params, with_report=False)
