@@ -3,7 +3,7 @@
 The distances are still ranked by BLAS GEMMs (``np.dot`` called from the
 compiled loop), one per block of rows and group of centres: a GEMM reuses
 every loaded centre value for many rows, which no per-row dot product can
-(measured at a third of the speed here, bound by cache bandwidth).  What is
+(those are bound by cache bandwidth).  What is
 compiled is the bookkeeping around those GEMMs, which is per row and per
 group, and which NumPy could only do in many whole-array passes over a
 mostly empty (rows x centres) matrix plus one call per block and group:

@@ -556,16 +556,14 @@ class ChunkState:
 
 
 MAX_GROUPS = 16
-# Centres per group aimed at.  At K = 256 on Fashion-MNIST, 16 groups of 16
-# rank about half the distances 8 groups of 32 do (median iteration, one
-# thread, 35,000 rows: 81-84 ms against 86-99 ms); 32 groups would rank fewer
-# still but take 19 % of a row's size in bounds.
+# Centres per group aimed at: smaller groups let the bounds rule out more
+# distances, but every group costs each row a bound of its own (at 32 groups,
+# a fifth of a 784-byte row).
 GROUP_SIZE = 16
 BOUNDED_BLOCK_ROWS = 1024
 # Up to this many centres the dense ranking is _jit.rank_rows rather than a
-# GEMM (35,000 Fashion rows, one thread, repeated runs: 10-12 against 14-18 ms
-# at K = 10; about level at K = 16, 13.5-16.8 against 13.9-17.5 ms; slower
-# beyond).
+# GEMM: BLAS runs a product only a few columns wide slowly, and from about 16
+# centres on it wins again.
 TILED_MAX = 16
 # Rows converted at a time by the group-by-group ranking: the block stays in
 # a core's L2 cache while every group's rows are copied out of it.

@@ -28,8 +28,8 @@ from . import _kernels, config
 def task(fn):
     """A Delayed wrapper of ``fn`` named after it, made once.
 
-    ``delayed(fn)`` would tokenize ``fn`` (cloudpickling it) on every call:
-    measured at about 20 ms of client time per pass.
+    ``delayed(fn)`` would tokenize ``fn`` (cloudpickling it) on every call,
+    client time paid again by every pass.
     """
     try:
         return _TASKS[fn]

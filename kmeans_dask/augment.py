@@ -135,7 +135,7 @@ class _Buffers:
 
     Every step writes into these instead of allocating: Dask's workers run with
     ``MALLOC_TRIM_THRESHOLD_`` set, so a fresh multi-MiB temporary per step
-    would cost a round of page faults each time (measured: 1.5 x the time).
+    would cost a round of page faults each time.
     """
 
     def __init__(self, rows: int):
@@ -462,8 +462,8 @@ def prepare(data, out, rows: int, *, seed: int = 0, chunk_rows: int | None = Non
     up_to_date = have == record
     if have is not None and not up_to_date:
         differ = sorted(k for k in set(have) | set(record) if have.get(k) != record.get(k))
-        raise StoreError(f"{final} already exists and holds another augmentation "
-                         f"({', '.join(differ)} differ); pass --overwrite to replace it")
+        raise store.exists_error(final, f"and holds another augmentation "
+                                        f"({', '.join(differ)} differ)")
     if not up_to_date:
         store.check_output(final, store.DATA_FORMAT, overwrite=overwrite, inputs=[source])
     return Plan(source=source, out=final, dataset=train.store_attrs["dataset"], rows=int(rows),

@@ -441,7 +441,7 @@ def sweep(data_path, ks, params: dict, out_dir, *, progress=None, overwrite=Fals
     for k in ks:
         t0 = time.perf_counter()
         model = make_estimator({**params, "n_clusters": k}).fit(fit_data.images)
-        fit_pred = np.asarray(model.labels_.compute())
+        fit_pred = np.asarray(model.labels_)
         mapping = metrics.majority_mapping(fit_true, fit_pred, k, len(names))
         test_pred = np.asarray(model.predict(test.images).compute())
         rep = metrics.cluster_report(test_true, test_pred, mapping, names)
@@ -496,7 +496,7 @@ def blobs_demo(out_dir, *, init: str = "random", seed: int = 0, overwrite: bool 
     out_dir = store.check_output(out_dir, BLOBS_FORMAT, overwrite=overwrite)
     X, truth = make_blobs(seed=seed)
     model = KMeans(2, init=init, random_state=seed).fit(X)
-    labels = np.asarray(model.labels_.compute())
+    labels = np.asarray(model.labels_)
     with store.output_dir(out_dir, BLOBS_FORMAT, overwrite=overwrite) as tmp:
         plots.blobs(X, truth, model.init_centers_, labels, model.cluster_centers_,
                     tmp / "blobs2d.png",
