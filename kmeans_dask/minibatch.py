@@ -275,7 +275,9 @@ class MiniBatchKMeans(BaseKMeans):
 
         self._counts = np.zeros(self.n_clusters, dtype=np.float64)
         self._n_since_last_reassign = 0
-        ewa = {"ewa": None, "min": None, "no_improvement": 0}
+        converged = _EarlyStop(n=n, batch_size=b, tol=self._tol,
+                               max_no_improvement=self.max_no_improvement, n_steps=n_steps,
+                               verbose=self.verbose)
         history = []
         step, pos, drawn = 0, 0, first
         ones = np.ones(b)
@@ -306,8 +308,7 @@ class MiniBatchKMeans(BaseKMeans):
             if self.verbose:
                 print(f"Minibatch step {step + 1}/{n_steps}: mean batch inertia: "
                       f"{inertia / b}")
-            stop = _converged(self, ewa, step, n, shift if self._tol > 0 else 0.0, inertia,
-                              n_steps)
+            stop = converged(step, shift, inertia)
             step += 1
             if stop:
                 break
@@ -320,7 +321,7 @@ class MiniBatchKMeans(BaseKMeans):
         self.history_ = history
         self.scale_ = scale
         self.n_features_in_ = d
-        self._ewa_inertia = ewa["ewa"]
+        self._ewa_inertia = converged.ewa
         log.info("mini-batch K=%d: %d steps (%d round trips of up to %d batches), %.2f s",
                  self.n_clusters, step, fetch.calls, per_round, time.perf_counter() - start)
         if self.compute_labels:
@@ -342,7 +343,7 @@ class MiniBatchKMeans(BaseKMeans):
                 labels = labels.rechunk((input_chunks,))
             self.labels_ = self._output(labels)
         else:
-            smoothed = ewa["ewa"] if ewa["ewa"] is not None else history[-1]["inertia"]
+            smoothed = converged.ewa if converged.ewa is not None else history[-1]["inertia"]
             self.inertia_ = float(smoothed * total)
         self.fit_seconds_ = time.perf_counter() - start
         log.info("mini-batch K=%d: inertia %.6g, %.2f s with the final pass", self.n_clusters,
@@ -769,32 +770,43 @@ def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
     return inertia, shift, relocated
 
 
-def _converged(est, ewa: dict, step: int, n: int, shift: float, batch_inertia: float,
-               n_steps: int) -> bool:
-    """scikit-learn's ``_mini_batch_convergence`` (``step`` counted from 0)."""
-    batch_inertia /= est._batch_size
-    if step == 0:
+class _EarlyStop:
+    """scikit-learn's ``_mini_batch_convergence``: a small centre change (``tol``, absolute)
+    or ``max_no_improvement`` steps without a lower smoothed batch inertia."""
+
+    def __init__(self, *, n: int, batch_size: int, tol: float, max_no_improvement, n_steps: int,
+                 verbose=0):
+        self.batch_size, self.tol, self.max_no_improvement = batch_size, tol, max_no_improvement
+        self.n_steps, self.verbose = n_steps, verbose
+        self.alpha = min(batch_size * 2.0 / (n + 1), 1.0)
+        self.ewa = self.min = None
+        self.no_improvement = 0
+
+    def __call__(self, step: int, shift: float, batch_inertia: float) -> bool:
+        """After step ``step`` (from 0) with this centre change and summed batch inertia."""
+        batch_inertia /= self.batch_size
+        if step == 0:
+            return False
+        self.ewa = (batch_inertia if self.ewa is None
+                    else self.ewa * (1 - self.alpha) + batch_inertia * self.alpha)
+        if self.tol > 0.0 and shift <= self.tol:
+            log.info("mini-batch converged at step %d: centre change %.3g", step + 1, shift)
+            if self.verbose:
+                print(f"Converged (small centers change) at step {step + 1}/{self.n_steps}")
+            return True
+        if self.min is None or self.ewa < self.min:
+            self.no_improvement = 0
+            self.min = self.ewa
+        else:
+            self.no_improvement += 1
+        if self.max_no_improvement is not None and self.no_improvement >= self.max_no_improvement:
+            log.info("mini-batch stopped at step %d: no improvement of the smoothed inertia in "
+                     "%d steps", step + 1, self.no_improvement)
+            if self.verbose:
+                print(f"Converged (lack of improvement in inertia) at step "
+                      f"{step + 1}/{self.n_steps}")
+            return True
         return False
-    alpha = min(est._batch_size * 2.0 / (n + 1), 1.0)
-    ewa["ewa"] = (batch_inertia if ewa["ewa"] is None
-                  else ewa["ewa"] * (1 - alpha) + batch_inertia * alpha)
-    if est._tol > 0.0 and shift <= est._tol:
-        log.info("mini-batch converged at step %d: centre change %.3g", step + 1, shift)
-        if est.verbose:
-            print(f"Converged (small centers change) at step {step + 1}/{n_steps}")
-        return True
-    if ewa["min"] is None or ewa["ewa"] < ewa["min"]:
-        ewa["no_improvement"] = 0
-        ewa["min"] = ewa["ewa"]
-    else:
-        ewa["no_improvement"] += 1
-    if est.max_no_improvement is not None and ewa["no_improvement"] >= est.max_no_improvement:
-        log.info("mini-batch stopped at step %d: no improvement of the smoothed inertia in "
-                 "%d steps", step + 1, ewa["no_improvement"])
-        if est.verbose:
-            print(f"Converged (lack of improvement in inertia) at step {step + 1}/{n_steps}")
-        return True
-    return False
 
 
 def make_estimator(params: dict):
