@@ -32,3 +32,7 @@ class ConfigError(KMeansDaskError, ValueError):
 
 class ClusterError(KMeansDaskError, RuntimeError):
     """The Dask cluster could not be reached or was lost."""
+
+
+class ImageError(KMeansDaskError, ValueError):
+    """An image file is missing, not an image, or damaged."""

@@ -42,7 +42,7 @@ def grid_shape(k: int) -> tuple[int, int]:
 
 
 def _save(fig: Figure, path) -> Path:
-    path = Path(path)
+    path = store.absolute(path)  # a local path or a URL (uploaded in one PUT)
     FigureCanvasAgg(fig)
     with store.atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
@@ -223,4 +223,25 @@ def deformation_grid(originals: np.ndarray, deformed: np.ndarray, path, titles=N
         fig.text(x, y, "deformations", ha="center", va="bottom", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
+    return _save(fig, path)
+
+
+def quantization(original: np.ndarray, quantized: np.ndarray, palette: np.ndarray, path,
+                 title: str = "") -> Path:
+    """The original and quantized images side by side, and the palette's swatches."""
+    h, w = original.shape[:2]
+    aspect = h / w
+    fig = Figure(figsize=(10, 5 * aspect + 1.6))
+    grid = fig.add_gridspec(2, 2, height_ratios=[5 * aspect, 0.6])
+    for j, (img, name) in enumerate(((original, "original"), (quantized, "quantized"))):
+        ax = fig.add_subplot(grid[0, j])
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, :])
+    ax.imshow(palette[None, :, :], aspect="auto", interpolation="nearest")
+    ax.set_title(f"palette ({len(palette)} colours)", fontsize=9)
+    ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
