@@ -72,11 +72,269 @@ N_FEATURES = datasets.IMAGE_SHAPE[0] * datasets.IMAGE_SHAPE[1]
 DEFAULT_CHUNK_ROWS = 10_000
 MANIFEST = "kmeans-dask.json"
 EMPTY_DIR = "an empty directory"
+# On object storage a store's contents live under NAME.zarr/gen-<hex>/, and its root
+# zarr.json, written last, names that generation: see atomic_zarr.
+GENERATION_PREFIX = "gen-"
+GENERATION_ATTR = "kmeans-dask/generation"
+INCOMPLETE = "an interrupted kmeans-dask write (no committed zarr.json)"
 
 
-def absolute(path) -> Path:
-    """Absolute, so that a worker started elsewhere resolves it as the client does."""
+# --------------------------------------------------------------------------- locations
+
+
+class URL:
+    """A location on an fsspec file system: ``s3://bucket/prefix/name.zarr``, ``gs://``,
+    ``az://``, ``memory://``...
+
+    Path-like where the store code needs it (``name``, ``parent``, ``/``,
+    ``with_name``), with no ``__fspath__``, so it can never be taken for a
+    local path by mistake.  It carries the storage options it was made with
+    (``cluster.yaml``'s ``storage_options``), so a worker handed it opens the
+    same file system; they never appear in ``str`` or ``repr``.  Without
+    options, s3fs, gcsfs and adlfs read the standard variables and profiles
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
+    ``AWS_PROFILE``, ...) in whichever process opens the URL.
+    """
+
+    __slots__ = ("url", "options")
+
+    def __init__(self, url: str, options: dict | None = None):
+        protocol, _, rest = str(url).partition("://")
+        rest = "/".join(part for part in rest.split("/") if part)
+        if not protocol or not rest:
+            raise StoreError(f"{url}: not a URL of the form SCHEME://BUCKET/PATH")
+        self.url = f"{protocol.lower()}://{rest}"
+        self.options = dict(options or {})
+
+    @property
+    def protocol(self) -> str:
+        return self.url.partition("://")[0]
+
+    @property
+    def key(self) -> str:
+        """The path after the scheme: ``bucket/prefix/name.zarr``."""
+        return self.url.partition("://")[2]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"URL({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, URL) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __dask_tokenize__(self):
+        return ("kmeans-dask-url", self.url)
+
+    def __truediv__(self, name) -> URL:
+        return URL(f"{self.url}/{name}", self.options)
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    @property
+    def parent(self) -> URL:
+        head = self.key.rpartition("/")[0]
+        return URL(f"{self.protocol}://{head}", self.options) if head else self
+
+    @property
+    def parents(self) -> list:
+        out, here = [], self
+        while here.parent != here:
+            here = here.parent
+            out.append(here)
+        return out
+
+    def with_name(self, name: str) -> URL:
+        return self.parent / name if self.parent != self else URL(f"{self.protocol}://{name}")
+
+    def is_relative_to(self, other) -> bool:
+        return isinstance(other, URL) and (self == other or other in self.parents)
+
+    def resolve(self) -> URL:
+        return self
+
+
+# Per scheme, options for its fsspec file system (``cluster.yaml``'s ``storage_options``);
+# URLs made while they are set carry them.
+_STORAGE_OPTIONS: dict = {}
+
+
+def set_storage_options(options: dict | None) -> None:
+    """Use ``options`` (``{"s3": {"endpoint_url": ..., "profile": ...}, ...}``) for the URLs
+    made from now on in this process."""
+    _STORAGE_OPTIONS.clear()
+    _STORAGE_OPTIONS.update({k: dict(v) for k, v in (options or {}).items()})
+
+
+def is_url(path) -> bool:
+    """True for an fsspec URL other than ``file://`` (a local path)."""
+    if isinstance(path, URL):
+        return True
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    return isinstance(text, str) and "://" in text and not text.startswith("file://")
+
+
+def absolute(path) -> Path | URL:
+    """A local path made absolute (a worker started elsewhere resolves it as the client
+    does), or a :class:`URL` for an fsspec URL; ``file://`` URLs are local paths."""
+    if isinstance(path, URL):
+        return path
+    if is_url(path):
+        url = URL(path)
+        url.options = dict(_STORAGE_OPTIONS.get(url.protocol, {}))
+        return url
+    if isinstance(path, str) and path.startswith("file://"):
+        path = path[len("file://"):]
     return Path(os.path.abspath(os.fspath(path)))
+
+
+def _filesystem(loc: URL):
+    """``(fs, path)`` for a URL: fsspec's file system for its scheme (instances are cached)."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    try:
+        cls = fsspec.get_filesystem_class(loc.protocol)
+    except ImportError as exc:
+        package = known_implementations.get(loc.protocol, {}).get("class", "").split(".")[0]
+        hint = f"; install it with: pip install {package}" if package else ""
+        raise StoreError(f"{loc}: {loc.protocol}:// URLs need a package that is not installed "
+                         f"({exc}){hint}") from None
+    except ValueError:
+        raise StoreError(f"{loc}: unknown URL scheme {loc.protocol}:// (fsspec has no file "
+                         f"system for it)") from None
+    try:
+        fs = cls(**loc.options)
+    except Exception as exc:  # bad options: never echo them, they may hold secrets
+        raise StoreError(f"{loc}: cannot open the {loc.protocol}:// file system "
+                         f"({type(exc).__name__})") from None
+    return fs, fs._strip_protocol(loc.url)
+
+
+def storage_error(loc, exc: BaseException) -> StoreError:
+    """A one-line :class:`StoreError` naming ``loc`` and why object storage refused it:
+    a missing bucket, wrong credentials, an unreachable endpoint."""
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else name
+    bucket = loc.key.split("/", 1)[0] if isinstance(loc, URL) else None
+    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
+        why = f"the bucket {bucket!r} does not exist"
+    elif isinstance(exc, PermissionError) or name in ("NoCredentialsError",
+                                                      "PartialCredentialsError"):
+        why = (f"access denied ({text}); check the credentials (AWS_ACCESS_KEY_ID and "
+               f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or cluster.yaml's storage_options)")
+    elif name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                  "ServerTimeoutError") or isinstance(exc, (ConnectionError, TimeoutError)):
+        why = f"cannot reach the storage endpoint ({text})"
+    else:
+        why = f"{name}: {text}"
+    return StoreError(f"{loc}: {why}")
+
+
+@contextlib.contextmanager
+def _io(loc):
+    """Object-storage failures inside the block become a :func:`storage_error`."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise storage_error(loc, exc) from exc
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp",
+                                                  "google", "azure", "gcsfs", "adlfs"):
+            raise storage_error(loc, exc) from exc
+        raise
+
+
+def check_reachable(loc) -> None:
+    """For a URL, fail now, naming it, if its bucket is missing, the credentials are
+    refused or the endpoint cannot be reached; nothing for a local path."""
+    if not isinstance(loc, URL):
+        return
+    fs, path = _filesystem(loc)
+    bucket = path.split("/", 1)[0]
+    if loc.protocol in ("memory", "file", "local") or not bucket:
+        return
+    with _io(loc):
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise StoreError(f"{loc}: the bucket {bucket!r} does not exist") from None
+
+
+def exists(loc) -> bool:
+    loc = absolute(loc)
+    if isinstance(loc, Path):
+        return loc.exists()
+    fs, path = _filesystem(loc)
+    with _io(loc):
+        fs.invalidate_cache(path)
+        return fs.exists(path)
+
+
+def read_bytes(loc) -> bytes:
+    loc = absolute(loc)
+    if isinstance(loc, Path):
+        return loc.read_bytes()
+    fs, path = _filesystem(loc)
+    with _io(loc):
+        return fs.cat_file(path)
+
+
+def read_text(loc) -> str:
+    return read_bytes(loc).decode()
+
+
+def remove(loc) -> None:
+    """Remove a file, or everything under a URL's prefix; nothing if absent."""
+    loc = absolute(loc)
+    if isinstance(loc, Path):
+        if loc.is_dir() and not loc.is_symlink():
+            shutil.rmtree(loc, ignore_errors=True)
+        else:
+            loc.unlink(missing_ok=True)
+        return
+    fs, path = _filesystem(loc)
+    with _io(loc):
+        fs.invalidate_cache(path)
+        with contextlib.suppress(FileNotFoundError):
+            if fs.isdir(path):
+                fs.rm(path, recursive=True)
+            else:
+                fs.rm_file(path)
+
+
+def _children(loc: URL) -> list[str]:
+    """The names directly under a URL's prefix (none when nothing is there)."""
+    fs, path = _filesystem(loc)
+    with _io(loc):
+        fs.invalidate_cache(path)
+        try:
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+    return sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names} - {""})
+
+
+def _zstore(loc, *, read_only: bool):
+    """A Zarr store over a local directory or a URL (zarr's FsspecStore)."""
+    if isinstance(loc, Path):
+        return zarr.storage.LocalStore(str(loc), read_only=read_only)
+    _filesystem(loc)  # a missing package or unknown scheme, named
+    with _io(loc):
+        return zarr.storage.FsspecStore.from_url(loc.url, storage_options=loc.options or None,
+                                                 read_only=read_only)
 
 
 def crc32c(block: np.ndarray) -> int:
@@ -94,7 +352,9 @@ def output_kind(path) -> str | None:
     ``"kmeans-dask/result"`` for a kmeans-dask output; a description such as
     ``"a file"`` or ``"an empty directory"`` for anything else.
     """
-    path = Path(path)
+    path = absolute(path)
+    if isinstance(path, URL):
+        return _url_kind(path)
     if not path.exists() and not path.is_symlink():
         return None
     if path.is_symlink():
@@ -130,12 +390,53 @@ def output_kind(path) -> str | None:
     return "a file"
 
 
+def _format_of(doc: bytes, key: str | None):
+    try:
+        doc = json.loads(doc)
+        fmt = (doc.get(key) or {}) if key else doc
+        fmt = fmt.get("format") if isinstance(fmt, dict) else None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        fmt = None
+    return fmt if isinstance(fmt, str) else None
+
+
+def _url_kind(loc: URL) -> str | None:
+    """:func:`output_kind` on object storage, where a "directory" is a prefix."""
+    check_reachable(loc)
+    fs, path = _filesystem(loc)
+    with _io(loc):
+        fs.invalidate_cache(path)
+        if fs.isfile(path):
+            head = fs.cat_file(path, start=0, end=1 << 16)
+            if loc.suffix == ".json":
+                fmt = _format_of(fs.cat_file(path), None)
+                if fmt and fmt.startswith("kmeans-dask/"):
+                    return fmt
+            if loc.suffix == ".html" and b"Dask Performance Report" in head:
+                return REPORT_KIND
+            return "a file"
+    names = _children(loc)
+    if not names:
+        return None
+    for marker, key in (("zarr.json", "attributes"), (MANIFEST, None)):
+        if marker in names:
+            fmt = _format_of(read_bytes(loc / marker), key)
+            return fmt or "a directory that is not a kmeans-dask output"
+    if all(n.startswith(GENERATION_PREFIX) for n in names):
+        return INCOMPLETE
+    return "a directory that is not a kmeans-dask output"
+
+
 def _describe(kind: str) -> str:
     return f"a {kind} output" if kind.startswith(("kmeans-dask/", REPORT_KIND)) else kind
 
 
-def _related(a: Path, b: Path) -> bool:
+def _related(a, b) -> bool:
     return a == b or a in b.parents or b in a.parents
+
+
+def _resolved(p):
+    return p.resolve() if isinstance(p, Path) else p
 
 
 def exists_error(path, what: str) -> StoreError:
@@ -161,21 +462,26 @@ def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path
         if inp is None:
             continue
         inp = absolute(inp)
-        if _related(final, inp.resolve()) or _related(final.resolve(), inp.resolve()):
-            what = ("is" if final.resolve() == inp.resolve() else
-                    "contains" if inp.resolve().is_relative_to(final.resolve()) else "lies inside")
+        if type(inp) is not type(final):
+            continue
+        if _related(final, _resolved(inp)) or _related(_resolved(final), _resolved(inp)):
+            what = ("is" if _resolved(final) == _resolved(inp) else
+                    "contains" if _resolved(inp).is_relative_to(_resolved(final))
+                    else "lies inside")
             raise StoreError(f"refusing to write {final}: it {what} the input {inp} of this job")
-    for parent in final.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise StoreError(f"cannot write {final}: {parent} is a file, not a directory")
-            break
+    if isinstance(final, Path):
+        for parent in final.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise StoreError(f"cannot write {final}: {parent} is a file, not a directory")
+                break
     have = output_kind(final)
     if have is None:
         return final
     if not overwrite:
         raise exists_error(final, f"({_describe(have)})")
-    if have != kind and have != EMPTY_DIR:  # replacing an empty directory loses nothing
+    # Replacing an empty directory, or the leftovers of an interrupted write, loses nothing.
+    if have != kind and have not in (EMPTY_DIR, INCOMPLETE):
         raise StoreError(f"refusing to overwrite {final}: it is {_describe(have)}, not "
                          f"{_describe(kind)}; remove it yourself or choose another path")
     return final
@@ -212,13 +518,108 @@ def _replace(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
+def atomic_zarr(final, kind: str, *, overwrite: bool = False, inputs=()):
+    """Yield an empty Zarr group to fill; it becomes the store ``final`` only if the
+    block succeeds, and the writer sets the root attributes (``format`` ...) last.
+
+    On a local file system the group is a temporary sibling directory renamed
+    into place (:func:`atomic_path`).  Object stores have no rename, so a store
+    at a URL is written under a fresh prefix ``final/gen-<hex>/`` and committed
+    by one PUT of ``final/zarr.json``, the root group's metadata, holding the
+    attributes and the generation's name; readers go through that object
+    only.  Before it exists the store is incomplete and every reader refuses
+    it; while an older store is replaced, its ``zarr.json`` still names the
+    old generation, which stays readable until the new ``zarr.json`` replaces
+    it and is deleted afterwards.  On any exception the new generation is
+    deleted, so a failed write leaves no object behind.
+    """
+    final = check_output(final, kind, overwrite=overwrite, inputs=inputs)
+    if isinstance(final, Path):
+        with atomic_path(final, kind, overwrite=overwrite, inputs=inputs) as tmp:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            yield group, tmp
+        return
+    import uuid
+
+    generation = f"{GENERATION_PREFIX}{uuid.uuid4().hex[:16]}"
+    content = final / generation
+    try:
+        group = zarr.open_group(_zstore(content, read_only=False), mode="w", zarr_format=3)
+        yield group, content
+        attrs = dict(group.attrs)
+        if attrs.get("format") != kind:
+            raise StoreError(f"{final}: the writer set format {attrs.get('format')!r}, "
+                             f"expected {kind!r}")
+        root = {"zarr_format": 3, "node_type": "group",
+                "attributes": {**attrs, GENERATION_ATTR: generation}}
+        fs, path = _filesystem(final)
+        with _io(final):
+            fs.pipe_file(f"{path}/zarr.json", json.dumps(root).encode())  # the commit
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remove(content)
+        raise
+    _drop_old_generations(final, keep=generation)
+
+
+def _drop_old_generations(final: URL, keep: str) -> None:
+    """After a commit: delete what the committed ``zarr.json`` no longer names (the
+    replaced generation, leftovers of interrupted writes, an older flat layout)."""
+    for name in _children(final):
+        if name not in ("zarr.json", keep):
+            try:
+                remove(final / name)
+            except StoreError as exc:
+                log.warning("could not remove the replaced %s: %s", final / name, exc)
+
+
+@contextlib.contextmanager
 def output_dir(final, kind: str, *, overwrite: bool = False, inputs=()):
     """A directory output (evaluation, sweep): written in a temporary directory that
-    gets a ``kmeans-dask.json`` manifest naming its kind and is renamed when complete."""
-    with atomic_path(final, kind, overwrite=overwrite, inputs=inputs) as tmp:
+    gets a ``kmeans-dask.json`` manifest naming its kind and is renamed when complete.
+
+    At a URL the files are made in a local temporary directory and uploaded
+    when complete, each in one PUT (so each object is whole, old or new), the
+    manifest last with the SHA-256 of every file; objects of a replaced output
+    that the new one does not hold are deleted afterwards.  A failed upload of a
+    new output removes what it had uploaded.
+    """
+    final = check_output(final, kind, overwrite=overwrite, inputs=inputs)
+    if isinstance(final, Path):
+        with atomic_path(final, kind, overwrite=overwrite, inputs=inputs) as tmp:
+            yield tmp
+            (tmp / MANIFEST).write_text(json.dumps(
+                {"format": kind, "schema_version": SCHEMA_VERSION}, indent=1))
+        return
+    import hashlib
+
+    with tempfile.TemporaryDirectory(prefix="kmeans-dask-out-") as tmp:
+        tmp = Path(tmp)
         yield tmp
-        (tmp / MANIFEST).write_text(json.dumps(
-            {"format": kind, "schema_version": SCHEMA_VERSION}, indent=1))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"format": kind, "schema_version": SCHEMA_VERSION,
+                    "files": {p.relative_to(tmp).as_posix():
+                              hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+        check_output(final, kind, overwrite=overwrite, inputs=inputs)
+        fresh = output_kind(final) is None
+        fs, path = _filesystem(final)
+        try:
+            with _io(final):
+                for p in files:
+                    fs.put_file(str(p), f"{path}/{p.relative_to(tmp).as_posix()}")
+                fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        except BaseException:
+            if fresh:
+                with contextlib.suppress(Exception):
+                    remove(final)
+            raise
+    keep = set(manifest["files"]) | {MANIFEST}
+    with _io(final):
+        fs.invalidate_cache(path)
+        for name in fs.find(path):
+            rel = name[len(path):].lstrip("/")
+            if rel not in keep:
+                fs.rm_file(name)
 
 
 def _umask() -> int:
@@ -240,7 +641,20 @@ def atomic_file(path, suffix: str = ""):
     On any exception the temporary is removed and an existing ``path`` is left as
     it was.  Callers run :func:`check_output` themselves where ``path`` is an output.
     """
-    path = Path(path)
+    path = absolute(path)
+    if isinstance(path, URL):
+        # Made locally, then one PUT: an object is replaced whole or not at all.
+        fd, name = tempfile.mkstemp(prefix="kmeans-dask-", suffix=suffix)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            fs, key = _filesystem(path)
+            with _io(path):
+                fs.put_file(str(tmp), key)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
@@ -259,19 +673,60 @@ def atomic_file(path, suffix: str = ""):
 def write_text(path, text: str) -> Path:
     """Replace a small file atomically (:func:`atomic_file`)."""
     path = absolute(path)
+    if isinstance(path, URL):
+        fs, key = _filesystem(path)
+        with _io(path):
+            fs.pipe_file(key, text.encode())  # one PUT: whole or not at all
+        return path
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return path
 
 
 def _open_group(path, fmt: str, what: str) -> zarr.Group:
-    path = Path(path)
+    """The store's group after its schema checks: for a store at a URL, the generation
+    its committed root ``zarr.json`` names (see :func:`atomic_zarr`)."""
+    path = absolute(path)
+    if isinstance(path, URL):
+        return _open_url_group(path, fmt, what)
     if not path.exists():
         raise StoreError(f"{path}: {what} not found")
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for a non-store
         raise StoreError(f"{path}: not a Zarr group ({exc})") from exc
+    return _check_group(path, group, fmt, what)
+
+
+def _open_url_group(path: URL, fmt: str, what: str) -> zarr.Group:
+    check_reachable(path)
+    if not exists(path / "zarr.json"):
+        if _children(path):
+            raise StoreError(f"{path}: incomplete {what}: its root zarr.json, written last, "
+                             f"is missing (a write was interrupted or is in progress)")
+        raise StoreError(f"{path}: {what} not found")
+    try:
+        group = zarr.open_group(_zstore(path, read_only=True), mode="r")
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"{path}: not a Zarr group ({type(exc).__name__}: {exc})") from exc
+    _check_group(path, group, fmt, what)
+    generation = dict(group.attrs).get(GENERATION_ATTR)
+    if generation is None:
+        return group  # a flat store (copied there as it is on disk)
+    if not (isinstance(generation, str) and generation.startswith(GENERATION_PREFIX)
+            and "/" not in generation):
+        raise StoreError(f"{path}: attribute {GENERATION_ATTR!r} is {generation!r}")
+    try:
+        content = zarr.open_group(_zstore(path / generation, read_only=True), mode="r")
+    except Exception as exc:
+        raise StoreError(f"{path}: the committed generation {generation} is unreadable "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return _check_group(path, content, fmt, what)
+
+
+def _check_group(path, group: zarr.Group, fmt: str, what: str) -> zarr.Group:
     attrs = dict(group.attrs)
     if attrs.get("format") != fmt:
         raise StoreError(
@@ -380,7 +835,7 @@ class SplitData:
 
 
 def data_store_path(out_dir, dataset: str) -> Path:
-    return Path(out_dir) / f"{dataset}.zarr"
+    return absolute(out_dir) / f"{dataset}.zarr"
 
 
 def list_splits(path) -> list[str]:
@@ -417,7 +872,17 @@ def _read_chunk(arr: zarr.Array, i: int, start: int, stop: int, expected: int,
 
 def _missing(arr: zarr.Array, key: str) -> bool:
     root = getattr(arr.store, "root", None)
-    return root is not None and not (Path(root) / key).exists()
+    if root is not None:
+        return not (Path(root) / key).exists()
+    fs = getattr(arr.store, "fs", None)  # an FsspecStore: ask its file system
+    try:
+        import fsspec
+
+        sync_fs = fsspec.filesystem(fs.protocol if isinstance(fs.protocol, str)
+                                    else fs.protocol[0], **fs.storage_options)
+        return not sync_fs.exists(f"{arr.store.path}/{key}")
+    except Exception:  # only the message's wording depends on it
+        return False
 
 
 def _verified(arr: zarr.Array, sums: list, where: str) -> da.Array:
@@ -613,8 +1078,7 @@ def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,
                 sd.labels.chunks[0] != rows or len(sd.images.chunks[1]) != 1:
             raise StoreError(f"{final}/{split}: rows must be chunked regularly by rows, images "
                              f"and labels alike (got {sd.images.chunks} and {sd.labels.chunks})")
-    with atomic_path(final, DATA_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    with atomic_zarr(final, DATA_FORMAT, overwrite=overwrite, inputs=inputs) as (root, _):
         tasks, where = [], []
         groups = {}
         for split, sd in splits.items():
@@ -649,20 +1113,46 @@ def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,
     return final
 
 
-def _raw_rows(raw_path: str, offset: int, row_bytes: int, start: int, stop: int) -> np.ndarray:
-    """Task body: rows [start, stop) of a decompressed IDX payload."""
+@contextlib.contextmanager
+def _removed_after(loc):
+    try:
+        yield
+    finally:
+        if loc is not None:
+            with contextlib.suppress(Exception):
+                remove(loc)
+
+
+def _upload(local: Path, loc: URL) -> URL:
+    fs, key = _filesystem(loc)
+    with _io(loc):
+        fs.put_file(str(local), key)
+    return loc
+
+
+def _raw_rows(raw_path, offset: int, row_bytes: int, start: int, stop: int) -> np.ndarray:
+    """Task body: rows [start, stop) of a decompressed IDX payload (a local path or a URL)."""
     count = (stop - start) * row_bytes
-    block = np.fromfile(raw_path, dtype=np.uint8, count=count, offset=offset + start * row_bytes)
+    if isinstance(raw_path, URL):
+        fs, key = _filesystem(raw_path)
+        first = offset + start * row_bytes
+        with _io(raw_path):
+            data = fs.cat_file(key, start=first, end=first + count)
+        block = np.frombuffer(data, dtype=np.uint8)
+    else:
+        block = np.fromfile(raw_path, dtype=np.uint8, count=count,
+                            offset=offset + start * row_bytes)
     if block.size != count:
         raise IDXFormatError(f"{raw_path}: short read at rows {start}:{stop}")
     return block.reshape((stop - start, row_bytes) if row_bytes > 1 else (stop - start,))
 
 
-def _raw_array(raw_path: Path, offset: int, row_bytes: int, n: int, rows: int) -> da.Array:
+def _raw_array(raw_path, offset: int, row_bytes: int, n: int, rows: int) -> da.Array:
     name = f"idx-rows-{tokenize(str(raw_path), offset, row_bytes, n, rows)}"
+    raw_path = raw_path if isinstance(raw_path, URL) else str(raw_path)
     bounds = _chunk_bounds(n, rows)
     tail = (0,) if row_bytes > 1 else ()
-    dsk = {(name, i, *tail): (_raw_rows, str(raw_path), offset, row_bytes, a, b)
+    dsk = {(name, i, *tail): (_raw_rows, raw_path, offset, row_bytes, a, b)
            for i, (a, b) in enumerate(bounds)}
     chunks = (tuple(b - a for a, b in bounds),) + (((row_bytes,),) if row_bytes > 1 else ())
     return da.Array(dsk, name, chunks, dtype=np.uint8,
@@ -751,9 +1241,17 @@ def ingest(
             raise exists_error(final, f"and does not match {dataset} {sorted(sources)} with "
                                       f"chunk_rows={chunk_rows}")
     check_output(final, DATA_FORMAT, overwrite=overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    local = isinstance(final, Path)
+    if local:
+        final.parent.mkdir(parents=True, exist_ok=True)
     splits = {}
-    with tempfile.TemporaryDirectory(prefix=f".{final.name}.raw-", dir=final.parent) as raw_dir:
+    # The decompressed payloads are where the workers read them: beside a local store,
+    # or, for a store at a URL, uploaded next to it (workers share no directory then).
+    staging = None if local else final.with_name(
+        f".{final.name}.staging-{os.urandom(8).hex()}")
+    with tempfile.TemporaryDirectory(prefix=f".{final.name}.raw-",
+                                     dir=final.parent if local else None) as raw_dir, \
+            _removed_after(staging):
         for split, src in sources.items():
             files = spec.files[split]
             raw = {k: Path(raw_dir) / f"{split}-{k}.idx" for k in files}
@@ -768,6 +1266,8 @@ def ingest(
                 )
             datasets.verify_checksum(src.images, hdr_img, files["images"])
             datasets.verify_checksum(src.labels, hdr_lab, files["labels"])
+            if staging is not None:
+                raw = {k: _upload(p, staging / p.name) for k, p in raw.items()}
             rows = min(chunk_rows, n)
             splits[split] = SplitData(
                 images=_raw_array(raw["images"], hdr_img.offset, N_FEATURES, n, rows),
@@ -832,8 +1332,7 @@ def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, 
     """
     if not np.isfinite(centroids).all():
         raise StoreError(f"{path}: refusing to write centroids that are NaN or infinite")
-    with atomic_path(path, RESULT_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    with atomic_zarr(path, RESULT_FORMAT, overwrite=overwrite, inputs=inputs) as (root, tmp):
         # float32 for images (as fitted), float64 only when the model is float64.
         dtype = np.float64 if centroids.dtype == np.float64 else np.float32
         cent = root.create_array("centroids", shape=centroids.shape, chunks=centroids.shape,
@@ -873,8 +1372,7 @@ def _write_labels(root: zarr.Group, labels: da.Array, where: Path) -> list[int]:
 
 def write_labels(path, labels: da.Array, attrs: dict, *, overwrite=False, inputs=()) -> Path:
     """Write a labels store (``labels`` (n,) int32 plus attributes) atomically."""
-    with atomic_path(path, LABELS_FORMAT, overwrite=overwrite, inputs=inputs) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    with atomic_zarr(path, LABELS_FORMAT, overwrite=overwrite, inputs=inputs) as (root, tmp):
         sums = _write_labels(root, labels, tmp)
         root.attrs.update(format=LABELS_FORMAT, schema_version=SCHEMA_VERSION,
                           labels_crc32c=sums, **attrs)
@@ -959,7 +1457,7 @@ def write_checkpoint(path, state: dict, record: dict) -> Path:
     resume can refuse a checkpoint that belongs to another run.  Centres are
     stored exactly (little-endian float64, base64) in plain JSON.
     """
-    path = Path(path)
+    path = absolute(path)
     centers = np.asarray(state["centers"], dtype=np.float64)
     doc = {
         "format": CHECKPOINT_FORMAT,
@@ -984,11 +1482,13 @@ def read_checkpoint(path) -> dict:
     StoreError
         Missing, unreadable or malformed checkpoint.
     """
-    path = Path(path)
-    if not path.exists():
+    path = absolute(path)
+    if not exists(path):
         raise StoreError(f"{path}: no checkpoint to resume from")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_text(path))
+    except StoreError:
+        raise
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path}: unreadable checkpoint ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:

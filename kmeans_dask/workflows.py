@@ -48,20 +48,23 @@ def check_workers_see(data_paths=(), out_paths=()) -> None:
     client = active_client()
     if client is None:
         return
+    data_paths = [store.absolute(p) for p in data_paths]
     want = {str(p): store.fingerprint(p) for p in data_paths}
-    probes = {}
+    probes = []
     try:
         for out in out_paths:
-            parent = Path(out).parent
-            parent.mkdir(parents=True, exist_ok=True)
+            parent = store.absolute(out).parent
+            if isinstance(parent, Path):
+                parent.mkdir(parents=True, exist_ok=True)
             token = uuid.uuid4().hex
             probe = parent / f".kmeans-dask-probe-{token}"
-            probe.write_text(token)
-            probes[str(probe)] = token
-        seen = client.run(_worker_view, list(want), probes)
+            store.write_text(probe, token)
+            probes.append((probe, token))
+        # Locations, not strings: a URL carries its storage options to the worker.
+        seen = client.run(_worker_view, data_paths, probes)
     finally:
-        for probe in probes:
-            Path(probe).unlink(missing_ok=True)
+        for probe, _ in probes:
+            store.remove(probe)
     for worker, view in sorted(seen.items()):
         for path, fp in want.items():
             got = view["data"].get(path)
@@ -69,33 +72,33 @@ def check_workers_see(data_paths=(), out_paths=()) -> None:
                 why = got if isinstance(got, str) else "it sees different contents"
                 raise ClusterError(f"worker {worker} cannot see {path} as the client does ({why}); "
                                    f"use a shared file system or an object store URL")
-        for probe in probes:
-            if not view["probes"].get(probe):
-                raise ClusterError(f"worker {worker} cannot see {Path(probe).parent} as the client "
+        for probe, _ in probes:
+            if not view["probes"].get(str(probe)):
+                raise ClusterError(f"worker {worker} cannot see {probe.parent} as the client "
                                    f"does (it cannot read a file the client wrote there); use a "
                                    f"shared file system or an object store URL")
 
 
-def _worker_view(data_paths: list, probes: dict) -> dict:
+def _worker_view(data_paths: list, probes: list) -> dict:
     """Runs on each worker: its fingerprint of each store, and which probes it reads."""
     data = {}
     for path in data_paths:
         try:
-            data[path] = store.fingerprint(path)
+            data[str(path)] = store.fingerprint(path)
         except Exception as exc:
-            data[path] = f"{type(exc).__name__}: {exc}"
+            data[str(path)] = f"{type(exc).__name__}: {exc}"
     seen = {}
-    for probe, token in probes.items():
+    for probe, token in probes:
         try:
-            seen[probe] = Path(probe).read_text() == token
-        except OSError:
-            seen[probe] = False
+            seen[str(probe)] = store.read_text(probe) == token
+        except (OSError, StoreError):
+            seen[str(probe)] = False
     return {"data": data, "probes": seen}
 
 
 def report_path(result_path) -> Path:
     """Where the Dask performance report of a fit goes: next to the result."""
-    result_path = Path(result_path)
+    result_path = store.absolute(result_path)
     return result_path.with_name(result_path.name.removesuffix(".zarr") + "-report.html")
 
 
@@ -153,7 +156,8 @@ def check_fit_outputs(data: store.DataSplit, out, *, overwrite=False, resume=Fal
     its performance report, its checkpoint."""
     out = store.absolute(out)
     if resume:
-        if store.output_kind(out) is not None:
+        # An interrupted write at a URL is what a resume finishes (and removes first).
+        if store.output_kind(out) not in (None, store.INCOMPLETE):
             raise StoreError(f"{out} is already complete; there is nothing to resume")
     else:
         store.check_output(out, store.RESULT_FORMAT, overwrite=overwrite, inputs=[data.path])
@@ -245,10 +249,10 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
         if address is None or _client_status() == "running":
             raise
         where = (f"the last checkpoint is {ckpt} (iteration {store.read_checkpoint(ckpt)['iteration']}); "
-                 f"rerun with --resume once a scheduler is back" if ckpt.exists()
+                 f"rerun with --resume once a scheduler is back" if store.exists(ckpt)
                  else "no checkpoint was written")
         raise ClusterError(f"lost the scheduler at {address} ({type(exc).__name__}); {where}") from exc
-    ckpt.unlink(missing_ok=True)
+    store.remove(ckpt)
     log.info("fit K=%d on %s/%s: inertia %.6g, %d iterations, %.1f s", model.n_clusters,
              data.path, data.split, model.inertia_, model.n_iter_, elapsed)
     return model, out
@@ -258,6 +262,12 @@ def _remove_stale_temporaries(out: Path) -> None:
     """Temporaries of an earlier run of the same output that was killed before its cleanup."""
     import shutil
 
+    if isinstance(out, store.URL):
+        # Object stores have no temporary siblings: a killed write leaves only
+        # generations under the output's prefix, with no root zarr.json.
+        if store.output_kind(out) == store.INCOMPLETE:
+            store.remove(out)
+        return
     report = report_path(out)
     for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*", f".{report.name}.*.html",
                     f".{store.checkpoint_path(out).name}.*"):
