@@ -72,9 +72,9 @@ def pytest_generate_tests(metafunc):
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(items):
     """A test that starts real ``dask scheduler``/``dask worker`` processes (through
-    ``dask_processes``) is ``cluster``, whether or not its module says so."""
+    ``dask_processes`` or ``dask_cluster``) is ``cluster``, whether or not its module says so."""
     for item in items:
-        if "dask_processes" in getattr(item, "fixturenames", ()):
+        if {"dask_processes", "dask_cluster"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
 
 
@@ -111,6 +111,19 @@ def shared_datasets(request) -> Path:
     if getattr(request, "param", None) == "t10k":
         return request.getfixturevalue("test_sources")
     return request.getfixturevalue("full_datasets")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_loops():
+    """The pass's compiled loops, in numba's on-disk cache before any test starts a worker
+    process: in a fresh clone each process would otherwise compile them on its own
+    (seconds of CPU each, several at once on a small machine); from the cache they load."""
+    import numpy as np
+
+    from kmeans_dask import _kernels
+
+    for dtype in (np.uint8, np.float32, np.float64):
+        _kernels.warm_up(dtype)
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +206,7 @@ class DaskProcesses:
         self.dask = str(exe) if exe.exists() else shutil.which("dask")
         self.procs = []
         self.address = None
+        self._workers, self._worker_args = [], ()  # those of workers()
         # What Dask's nanny would set for its worker (these workers run without one,
         # so SIGKILL hits the worker itself): one BLAS thread, so results do not
         # depend on how a GEMM was split, and freed memory returned to the OS.
@@ -234,6 +248,33 @@ class DaskProcesses:
                             "--host", "127.0.0.1", "--no-dashboard", "--no-nanny", *extra],
                            "worker")
 
+    def workers(self, n: int, *worker_args, timeout=60.0) -> str:
+        """Exactly ``n`` live workers, each started with ``worker_args``, on this object's
+        scheduler (started on first use): workers are started, or stopped, to make it so.
+        Returns the scheduler's address once the scheduler sees them all."""
+        import time
+
+        from distributed import Client
+
+        if self.address is None:
+            self.start_scheduler()
+        if worker_args != self._worker_args:
+            for proc in self._workers:
+                self.stop(proc)
+            self._workers, self._worker_args = [], worker_args
+        self._workers = [p for p in self._workers if p.poll() is None]
+        while len(self._workers) > n:
+            self.stop(self._workers.pop())
+        while len(self._workers) < n:
+            self._workers.append(self.start_worker(*worker_args))
+        with Client(self.address, timeout=30) as client:
+            deadline = time.monotonic() + timeout
+            while len(client.scheduler_info(n_workers=-1)["workers"]) != n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the scheduler does not see {n} workers; see {self.workdir}")
+                time.sleep(0.05)
+        return self.address
+
     def client(self, n_workers: int, *worker_args):
         """A scheduler with ``n_workers`` workers (each started with ``worker_args``), and a
         Client that has seen them all."""
@@ -269,6 +310,15 @@ def dask_processes(tmp_path_factory):
     procs.stop_all()
 
 
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A ``DaskProcesses`` shared by a module's tests: one ``dask scheduler``, and the
+    workers each test asks for with ``dask_cluster.workers(n)``."""
+    procs = DaskProcesses(tmp_path_factory.mktemp("dask-cluster"))
+    yield procs
+    procs.stop_all()
+
+
 @pytest.fixture(scope="session")
 def fashion_test_small_chunks(test_sources, tmp_path_factory) -> Path:
     """Fashion-MNIST's 10,000 test images in chunks of 1,500 rows (7 chunks)."""
@@ -285,6 +335,82 @@ def run_job(name: str, *args, timeout: float = 600, env=None):
 
     return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class JobServer:
+    """``jobs/NAME.py`` run in a real process of its own, without paying for its imports
+    each time: each run is forked from one process (``tests/jobserver.py``) that has
+    imported every job's modules once.  Same argv, working directory, environment
+    (the caller's at the time of the call), exit status, stdout and stderr as
+    ``run_job``; ``fsize`` caps the size of any file the job writes (RLIMIT_FSIZE)."""
+
+    def __init__(self, workdir: Path):
+        import subprocess
+        import sys
+
+        self.workdir = workdir
+        self.count = 0
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "jobserver.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=ROOT)
+        if self._reply(120) != {"ready": True}:
+            raise RuntimeError("tests/jobserver.py did not start")
+
+    def _reply(self, timeout):
+        import json
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tests/jobserver.py ended (status {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, name: str, *args, cwd=None, env=None, timeout: float = 600, fsize=None):
+        import json
+        import signal
+        import subprocess
+        import time
+
+        self.count += 1
+        out, err = (self.workdir / f"{self.count}.{s}" for s in ("out", "err"))
+        args = [str(a) for a in args]
+        req = {"job": name, "args": args, "cwd": str(cwd or os.getcwd()),
+               "env": dict(os.environ if env is None else env),
+               "stdout": str(out), "stderr": str(err), "fsize": fsize}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        pid = self._reply(60)["pid"]
+        done = self._reply(max(deadline - time.monotonic(), 0))
+        cmd = [f"jobs/{name}.py", *args]
+        if done is None:
+            os.kill(pid, signal.SIGKILL)
+            self._reply(60)
+            raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+        res = subprocess.CompletedProcess(cmd, done["returncode"], out.read_text(),
+                                          err.read_text())
+        out.unlink()
+        err.unlink()
+        return res
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def jobs(tmp_path_factory):
+    """A ``JobServer``: ``jobs.run("fit", "--data", ..., cwd=..., timeout=...)``."""
+    server = JobServer(tmp_path_factory.mktemp("job-output"))
+    yield server
+    server.close()
 
 
 def lloyd_step(part: dict, centers):

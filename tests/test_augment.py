@@ -303,7 +303,7 @@ def _one_worker(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["rows", "not-a-store", "labels-store", "exists", "inside"])
-def test_job_errors_exit_2_before_any_cluster(case, small_source, tmp_path):
+def test_job_errors_exit_2_before_any_cluster(case, small_source, tmp_path, jobs):
     """The job's own refusals (prepare's others are tested above, in-process)."""
     out = tmp_path / "out.zarr"
     data, rows = small_source, 2000
@@ -328,7 +328,7 @@ def test_job_errors_exit_2_before_any_cluster(case, small_source, tmp_path):
         out = small_source / "train" / "out.zarr"
         want = f"refusing to write {out}: it lies inside the input {small_source}"
     before = leftovers(tmp_path)
-    res = run_job("augment", "--data", data, "--rows", rows, "--out", out)
+    res = jobs.run("augment", "--data", data, "--rows", rows, "--out", out)
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {want}"), last

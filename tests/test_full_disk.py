@@ -7,14 +7,11 @@ writes fail with EFBIG.
 
 from __future__ import annotations
 
-import resource
-import signal
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, leftovers
+from conftest import leftovers
 
 
 @pytest.fixture(params=[("64k", "tmpfs"), ("3m", "tmpfs"), ("64k", "rlimit")],
@@ -35,14 +32,10 @@ def small_disk(request, tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _run(job, args, limit):
-    def cap():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300,
-                          preexec_fn=cap if limit else None)
+def _run(jobs, job, args, limit):
+    # With a limit: SIGXFSZ ignored and RLIMIT_FSIZE set in the job's process (its
+    # workers inherit both), so an oversized write fails with EFBIG.
+    return jobs.run(job, *args, timeout=300, fsize=limit)
 
 
 def _disk_error(stderr):
@@ -52,21 +45,21 @@ def _disk_error(stderr):
 
 
 @pytest.mark.t10k
-def test_ingest_onto_a_full_disk(small_disk, shared_datasets):
+def test_ingest_onto_a_full_disk(small_disk, shared_datasets, jobs):
     mount, limit = small_disk
     out = mount / "data"
-    res = _run("ingest", ["--dataset", "mnist", "--source", shared_datasets, "--out", out,
-                          "--no-download"], limit)
+    res = _run(jobs, "ingest", ["--dataset", "mnist", "--source", shared_datasets,
+                                "--out", out, "--no-download"], limit)
     assert res.returncode == 2
     _disk_error(res.stderr)
     assert leftovers(out) == []
 
 
-def test_fit_result_onto_a_full_disk(small_disk, fashion_test_small_chunks):
+def test_fit_result_onto_a_full_disk(small_disk, fashion_test_small_chunks, jobs):
     mount, limit = small_disk
     out = mount / "r.zarr"
-    res = _run("fit", ["--data", fashion_test_small_chunks, "--split", "test", "--k", 10,
-                       "--max-iter", 5, "--out", out], limit)
+    res = _run(jobs, "fit", ["--data", fashion_test_small_chunks, "--split", "test",
+                             "--k", 10, "--max-iter", 5, "--out", out], limit)
     if res.returncode == 0:
         # 3 MB holds a K = 10 result over 10,000 rows: then it must be complete and valid.
         from kmeans_dask import store

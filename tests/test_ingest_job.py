@@ -38,7 +38,7 @@ def test_ingest_job_on_a_local_cluster(tmp_path, shared_datasets):
 
 
 @pytest.mark.t10k
-def test_ingest_job_bad_file_exits_non_zero_and_leaves_nothing(tmp_path, shared_datasets):
+def test_ingest_job_bad_file_exits_non_zero_and_leaves_nothing(tmp_path, shared_datasets, jobs):
     src = tmp_path / "src" / "fashion-mnist"
     src.mkdir(parents=True)
     for f in datasets.get_spec("fashion-mnist").files["test"].values():
@@ -46,8 +46,8 @@ def test_ingest_job_bad_file_exits_non_zero_and_leaves_nothing(tmp_path, shared_
     bad = src / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:100_000])
     out = tmp_path / "out"
-    res = run_job("--dataset", "fashion-mnist", "--source", tmp_path / "src", "--out", out,
-                  "--no-download")
+    res = jobs.run("ingest", "--dataset", "fashion-mnist", "--source", tmp_path / "src",
+                   "--out", out, "--no-download")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: corrupt gzip data")
     assert leftovers(out) == []

@@ -144,7 +144,7 @@ def test_sweep_and_blobs(mnist_store, tmp_path):
 @pytest.mark.parametrize("case", ["missing store", "missing split", "k too large", "existing output",
                                   "malformed cluster.yaml", "unreachable scheduler", "bad k",
                                   "bad scheduler address", "store with wrong dtype"])
-def test_bad_job_input(case, fashion_test_small_chunks, tmp_path):
+def test_bad_job_input(case, fashion_test_small_chunks, tmp_path, jobs):
     out = tmp_path / "out" / "r.zarr"
     out.parent.mkdir()
     args = ["--data", fashion_test_small_chunks, "--split", "test", "--k", 10, "--out", out]
@@ -189,7 +189,7 @@ def test_bad_job_input(case, fashion_test_small_chunks, tmp_path):
         args[1] = bad
         expect = f"error: {bad}/test/images: dtype float32, expected uint8"
     t0 = time.monotonic()
-    res = run_job("fit", *args, timeout=120)
+    res = jobs.run("fit", *args, timeout=120)
     elapsed = time.monotonic() - t0
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith(expect), res.stderr

@@ -1,6 +1,7 @@
 """Jobs run as a hostile user would: no data loss, no silent wrong answer, no traceback.
 
-Each case runs a job script as a subprocess on real stores (the bundled
+Each case runs a job script in a process of its own (forked by conftest's
+``jobs`` server, which has imported the jobs' modules once) on real stores (the bundled
 10,000-image test splits, in chunks of 2,000 rows) and checks the exact
 ``error:`` line, exit status 2, and that nothing the user had was changed or
 left behind.  Cases whose checks must come before any cluster work run
@@ -18,7 +19,7 @@ import zarr
 
 from kmeans_dask import datasets, store, workflows
 
-from conftest import ROOT, leftovers, run_job
+from conftest import leftovers
 from test_store_guards import damage_chunk, images_chunk, snapshot
 
 CHUNK = 2000
@@ -55,15 +56,6 @@ def scheduler():
         yield cluster.scheduler_address
 
 
-def run_in(cwd, name: str, *args, timeout: float = 300):
-    """``jobs/NAME.py`` run from ``cwd``, as a user in that directory would."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
-
-
 def refused(res, expect: str):
     """Exit status 2 and ``expect`` as the last line, with no traceback."""
     assert res.returncode == 2, res.stderr
@@ -77,7 +69,7 @@ def refused(res, expect: str):
 
 @pytest.mark.parametrize("case", ["input as output", "folder holding the inputs", "a user's file",
                                   "model as predict output", "another kind", "inside the input"])
-def test_overwrite_never_deletes_what_is_not_an_earlier_output(case, work):
+def test_overwrite_never_deletes_what_is_not_an_earlier_output(case, work, jobs):
     data = work / "data" / "fashion-mnist.zarr"
     result = work / "fashion-k10.zarr"
     fit = ["fit", "--data", data, "--split", "test", "--k", 10, "--overwrite"]
@@ -101,54 +93,54 @@ def test_overwrite_never_deletes_what_is_not_an_earlier_output(case, work):
                              f"input {data} of this job"),
     }[case]
     before = snapshot(work)
-    res = run_job(*job)
+    res = jobs.run(*job)
     refused(res, expect)
     assert STARTED not in res.stderr  # refused before any cluster started
     assert snapshot(work) == before
 
 
-def test_evaluate_keeps_an_existing_output_unless_told(work, scheduler):
+def test_evaluate_keeps_an_existing_output_unless_told(work, scheduler, jobs):
     result = work / "fashion-k10.zarr"
     out = work / "fashion-k10-eval-test"
-    first = run_job("evaluate", "--result", result, "--scheduler", scheduler)
+    first = jobs.run("evaluate", "--result", result, "--scheduler", scheduler)
     assert first.returncode == 0, first.stderr
     before = snapshot(work)
-    res = run_job("evaluate", "--result", result, "--scheduler", scheduler)
+    res = jobs.run("evaluate", "--result", result, "--scheduler", scheduler)
     refused(res, f"error: {out} already exists (a kmeans-dask/evaluation output); pass "
                  f"--overwrite to replace it")
     assert STARTED not in res.stderr and snapshot(work) == before
-    res = run_job("evaluate", "--result", result, "--out", work / "data", "--overwrite")
+    res = jobs.run("evaluate", "--result", result, "--out", work / "data", "--overwrite")
     refused(res, f"error: refusing to overwrite {work}/data: it is a directory that is not a "
                  f"kmeans-dask output, not a kmeans-dask/evaluation output")
     assert snapshot(work) == before
-    again = run_job("evaluate", "--result", result, "--overwrite", "--scheduler", scheduler)
+    again = jobs.run("evaluate", "--result", result, "--overwrite", "--scheduler", scheduler)
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "centroids.png", "confusion.png", "kmeans-dask.json", "members.png", "metrics.json"]
 
 
-def test_sweep_refuses_a_folder_that_is_not_a_sweep(work):
+def test_sweep_refuses_a_folder_that_is_not_a_sweep(work, jobs):
     before = snapshot(work)
-    res = run_job("sweep", "--data", work / "data" / "mnist.zarr", "--ks", "2,3",
+    res = jobs.run("sweep", "--data", work / "data" / "mnist.zarr", "--ks", "2,3",
                   "--out", work, "--overwrite")
     refused(res, f"error: refusing to write {work}: it contains the input "
                  f"{work}/data/mnist.zarr of this job")
     (work / "mine").mkdir()
     (work / "mine" / "x.csv").write_text("1,2")
     before = snapshot(work)
-    res = run_job("sweep", "--data", work / "data" / "mnist.zarr", "--ks", "2,3",
+    res = jobs.run("sweep", "--data", work / "data" / "mnist.zarr", "--ks", "2,3",
                   "--out", work / "mine", "--overwrite")
     refused(res, f"error: refusing to overwrite {work}/mine: it is a directory that is not a "
                  f"kmeans-dask output, not a kmeans-dask/sweep output")
     assert snapshot(work) == before
 
 
-def test_a_failed_refit_leaves_the_old_result_readable(work, scheduler):
+def test_a_failed_refit_leaves_the_old_result_readable(work, scheduler, jobs):
     data = work / "data" / "fashion-mnist.zarr"
     result = work / "fashion-k10.zarr"
     images_chunk(data, 4).unlink()
     before = snapshot(result)
-    res = run_job("fit", "--data", data, "--split", "test", "--k", 10, "--out", result,
+    res = jobs.run("fit", "--data", data, "--split", "test", "--k", 10, "--out", result,
                   "--overwrite", "--scheduler", scheduler)
     refused(res, f"error: {data}/test/images chunk 4 (rows 8000\u20139999): chunk missing")
     assert snapshot(result) == before
@@ -159,11 +151,11 @@ def test_a_failed_refit_leaves_the_old_result_readable(work, scheduler):
 
 
 @pytest.mark.parametrize("damage", ["deleted", "swapped", "random bytes"])
-def test_fit_on_a_damaged_store_names_the_chunk(damage, work, scheduler):
+def test_fit_on_a_damaged_store_names_the_chunk(damage, work, scheduler, jobs):
     data = work / "data" / "mnist.zarr"
     why = damage_chunk(data, 3, damage, other=0)
     out = work / "out" / "r.zarr"
-    res = run_job("fit", "--data", data, "--split", "test", "--k", 10, "--out", out,
+    res = jobs.run("fit", "--data", data, "--split", "test", "--k", 10, "--out", out,
                   "--scheduler", scheduler)
     if damage == "swapped":  # chunk 0 is read first by some pass
         assert res.returncode == 2 and "checksum mismatch" in res.stderr.strip().splitlines()[-1]
@@ -173,35 +165,36 @@ def test_fit_on_a_damaged_store_names_the_chunk(damage, work, scheduler):
     assert leftovers(work / "out") == []
 
 
-def test_ingest_does_not_call_a_damaged_store_up_to_date(work, scheduler):
+def test_ingest_does_not_call_a_damaged_store_up_to_date(work, scheduler, jobs):
     data = work / "data" / "mnist.zarr"
     images_chunk(data, 1).write_bytes(images_chunk(data, 2).read_bytes())
     args = ["ingest", "--dataset", "mnist", "--source", datasets.BUNDLED_DIR, "--out",
             work / "data", "--chunk-rows", CHUNK, "--no-download", "--scheduler", scheduler]
-    res = run_job(*args)
+    res = jobs.run(*args)
     refused(res, f"error: {data}/test/images chunk 1 (rows 2000\u20133999): checksum mismatch")
-    fixed = run_job(*args, "--overwrite")
+    fixed = jobs.run(*args, "--overwrite")
     assert fixed.returncode == 0, fixed.stderr
-    again = run_job(*args)
+    again = jobs.run(*args)
     assert again.returncode == 0 and "already up to date" in again.stdout, again.stderr
 
 
-def test_a_result_is_not_evaluated_on_another_data_set(work, scheduler, pristine):
+def test_a_result_is_not_evaluated_on_another_data_set(work, scheduler, pristine, jobs):
     result = work / "fashion-k10.zarr"
     mnist = work / "data" / "mnist.zarr"
-    res = run_job("evaluate", "--result", result, "--data", mnist, "--scheduler", scheduler)
+    res = jobs.run("evaluate", "--result", result, "--data", mnist, "--scheduler", scheduler)
     refused(res, f"error: {result} was fitted on fashion-mnist "
                  f"({pristine}/data/fashion-mnist.zarr), "
                  f"but {mnist} holds mnist; pass --allow-other-data to apply it anyway")
-    res = run_job("predict", "--result", result, "--data", mnist, "--out", work / "l.zarr")
+    res = jobs.run("predict", "--result", result, "--data", mnist, "--out", work / "l.zarr")
     refused(res, f"error: {result} was fitted on fashion-mnist")
     assert STARTED not in res.stderr
-    ok = run_job("evaluate", "--result", result, "--data", mnist, "--allow-other-data",
+    ok = jobs.run("evaluate", "--result", result, "--data", mnist, "--allow-other-data",
                  "--out", work / "other", "--scheduler", scheduler)
     assert ok.returncode == 0, ok.stderr
 
 
-def test_a_result_is_not_evaluated_on_other_rows_of_the_same_data_set(work, scheduler, pristine):
+def test_a_result_is_not_evaluated_on_other_rows_of_the_same_data_set(work, scheduler, pristine,
+                                                                      jobs):
     """Another store of the same data set whose fitted split differs (here: re-ingested
     with other chunks, so its fingerprint differs) cannot be used to map clusters."""
     result = work / "fashion-k10.zarr"
@@ -209,7 +202,7 @@ def test_a_result_is_not_evaluated_on_other_rows_of_the_same_data_set(work, sche
     src = {"test": datasets.resolve_split("fashion-mnist", "test", datasets.BUNDLED_DIR,
                                           download=False)}
     path = store.ingest("fashion-mnist", other, src, chunk_rows=5000).path
-    res = run_job("evaluate", "--result", result, "--data", path, "--scheduler", scheduler)
+    res = jobs.run("evaluate", "--result", result, "--data", path, "--scheduler", scheduler)
     refused(res, f"error: {path}/test is not the split {result} was fitted on (its contents differ")
 
 
@@ -220,7 +213,7 @@ def test_a_result_is_not_evaluated_on_other_rows_of_the_same_data_set(work, sche
     ("centroids", None, np.nan, "centroids: centre(s) [0] hold NaN or infinite values"),
     ("data", "class_names", 5, "attribute 'class_names' is 5; expected a list of 1 to 256 strings"),
 ])
-def test_hostile_stores_are_refused_before_any_work(what, key, value, expect, work):
+def test_hostile_stores_are_refused_before_any_work(what, key, value, expect, work, jobs):
     result = work / "fashion-k10.zarr"
     data = work / "data" / "fashion-mnist.zarr"
     if what == "result":
@@ -235,7 +228,7 @@ def test_hostile_stores_are_refused_before_any_work(what, key, value, expect, wo
     where = data if what == "data" else result
     for job in (["evaluate", "--result", result, "--data", data],
                 ["predict", "--result", result, "--data", data, "--out", work / "l.zarr"]):
-        res = run_job(*job)
+        res = jobs.run(*job)
         refused(res, f"error: {where}")
         assert expect in res.stderr.strip().splitlines()[-1], res.stderr
         assert STARTED not in res.stderr
@@ -246,8 +239,8 @@ def test_hostile_stores_are_refused_before_any_work(what, key, value, expect, wo
 
 
 @pytest.mark.parametrize("job,args,expect", [
-    ("fit", ["--max-iter", 0], "error: max_iter must be an integer >= 1, got 0"),
-    ("fit", ["--tol", -1], "error: tol must be a number >= 0.0, got -1.0"),
+    ("fit", ["--max-iter", 0], "error: The 'max_iter' parameter of KMeans must be an int >= 1; got 0"),
+    ("fit", ["--tol", -1], "error: The 'tol' parameter of KMeans must be a float >= 0; got -1.0"),
     ("fit", ["--out", "."], "error: refusing to write {work}: it contains the input"),
     ("sweep", ["--ks", "0,3"], "error: --ks must be positive integers, got [0]"),
     ("sweep", ["--ks", "3,x"], "error: --ks must be comma-separated integers, got '3,x'"),
@@ -258,7 +251,7 @@ def test_hostile_stores_are_refused_before_any_work(what, key, value, expect, wo
     ("fit", ["--cluster", "remote.timeout: -5"], "error: {cfg}: remote.timeout: expected a "
                                                   "number of seconds > 0, got -5"),
 ])
-def test_bad_parameters_are_refused_before_a_cluster_starts(job, args, expect, work):
+def test_bad_parameters_are_refused_before_a_cluster_starts(job, args, expect, work, jobs):
     data = work / "data" / "mnist.zarr"
     base = {"fit": ["--data", data, "--split", "test", "--k", 10, "--out", work / "r.zarr"],
             "sweep": ["--data", data, "--out", work / "sweep"]}[job]
@@ -274,7 +267,7 @@ def test_bad_parameters_are_refused_before_a_cluster_starts(job, args, expect, w
     flags = dict(zip(base[::2], base[1::2]))
     flags.update(dict(zip(args[::2], args[1::2])))
     before = snapshot(work)
-    res = run_in(work, job, *[v for kv in flags.items() for v in kv])
+    res = jobs.run(job, *[v for kv in flags.items() for v in kv], cwd=work)
     refused(res, expect.format(work=work, cfg=cfg))
     assert STARTED not in res.stderr
     assert snapshot(work) == before
@@ -308,5 +301,5 @@ def test_non_finite_rows_are_refused_by_every_method():
     bad = X.copy()
     bad[7, 1] = np.nan
     for method in (km.predict, km.transform, km.score, KMeans(3).fit):
-        with pytest.raises(ValueError, match="X contains NaN or infinity"):
+        with pytest.raises(ValueError, match="Input X contains NaN"):
             method(bad)

@@ -23,28 +23,21 @@ from conftest import ROOT, leftovers
 pytestmark = pytest.mark.cluster
 
 
-def job(cwd, name: str, *args, **kwargs):
-    """``jobs/NAME.py`` run from ``cwd`` (relative paths resolve there)."""
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, **kwargs)
-
-
 def ingest(out, chunk_rows=2000, name="mnist"):
     src = {"test": datasets.resolve_split(name, "test", datasets.BUNDLED_DIR, download=False)}
     return store.ingest(name, out, src, chunk_rows=chunk_rows).path
 
 
-def test_relative_paths_reach_workers_started_elsewhere(dask_processes, tmp_path):
+def test_relative_paths_reach_workers_started_elsewhere(dask_cluster, tmp_path, jobs):
     here = tmp_path / "client"
     data = ingest(here / "data")
-    address = dask_processes.start_scheduler()
-    dask_processes.start_worker()
-    dask_processes.start_worker()
-    res = job(here, "fit", "--data", "data/mnist.zarr", "--split", "test", "--k", 10,
-              "--max-iter", 10, "--out", "out/r.zarr", "--scheduler", address)
+    address = dask_cluster.workers(2)  # in their own directory, dask_cluster.workdir
+    # The jobs run from ``here``: relative paths resolve there.
+    res = jobs.run("fit", "--data", "data/mnist.zarr", "--split", "test", "--k", 10,
+                   "--max-iter", 10, "--out", "out/r.zarr", "--scheduler", address, cwd=here)
     assert res.returncode == 0, res.stderr
-    pred = job(here, "predict", "--result", "out/r.zarr", "--data", "data/mnist.zarr",
-               "--out", "out/labels.zarr", "--scheduler", address)
+    pred = jobs.run("predict", "--result", "out/r.zarr", "--data", "data/mnist.zarr",
+                    "--out", "out/labels.zarr", "--scheduler", address, cwd=here)
     assert pred.returncode == 0, pred.stderr
     model = load(here / "out" / "r.zarr")
     expect = np.asarray(model.predict(store.open_data(data, "test").images).compute())
@@ -55,7 +48,7 @@ def test_relative_paths_reach_workers_started_elsewhere(dask_processes, tmp_path
                                   expect)
     assert model.get_params()["n_clusters"] == 10
     # Nothing landed in the workers' own directory.
-    assert not [p for p in dask_processes.workdir.rglob("*.zarr")]
+    assert not [p for p in dask_cluster.workdir.rglob("*.zarr")]
 
 
 def _namespaced_worker(dask_processes, address, over, decoy):
@@ -75,7 +68,7 @@ def _namespaced_worker(dask_processes, address, over, decoy):
 
 
 @pytest.mark.parametrize("hidden", ["data", "output"])
-def test_a_worker_that_sees_other_files_is_named(hidden, dask_processes, tmp_path):
+def test_a_worker_that_sees_other_files_is_named(hidden, dask_cluster, tmp_path, jobs):
     from distributed import Client
 
     data = ingest(tmp_path / "data")
@@ -87,17 +80,18 @@ def test_a_worker_that_sees_other_files_is_named(hidden, dask_processes, tmp_pat
         decoy.mkdir()
         over = tmp_path / "out"
         over.mkdir()
-    address = dask_processes.start_scheduler()
-    dask_processes.start_worker()
-    _namespaced_worker(dask_processes, address, over, decoy)
-    with Client(address, timeout=30) as client:
-        client.wait_for_workers(2, timeout=60)
-        odd = [w for w, pid in client.run(os.getpid).items()
-               if pid == dask_processes.procs[-1].pid]
-    assert len(odd) == 1
-    out = tmp_path / "out" / "r.zarr"
-    res = job(tmp_path, "fit", "--data", data, "--split", "test", "--k", 10, "--out", out,
-              "--scheduler", address)
+    address = dask_cluster.workers(1)
+    namespaced = _namespaced_worker(dask_cluster, address, over, decoy)
+    try:
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+            odd = [w for w, pid in client.run(os.getpid).items() if pid == namespaced.pid]
+        assert len(odd) == 1
+        out = tmp_path / "out" / "r.zarr"
+        res = jobs.run("fit", "--data", data, "--split", "test", "--k", 10, "--out", out,
+                       "--scheduler", address, cwd=tmp_path)
+    finally:
+        dask_cluster.stop(namespaced)
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     if hidden == "data":

@@ -18,8 +18,6 @@ from distributed.security import Security
 
 from kmeans_dask import store
 
-from conftest import run_job
-
 pytestmark = pytest.mark.cluster
 
 
@@ -76,19 +74,23 @@ def pki(tmp_path):
 
 
 def test_fit_over_tls_and_refusal_without_certificate(dask_processes, pki, fashion_test_small_chunks,
-                                                      tmp_path):
+                                                      tmp_path, jobs):
     cert, key = pki["node"]
     tls = ["--tls-ca-file", pki["ca"], "--tls-cert", cert, "--tls-key", key]
     address = dask_processes.start_scheduler("--protocol", "tls", *tls)
     assert address.startswith("tls://127.0.0.1:")
     dask_processes.start_worker(*tls)
     ccert, ckey = pki["client"]
+    client_tls = Security(tls_ca_file=pki["ca"], tls_client_cert=ccert, tls_client_key=ckey,
+                          require_encryption=True)
+    with Client(address, security=client_tls, timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)  # so the job finds it there
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text(f"mode: remote\nremote:\n  address: {address}\n  timeout: 20\n  tls:\n"
                    f"    ca_file: {pki['ca']}\n    cert_file: {ccert}\n    key_file: {ckey}\n")
     out = tmp_path / "r.zarr"
-    res = run_job("fit", "--data", fashion_test_small_chunks, "--split", "test", "--k", 10,
-                  "--out", out, "--cluster", cfg)
+    res = jobs.run("fit", "--data", fashion_test_small_chunks, "--split", "test", "--k", 10,
+                   "--out", out, "--cluster", cfg)
     assert res.returncode == 0, res.stderr
     assert f"scheduler {address}: 1 worker, 1 threads" in res.stderr
     assert store.read_result(out).centroids.shape == (10, 784)
@@ -109,9 +111,9 @@ def test_fit_over_tls_and_refusal_without_certificate(dask_processes, pki, fashi
     with pytest.raises((OSError, TimeoutError)):
         Client(address, security=stranger, timeout=5)
     # And a plain-TCP job pointed at the TLS scheduler fails cleanly within its timeout.
-    plain = run_job("fit", "--data", fashion_test_small_chunks, "--split", "test", "--k", 10,
-                    "--out", tmp_path / "plain.zarr", "--scheduler",
-                    address.replace("tls://", "tcp://"))
+    plain = jobs.run("fit", "--data", fashion_test_small_chunks, "--split", "test", "--k", 10,
+                     "--out", tmp_path / "plain.zarr", "--scheduler",
+                     address.replace("tls://", "tcp://"))
     assert plain.returncode == 2 and "could not reach the scheduler" in plain.stderr
     assert not (tmp_path / "plain.zarr").exists()
     np.testing.assert_array_equal(store.read_result(out).labels.shape, (10000,))
