@@ -116,6 +116,20 @@ class BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin
         """Centres from a callable ``init``, given ``X`` as the user passed it."""
         return self._init_array(self.init(X, self.n_clusters, random_state=rng), X.shape[1])
 
+    def _cosine(self) -> bool:
+        return getattr(self, "metric", "euclidean") == "cosine"
+
+    @staticmethod
+    def _unit(X: da.Array) -> da.Array:
+        """Rows scaled to norm 1, chunk by chunk (spherical K-Means)."""
+        from . import _kernels
+
+        return X.map_blocks(_kernels.unit_rows, dtype=_kernels.compute_dtype(X.dtype))
+
+    def _inertia_factor(self) -> float:
+        # The engine sums |x - c|^2 = 2 (1 - cos) over unit rows and centres.
+        return 0.5 if self._cosine() else 1.0
+
     def _output(self, array: da.Array):
         """A result in the input's kind: NumPy for NumPy input, lazy otherwise."""
         return array.compute() if self._numpy_output else array
@@ -127,6 +141,8 @@ class BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin
         numpy = not isinstance(X, da.Array)
         X = self._check_X(X, reset=False)
         w = self._check_weights(sample_weight, X)
+        if self._cosine():
+            X = self._unit(X)
         return ChunkedRows(X, w, scale=self.scale_), numpy
 
     def predict(self, X):
@@ -140,9 +156,12 @@ class BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin
         return out.compute() if numpy else out
 
     def transform(self, X):
-        """Euclidean distance of every row to every centre, shape (n_samples, n_clusters)."""
+        """Euclidean distance of every row to every centre, shape (n_samples, n_clusters)
+        (``1 - cos`` for ``metric="cosine"``)."""
         rows, numpy = self._fitted_rows(X)
         out = rows.transform(self.cluster_centers_)
+        if self._cosine():
+            out = out * out / 2  # 1 - cos from the distance between unit vectors
         return out.compute() if numpy else out
 
     def fit_predict(self, X, y=None, sample_weight=None):
@@ -162,7 +181,7 @@ class BaseKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin
         _check_stats(stats, rows)
         engine = Engine.create(rows, stats, persisted=False)
         try:
-            return -float(engine.lloyd(self.cluster_centers_)["inertia"])
+            return -float(engine.lloyd(self.cluster_centers_)["inertia"]) * self._inertia_factor()
         finally:
             engine.close()
 

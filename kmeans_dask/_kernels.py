@@ -71,6 +71,25 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows divided by their Euclidean norm, in the compute dtype (zero rows stay zero).
+
+    Spherical K-Means is Euclidean K-Means on these rows with unit centres:
+    ``|x - c|^2 = 2 (1 - cos(x, c))`` when both have norm 1.
+    """
+    x = X.astype(compute_dtype(X.dtype))
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    norms[norms == 0] = 1.0
+    x /= norms.astype(x.dtype)[:, None]
+    return x
+
+
+def unit_centers(centers: np.ndarray) -> np.ndarray:
+    """Centres scaled to norm 1 (a zero centre, which no unit row can average to, stays)."""
+    norms = np.linalg.norm(centers, axis=1, keepdims=True)
+    return np.divide(centers, norms, out=np.array(centers, dtype=np.float64), where=norms > 0)
+
+
 class _Blocks:
     """Row blocks of ``X`` converted to a float dtype into one reused buffer.
 

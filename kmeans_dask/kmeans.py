@@ -33,6 +33,7 @@ from .init import INITS
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("lloyd",)
+METRICS = ("euclidean", "cosine")
 
 
 class KMeans(BaseKMeans):
@@ -75,6 +76,14 @@ class KMeans(BaseKMeans):
         k-means||: expected candidates per round, as a multiple of n_clusters.
     init_rounds : int, default=5
         k-means||: oversampling rounds.
+    metric : {"euclidean", "cosine"}, default="euclidean"
+        "cosine" is spherical K-Means (Spark's and FAISS's definition): rows
+        are compared by cosine similarity and each centre is the mean of
+        its rows scaled to norm 1.  It runs as the same engine on rows
+        scaled to norm 1, where ``|x - c|^2 = 2 (1 - cos(x, c))``, so the
+        bounds stay valid.  ``inertia_`` is then ``sum w (1 - cos(x, c))``,
+        ``transform`` gives ``1 - cos`` and ``cluster_centers_`` have norm 1.
+        All-zero rows count as orthogonal to every centre.
 
     Notes
     -----
@@ -136,11 +145,12 @@ class KMeans(BaseKMeans):
         "scale": [Options(("auto",)), Number(0, strict=True)],
         "oversampling_factor": [Number(0, strict=True)],
         "init_rounds": [Number(0, integer=True)],
+        "metric": [Options(METRICS)],
     }
 
     def __init__(self, n_clusters=8, *, init="k-means||", n_init="auto", max_iter=300, tol=1e-4,
                  verbose=0, random_state=None, algorithm="lloyd", scale="auto",
-                 oversampling_factor=2.0, init_rounds=5):
+                 oversampling_factor=2.0, init_rounds=5, metric="euclidean"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -152,6 +162,7 @@ class KMeans(BaseKMeans):
         self.scale = scale
         self.oversampling_factor = oversampling_factor
         self.init_rounds = init_rounds
+        self.metric = metric
 
     # ------------------------------------------------------------------ fit
 
@@ -198,8 +209,13 @@ class KMeans(BaseKMeans):
             if np.shape(resume["centers"]) != (self.n_clusters, d):
                 raise ValueError(f"resume centres have shape {np.shape(resume['centers'])}, "
                                  f"expected ({self.n_clusters}, {d})")
-        scale = self._effective_scale(X.dtype)
         input_chunks = X.chunks[0]
+        project = None
+        if self.metric == "cosine":
+            X, project = self._unit(X), _kernels.unit_centers
+            if isinstance(init, np.ndarray):
+                init = project(init)
+        scale = self._effective_scale(X.dtype)
         persisted = _should_persist(X)
         source = None
         if persisted:
@@ -225,11 +241,13 @@ class KMeans(BaseKMeans):
                     log.info("resuming after iteration %d", len(resume["history"]))
                 else:
                     centers = self._initial_centers(init, given, rows, rng, run, n_init)
+                    if project is not None:
+                        centers = project(centers)
                 if self.verbose:
                     print("Initialization complete")
                 result = lloyd(rows, engine, centers, max_iter=self.max_iter, tol=tol,
                                verbose=self.verbose, callback=callback, checkpoint=checkpoint,
-                               resume=resume)
+                               resume=resume, project=project)
                 log.info("run %d/%d: inertia %.6g after %d iterations", run + 1, n_init,
                          result["inertia"], result["n_iter"])
                 result["init"] = centers
@@ -248,7 +266,7 @@ class KMeans(BaseKMeans):
         dtype = _kernels.compute_dtype(X.dtype)
         self.cluster_centers_ = best["centers"].astype(dtype)
         self.init_centers_ = best["init"]
-        self.inertia_ = float(best["inertia"])
+        self.inertia_ = float(best["inertia"]) * self._inertia_factor()
         self.n_iter_ = best["n_iter"]
         self.n_steps_ = best["n_iter"]
         self.history_ = best["history"]
@@ -367,7 +385,7 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
 
 
 def lloyd(rows: ChunkedRows, engine: Engine, init, *, max_iter: int, tol: float, verbose=0,
-          callback=None, checkpoint=None, resume=None) -> dict:
+          callback=None, checkpoint=None, resume=None, project=None) -> dict:
     """Lloyd iterations from ``init``, scikit-learn's ``_kmeans_single_lloyd`` for this engine.
 
     ``engine`` runs the passes, ``rows`` the rare others (the farthest rows
@@ -375,7 +393,8 @@ def lloyd(rows: ChunkedRows, engine: Engine, init, *, max_iter: int, tol: float,
     variance).  The last pass, with the final centres, gives the inertia and
     leaves the labels in the engine's per-chunk states.  ``stuck`` in the
     result counts the clusters left empty because every row sits on a
-    centre (fewer distinct rows than clusters).
+    centre (fewer distinct rows than clusters).  ``project`` maps every new
+    set of centres (spherical K-Means scales them to norm 1).
     """
     centers = np.asarray(init, dtype=np.float64)
     history = []
@@ -389,6 +408,8 @@ def lloyd(rows: ChunkedRows, engine: Engine, init, *, max_iter: int, tol: float,
         t0 = time.perf_counter()
         part = engine.lloyd(centers, n_iter)
         new, relocated, stuck = _new_centers(rows, centers, part)
+        if project is not None:
+            new = project(new)
         shift = float(((new - centers) ** 2).sum())
         record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
                   "seconds": time.perf_counter() - t0, "relocated": relocated,

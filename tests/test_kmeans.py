@@ -219,3 +219,55 @@ def test_get_params_round_trip():
     km = KMeans(5, init="random", tol=0.1)
     assert km.get_params()["n_clusters"] == 5 and km.get_params()["init"] == "random"
     assert "n_clusters=5" in repr(km) and repr(km).startswith("KMeans(")
+
+
+def _spherical_reference(X, init, max_iter=100):
+    """Spherical K-Means by brute force: argmax cosine, then normalised means."""
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    c = init / np.linalg.norm(init, axis=1, keepdims=True)
+    labels = None
+    for _ in range(max_iter):
+        new_labels = (Xn @ c.T).argmax(axis=1)
+        if labels is not None and (new_labels == labels).all():
+            break
+        labels = new_labels
+        sums = np.stack([Xn[labels == j].sum(axis=0) for j in range(len(c))])
+        c = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    inertia = float((1 - (Xn * c[labels]).sum(axis=1)).sum())
+    return c, labels, inertia
+
+
+def test_cosine_is_spherical_kmeans():
+    rng = np.random.default_rng(3)
+    # Directions matter, lengths do not: three cones of rows with random lengths.
+    axes = np.eye(6)[:3] + 0.2
+    X = np.vstack([a * rng.uniform(0.5, 20, (200, 1)) + rng.normal(0, 0.8, (200, 6))
+                   for a in axes])
+    init = X[[0, 250, 450]] * 3.0
+    ref_c, ref_labels, ref_inertia = _spherical_reference(X, init)
+    km = KMeans(3, init=init, metric="cosine", tol=0, max_iter=100).fit(X)
+    np.testing.assert_array_equal(km.labels_, ref_labels)
+    np.testing.assert_allclose(km.cluster_centers_, ref_c, atol=1e-10)
+    np.testing.assert_allclose(np.linalg.norm(km.cluster_centers_, axis=1), 1.0)
+    assert km.inertia_ == pytest.approx(ref_inertia, rel=1e-9)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    np.testing.assert_allclose(km.transform(X), 1 - Xn @ ref_c.T, atol=1e-9)
+    assert km.score(X) == pytest.approx(-ref_inertia, rel=1e-9)
+    # Scaling a row does not move it.
+    np.testing.assert_array_equal(km.predict(X * rng.uniform(0.1, 10, (len(X), 1))), ref_labels)
+
+
+@pytest.mark.t10k
+def test_cosine_same_on_one_and_two_workers(fashion_rows):
+    from distributed import Client, LocalCluster
+
+    results = []
+    for n_workers in (1, 2):
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
+                          protocol="tcp://", host="127.0.0.1", dashboard_address=None) as cluster, \
+                Client(cluster):
+            km = KMeans(10, metric="cosine", random_state=0, max_iter=10, tol=0).fit(fashion_rows)
+            results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
