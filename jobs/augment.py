@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _cli.setup_logging(args.quiet)
+    _cli.setup(args)
     deformation = augment.Deformation(alpha=args.alpha, sigma=args.sigma, max_shift=args.max_shift)
     plan = augment.prepare(args.data, args.out, args.rows, seed=args.seed,
                            chunk_rows=args.chunk_rows, deformation=deformation,

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _cli.setup_logging(args.quiet)
+    _cli.setup(args)
     data = workflows.open_fit_input(args.data, args.split, args.k)
     params = _cli.model_params(args)
     _cli.check_model_params(params)

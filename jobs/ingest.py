@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _cli.setup_logging(args.quiet)
+    _cli.setup(args)
     if args.chunk_rows < 1:
         raise ValueError(f"--chunk-rows must be a positive integer, got {args.chunk_rows}")
     final = store.data_store_path(args.out, args.dataset)

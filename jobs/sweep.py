@@ -42,7 +42,7 @@ def parse_ks(text: str) -> list[int]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _cli.setup_logging(args.quiet)
+    _cli.setup(args)
     ks = parse_ks(args.ks)
     from kmeans_dask import store
 

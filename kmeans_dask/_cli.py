@@ -204,6 +204,16 @@ def run(main, argv=None) -> int:
         return 130
 
 
+def setup(args) -> None:
+    """What every job does first: logging, and ``--cluster``'s ``storage_options`` for the
+    store URLs it is given (so they are checked, and reach the workers, with them)."""
+    setup_logging(args.quiet)
+    if getattr(args, "cluster", None):
+        from . import store
+
+        store.set_storage_options(cluster.load_config(args.cluster).storage_options)
+
+
 def setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))

@@ -70,6 +70,8 @@ class ClusterConfig:
     mode: str = "local"
     local: LocalConfig = field(default_factory=LocalConfig)
     remote: RemoteConfig | None = None
+    # Per URL scheme, options for its fsspec file system (s3fs, gcsfs, adlfs).
+    storage_options: dict = field(default_factory=dict)
 
 
 def _typed(section: str, cls, raw, types: dict):
@@ -95,8 +97,9 @@ def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
     for key in raw:
-        if key not in ("mode", "local", "remote"):
-            raise ConfigError(f"{origin}: unknown key {key!r} (expected mode, local, remote)")
+        if key not in ("mode", "local", "remote", "storage_options"):
+            raise ConfigError(f"{origin}: unknown key {key!r} (expected mode, local, remote, "
+                              f"storage_options)")
     mode = raw.get("mode", "local")
     if mode not in ("local", "remote"):
         raise ConfigError(f"{origin}: mode: expected 'local' or 'remote', got {mode!r}")
@@ -131,7 +134,25 @@ def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
         _check_address(remote, origin)
     if mode == "remote" and remote is None:
         raise ConfigError(f"{origin}: mode is 'remote' but there is no remote section")
-    return ClusterConfig(mode=mode, local=local, remote=remote)
+    return ClusterConfig(mode=mode, local=local, remote=remote,
+                         storage_options=_storage_options(raw.get("storage_options"), origin))
+
+
+def _storage_options(raw, origin: str) -> dict:
+    """``storage_options``: per URL scheme (``s3``, ``gs``, ``az``...) a mapping of keyword
+    arguments for its fsspec file system; values are never echoed (they may be secrets)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: storage_options: expected a mapping of URL schemes, got "
+                          f"{type(raw).__name__}")
+    for scheme, opts in raw.items():
+        if not isinstance(scheme, str) or not scheme.isidentifier():
+            raise ConfigError(f"{origin}: storage_options: {scheme!r} is not a URL scheme")
+        if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+            raise ConfigError(f"{origin}: storage_options.{scheme}: expected a mapping of "
+                              f"option names to values")
+    return {scheme: dict(opts) for scheme, opts in raw.items()}
 
 
 def _check_memory_limit(value, origin: str) -> None:

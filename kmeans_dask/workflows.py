@@ -229,7 +229,7 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
     fit_kw = {"callback": callback}
     if isinstance(model, KMeans):
         fit_kw["resume"] = state
-        if model.algorithm == "lloyd" and model.n_init == 1:
+        if model.algorithm == "lloyd" and _single_init(model):
             def checkpoint(st):
                 store.write_checkpoint(ckpt, st, record)
 
@@ -256,6 +256,15 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
     log.info("fit K=%d on %s/%s: inertia %.6g, %d iterations, %.1f s", model.n_clusters,
              data.path, data.split, model.inertia_, model.n_iter_, elapsed)
     return model, out
+
+
+def _single_init(model: KMeans) -> bool:
+    """One initialisation (``n_init=1``, or scikit-learn's "auto" for a k-means++ or
+    k-means|| start): the fits that keep a checkpoint."""
+    if model.n_init == "auto":
+        return not (callable(model.init) or (isinstance(model.init, str)
+                                             and model.init == "random"))
+    return model.n_init == 1
 
 
 def _remove_stale_temporaries(out: Path) -> None:
