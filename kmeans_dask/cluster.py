@@ -2,7 +2,7 @@
 
 The file has two sections; ``mode`` picks one::
 
-    mode: local            # or: remote
+    mode: local            # or: remote, jobqueue, kubernetes
     local:
       n_workers: 2
       threads_per_worker: 1
@@ -66,10 +66,36 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class ManagerConfig:
+    """A cluster manager that starts its own scheduler and workers: dask-jobqueue on a
+    batch system (``mode: jobqueue``) or dask-kubernetes' operator (``mode: kubernetes``).
+
+    ``options`` are the keyword arguments of the manager's class, passed unchanged
+    (see :data:`MANAGERS`); ``n_workers`` is what the job scales it to, and
+    ``timeout`` how long it waits for the first worker.
+    """
+
+    system: str = "slurm"
+    n_workers: int = 2
+    timeout: float = 600.0
+    options: dict = field(default_factory=dict)
+
+
+# mode -> system -> (module, class, package to install)
+MANAGERS = {
+    "jobqueue": {name.lower().removesuffix("cluster"): ("dask_jobqueue", name, "dask-jobqueue")
+                 for name in ("SLURMCluster", "PBSCluster", "SGECluster", "LSFCluster",
+                              "HTCondorCluster", "MoabCluster", "OARCluster")},
+    "kubernetes": {"operator": ("dask_kubernetes.operator", "KubeCluster", "dask-kubernetes")},
+}
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     mode: str = "local"
     local: LocalConfig = field(default_factory=LocalConfig)
     remote: RemoteConfig | None = None
+    manager: ManagerConfig | None = None  # for mode jobqueue or kubernetes
     # Per URL scheme, options for its fsspec file system (s3fs, gcsfs, adlfs).
     storage_options: dict = field(default_factory=dict)
 
@@ -97,12 +123,13 @@ def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
     for key in raw:
-        if key not in ("mode", "local", "remote", "storage_options"):
-            raise ConfigError(f"{origin}: unknown key {key!r} (expected mode, local, remote, "
-                              f"storage_options)")
+        if key not in ("mode", "local", "remote", "jobqueue", "kubernetes", "storage_options"):
+            raise ConfigError(f"{origin}: unknown key {key!r} (expected mode, local, remote); "
+                              f"or jobqueue, kubernetes, storage_options")
     mode = raw.get("mode", "local")
-    if mode not in ("local", "remote"):
-        raise ConfigError(f"{origin}: mode: expected 'local' or 'remote', got {mode!r}")
+    if mode not in ("local", "remote", "jobqueue", "kubernetes"):
+        raise ConfigError(f"{origin}: mode: expected 'local' or 'remote', got {mode!r}; or "
+                          f"'jobqueue' or 'kubernetes' for a cluster manager")
     loc = _typed(f"{origin}: local", LocalConfig, raw.get("local"), {
         "n_workers": int, "threads_per_worker": int, "memory_limit": (str, int),
         "dashboard_address": str,
@@ -134,8 +161,60 @@ def parse_config(raw, origin: str = "cluster.yaml") -> ClusterConfig:
         _check_address(remote, origin)
     if mode == "remote" and remote is None:
         raise ConfigError(f"{origin}: mode is 'remote' but there is no remote section")
-    return ClusterConfig(mode=mode, local=local, remote=remote,
+    manager = None
+    if mode in MANAGERS:
+        manager = _manager(mode, raw.get(mode), origin)
+    return ClusterConfig(mode=mode, local=local, remote=remote, manager=manager,
                          storage_options=_storage_options(raw.get("storage_options"), origin))
+
+
+def _manager(mode: str, raw, origin: str) -> ManagerConfig:
+    if raw is None:
+        raise ConfigError(f"{origin}: mode is {mode!r} but there is no {mode} section")
+    default = "slurm" if mode == "jobqueue" else "operator"
+    got = dict(_typed(f"{origin}: {mode}", ManagerConfig, raw, {
+        "system": str, "n_workers": int, "timeout": (int, float), "options": dict}))
+    got.setdefault("system", default)
+    if got["system"] not in MANAGERS[mode]:
+        raise ConfigError(f"{origin}: {mode}.system: expected one of {sorted(MANAGERS[mode])}, "
+                          f"got {got['system']!r}")
+    manager = ManagerConfig(**got)
+    if manager.n_workers < 1:
+        raise ConfigError(f"{origin}: {mode}.n_workers must be >= 1")
+    if not (math.isfinite(manager.timeout) and manager.timeout > 0):
+        raise ConfigError(f"{origin}: {mode}.timeout: expected a number of seconds > 0")
+    if not all(isinstance(k, str) and k.isidentifier() for k in manager.options):
+        raise ConfigError(f"{origin}: {mode}.options: expected keyword arguments of "
+                          f"{'.'.join(MANAGERS[mode][manager.system][:2])}")
+    return manager
+
+
+def manager_class(config: ClusterConfig):
+    """The cluster manager class of a ``jobqueue`` or ``kubernetes`` configuration, imported.
+
+    Raises
+    ------
+    ClusterError
+        Its package is not installed (the message says which).
+    """
+    import importlib
+
+    module, name, package = MANAGERS[config.mode][config.manager.system]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ClusterError(f"mode {config.mode!r} needs {package} ({exc}); install it with: "
+                           f"pip install {package}") from None
+
+
+def start_manager(config: ClusterConfig):
+    """Construct the configured cluster manager with its options (not yet scaled)."""
+    cls = manager_class(config)
+    try:
+        return cls(**config.manager.options)
+    except Exception as exc:
+        raise ClusterError(f"could not start {cls.__name__} ({type(exc).__name__}: {exc}); "
+                           f"check the {config.mode} section of the cluster configuration") from exc
 
 
 def _storage_options(raw, origin: str) -> dict:
@@ -245,6 +324,17 @@ def connect(config: ClusterConfig):
     """
     from distributed import Client, LocalCluster
 
+    if config.mode in MANAGERS:
+        with start_manager(config) as cluster:
+            cluster.scale(config.manager.n_workers)
+            with Client(cluster) as client:
+                try:
+                    client.wait_for_workers(1, timeout=config.manager.timeout)
+                except TimeoutError as exc:
+                    raise ClusterError(f"no worker of {type(cluster).__name__} joined within "
+                                       f"{config.manager.timeout:g} s") from exc
+                yield client
+        return
     if config.mode == "remote":
         remote = config.remote
         try:
