@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _cli.setup_logging(args.quiet)
+    _cli.setup(args)
     from kmeans_dask import quantize, store
 
     # Every check before any cluster work.

@@ -46,8 +46,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, k_required: bool = Tru
                        help="tolerance on the centre shift, relative to the data's mean variance "
                             "(default: 1e-4 for lloyd, 0 for minibatch)")
     group.add_argument("--n-init", type=int, default=None,
-                       help="initialisations, best kept (default: 1 for lloyd, scikit-learn's "
-                            "'auto' for minibatch)")
+                       help="initialisations, best kept (default: scikit-learn's 'auto': 1, "
+                            "or 10 (lloyd) and 3 (minibatch) for --init random)")
+    group.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"],
+                       help="cosine: spherical K-Means (lloyd only); default: %(default)s")
     group.add_argument("--batch-size", type=int, default=None,
                        help="mini-batch rows (--algorithm minibatch; default: 1024)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -74,6 +76,11 @@ def model_params(args) -> dict:
         params["batch_size"] = 1024 if batch_size is None else batch_size
     elif batch_size is not None:
         raise ValueError("--batch-size is a mini-batch option; add --algorithm minibatch")
+    metric = getattr(args, "metric", "euclidean")
+    if metric != "euclidean":
+        if algorithm == "minibatch":
+            raise ValueError("--metric cosine is a Lloyd option; MiniBatchKMeans is Euclidean")
+        params["metric"] = metric
     if getattr(args, "k", None) is not None:
         params["n_clusters"] = args.k
     return params

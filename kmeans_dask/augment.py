@@ -488,7 +488,7 @@ def train_arrays(plan: Plan):
     bounds = [(a, min(a + step, plan.rows)) for a in range(0, plan.rows, step)]
     token = tokenize(plan.record)
     img, lab = f"augment-images-{token}", f"augment-labels-{token}"
-    source = str(plan.source)
+    source = plan.source
     deformation, seed, n0 = plan.deformation, plan.seed, plan.n0
     images = da.Array({(img, i, 0): (make_images, source, n0, a, b, seed, deformation)
                        for i, (a, b) in enumerate(bounds)},

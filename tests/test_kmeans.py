@@ -271,3 +271,18 @@ def test_cosine_same_on_one_and_two_workers(fashion_rows):
     np.testing.assert_array_equal(results[0][0], results[1][0])
     assert results[0][1] == results[1][1]
     np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+def test_jobs_take_metric_cosine_for_lloyd_only():
+    import argparse
+
+    from kmeans_dask import _cli
+
+    parser = argparse.ArgumentParser()
+    _cli.add_model_options(parser)
+    params = _cli.model_params(parser.parse_args(["--k", "5", "--metric", "cosine"]))
+    assert params["metric"] == "cosine"
+    assert "metric" not in _cli.model_params(parser.parse_args(["--k", "5"]))
+    with pytest.raises(ValueError, match="--metric cosine is a Lloyd option"):
+        _cli.model_params(parser.parse_args(["--k", "5", "--metric", "cosine",
+                                             "--algorithm", "minibatch"]))
