@@ -15,7 +15,7 @@ the result is complete; --resume continues an interrupted fit from it.
 import argparse
 import sys
 
-from kmeans_dask import _cli, workflows
+from kmeans_dask import _cli, features, workflows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted fit from RESULT.zarr.checkpoint.json "
                         "(Lloyd, --n-init 1; same arguments as the interrupted run)")
     _cli.add_model_options(p)
+    p.add_argument("--features", default="none", metavar="none|pca:N",
+                   help="cluster N principal components (computed on the workers) instead of "
+                        "the pixels; predict, evaluate and classify apply them (default: none)")
     _cli.add_cluster_options(p)
     return p
 
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
     _cli.setup(args)
     data = workflows.open_fit_input(args.data, args.split, args.k)
     params = _cli.model_params(args)
+    if features.parse(args.features) is not None:
+        params["features"] = args.features
     _cli.check_model_params(params)
     out = workflows.check_fit_outputs(data, args.out, overwrite=args.overwrite,
                                       resume=args.resume, with_report=not args.no_report)

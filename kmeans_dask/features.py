@@ -90,3 +90,46 @@ class PCAFeatures:
         out.mean_ = np.asarray(mean, dtype=np.float32)
         out.components_ = np.asarray(components, dtype=np.float32)
         return out
+
+
+class FeatureKMeans:
+    """A fitted K-Means on features, used with rows as stored.
+
+    ``predict``, ``transform`` and ``score`` take the original rows (NumPy
+    or Dask) and apply ``features`` first; ``pixel_centers_`` are the centres
+    mapped back to the rows' scaled space (for pictures).  Every other
+    attribute is the K-Means model's.
+    """
+
+    def __init__(self, features: PCAFeatures, model):
+        self.features, self.model = features, model
+
+    def __getattr__(self, name):
+        if name in ("features", "model"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self.features.components_.shape[1])
+
+    @property
+    def pixel_centers_(self) -> np.ndarray:
+        return self.features.inverse_transform(self.model.cluster_centers_)
+
+    def _features(self, X):
+        numpy = not isinstance(X, da.Array)
+        if numpy:
+            X = np.asarray(X)
+            X = da.from_array(X, chunks=(max(1, min(len(X), 10_000)), -1))
+        Z = self.features.transform(X)
+        return Z.compute() if numpy else Z
+
+    def predict(self, X):
+        return self.model.predict(self._features(X))
+
+    def transform(self, X):
+        return self.model.transform(self._features(X))
+
+    def score(self, X, y=None, sample_weight=None) -> float:
+        return self.model.score(self._features(X), sample_weight=sample_weight)

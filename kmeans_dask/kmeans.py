@@ -470,7 +470,7 @@ def _json_params(model: KMeans) -> dict:
 
 
 def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = None,
-         overwrite: bool = False, inputs=()):
+         overwrite: bool = False, inputs=(), features: dict | None = None):
     """Write a fitted model, its labels and its run record to a result store.
 
     The labels are written chunk by chunk by the workers; the store is
@@ -491,6 +491,10 @@ def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = 
         Replace an earlier result store at ``path`` (nothing else).
     inputs : sequence of path-like
         Stores the fit read: ``path`` must not be or contain them.
+    features : dict, optional
+        The feature transform the model was fitted after (``mean``,
+        ``components``, ``scale``, ``explained_variance_ratio``), kept beside
+        the centroids so that :func:`load` applies it again.
 
     Returns
     -------
@@ -511,14 +515,17 @@ def save(model: KMeans, path, *, data: dict | None = None, extra: dict | None = 
         **(extra or {}),
     }
     return store.write_result(path, model.cluster_centers_, model.labels_, record,
-                              init=model.init_centers_, overwrite=overwrite, inputs=inputs)
+                              init=model.init_centers_, overwrite=overwrite, inputs=inputs,
+                              features=features)
 
 
 def load(path) -> KMeans:
     """A fitted :class:`KMeans` from a result store (no pickle: arrays and JSON only).
 
     ``labels_`` is the stored label array (lazy); ``predict``, ``transform``
-    and ``score`` work as after ``fit``.
+    and ``score`` work as after ``fit``.  A result fitted on features
+    (``--features pca:N``) comes back as a
+    :class:`kmeans_dask.features.FeatureKMeans`, which applies them.
 
     Raises
     ------
@@ -547,4 +554,10 @@ def from_result(result: store.Result) -> KMeans:
     model.history_ = list(attrs["history"])
     model.scale_ = float(attrs["scale"])
     model.n_features_in_ = int(attrs["n_features"])
+    if result.features is not None:
+        from .features import FeatureKMeans, PCAFeatures
+
+        f = result.features
+        return FeatureKMeans(PCAFeatures.from_arrays(f["mean"], f["components"],
+                                                     scale=f["scale"]), model)
     return model

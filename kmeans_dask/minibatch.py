@@ -810,8 +810,10 @@ class _EarlyStop:
 
 
 def make_estimator(params: dict):
-    """A KMeans, or a MiniBatchKMeans for ``algorithm="minibatch"``, from job parameters."""
+    """A KMeans, or a MiniBatchKMeans for ``algorithm="minibatch"``, from job parameters
+    (``features`` is the fit's, applied before: :func:`kmeans_dask.workflows.fit_store`)."""
     params = dict(params)
+    params.pop("features", None)
     if params.get("algorithm") == "minibatch":
         params.pop("algorithm")
         return MiniBatchKMeans(**params)

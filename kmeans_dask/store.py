@@ -1296,6 +1296,8 @@ class Result:
     labels: da.Array  # (n,) int32, each chunk checked against its CRC-32C when read
     attrs: dict
     init: np.ndarray | None = None  # (k, d) float64 initial centres, when stored
+    # The feature transform the centroids are in (``mean``, ``components``, ``scale``).
+    features: dict | None = None
 
 
 def _history_ok(v) -> bool:
@@ -1324,7 +1326,7 @@ LABELS_SCHEMA = {
 
 
 def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, init=None,
-                 overwrite=False, inputs=()) -> Path:
+                 overwrite=False, inputs=(), features: dict | None = None) -> Path:
     """Write a result store atomically.
 
     ``labels`` is stored by the workers chunk by chunk (one task per chunk of
@@ -1341,9 +1343,20 @@ def write_result(path, centroids: np.ndarray, labels: da.Array, attrs: dict, *, 
         if init is not None:
             arr = root.create_array("init", shape=init.shape, chunks=init.shape, dtype="float64")
             arr[...] = init
+        extra = {}
+        if features is not None:
+            # The transform the centroids live after: rows -> (rows * scale - mean) @ components.T
+            for name in ("mean", "components"):
+                value = np.asarray(features[name], dtype=np.float32)
+                arr = root.create_array(f"features_{name}", shape=value.shape,
+                                        chunks=value.shape, dtype="float32")
+                arr[...] = value
+            extra["features"] = {"kind": "pca", "scale": float(features["scale"]),
+                                 "explained_variance_ratio":
+                                     float(features["explained_variance_ratio"])}
         sums = _write_labels(root, labels, tmp)
         root.attrs.update(format=RESULT_FORMAT, schema_version=SCHEMA_VERSION,
-                          labels_crc32c=sums, **attrs)
+                          labels_crc32c=sums, **attrs, **extra)
     return absolute(path)
 
 
@@ -1422,8 +1435,22 @@ def read_result(path) -> Result:
             raise StoreError(f"{path}/init: shape {init.shape}, expected {cent.shape}")
         if not np.isfinite(init).all():
             raise StoreError(f"{path}/init: NaN or infinite values")
+    features = None
+    if "features" in attrs:
+        f = attrs["features"]
+        if not (isinstance(f, dict) and f.get("kind") == "pca" and _is_num(f.get("scale"))):
+            raise StoreError(f"{path}: attribute 'features' must describe a pca transform, "
+                             f"got {f!r}")
+        mean = np.asarray(_array(root, "features_mean", str(path), np.float32, 1)[...])
+        comps = np.asarray(_array(root, "features_components", str(path), np.float32, 2)[...])
+        if comps.shape != (cent.shape[1], mean.shape[0]):
+            raise StoreError(f"{path}/features_components: shape {comps.shape}, expected "
+                             f"({cent.shape[1]}, {mean.shape[0]})")
+        if not (np.isfinite(mean).all() and np.isfinite(comps).all()):
+            raise StoreError(f"{path}/features_*: NaN or infinite values")
+        features = {"mean": mean, "components": comps, "scale": float(f["scale"])}
     return Result(path, centroids, _verified(labels, attrs["labels_crc32c"], f"{path}/labels"),
-                  attrs, init)
+                  attrs, init, features)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dashboard, metrics, plots, store
+from . import dashboard, features, metrics, plots, store
 from .cluster import active_client
 from .errors import StoreError
 from .kmeans import KMeans, from_result, save
@@ -225,6 +225,7 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
         state = {"centers": doc["centers"], "init": doc["init"], "history": doc["history"]}
         _remove_stale_temporaries(out)
     model = make_estimator(params)
+    n_components = features.parse(params.get("features"))
     check_workers_see([data.path], [out])
     fit_kw = {"callback": callback}
     if isinstance(model, KMeans):
@@ -240,11 +241,25 @@ def fit_store(data: store.DataSplit, out, params: dict, *, overwrite=False, call
            else contextlib.nullcontext())
     try:
         with ctx:
-            model.fit(data.images, **fit_kw)
+            X, pca = data.images, None
+            if n_components:
+                # Principal components on the workers, then K-Means on them.
+                scale = 1 / 255 if X.dtype == np.uint8 else 1.0
+                pca = features.PCAFeatures(n_components, scale=scale,
+                                           random_state=params.get("random_state") or 0).fit(X)
+                log.info("pca:%d keeps %.1f %% of the variance", n_components,
+                         100 * pca.explained_variance_ratio_)
+                X = pca.transform(X)
+            model.fit(X, **fit_kw)
             elapsed = time.perf_counter() - start
             save(model, out, data=data_record(data), overwrite=overwrite, inputs=[data.path],
                  extra={"elapsed_s": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "resumed_from": len(state["history"]) if state else None})
+                        "resumed_from": len(state["history"]) if state else None},
+                 features=None if pca is None else {
+                     **pca.to_arrays(), "scale": pca.scale,
+                     "explained_variance_ratio": pca.explained_variance_ratio_})
+            if pca is not None:
+                model = features.FeatureKMeans(pca, model)
     except (CancelledError, OSError) as exc:
         if address is None or _client_status() == "running":
             raise
@@ -410,7 +425,8 @@ def evaluate_result(result_path, split: str = "test", *, data_path=None, out_dir
     with store.output_dir(out_dir, store.EVALUATION_FORMAT, overwrite=overwrite,
                           inputs=inputs) as tmp:
         plots.centroid_grid(
-            model.cluster_centers_, tmp / "centroids.png", titles=titles,
+            getattr(model, "pixel_centers_", model.cluster_centers_), tmp / "centroids.png",
+            titles=titles,
             title=f"{dataset}: K = {k} centroids (label: majority on {fit_split})")
         plots.confusion_matrix(
             metrics.contingency(true, pred, k, len(names)), names, tmp / "confusion.png",

@@ -41,3 +41,34 @@ def test_components_match_scikit_learn_and_map_back(fashion_rows):
                                atol=1e-4)
     with pytest.raises(ValueError, match="N <= min"):
         features.PCAFeatures(1000).fit(X[:500])
+
+
+def test_a_result_fitted_on_components_applies_them_when_loaded(test_sources, tmp_path):
+    from kmeans_dask import datasets, load, store, workflows
+
+    sources = {"test": datasets.resolve_split("mnist", "test", test_sources, download=False)}
+    data = store.open_data(store.ingest("mnist", tmp_path, sources).path, "test")
+    params = {"algorithm": "lloyd", "n_clusters": 10, "random_state": 0, "init": "k-means++",
+              "max_iter": 30, "tol": 1e-4, "n_init": "auto", "features": "pca:30"}
+    model, path = workflows.fit_store(data, tmp_path / "pca.zarr", params, with_report=False)
+    back = load(path)
+    assert isinstance(back, features.FeatureKMeans) and back.n_features_in_ == 784
+    assert back.cluster_centers_.shape == (10, 30) and back.pixel_centers_.shape == (10, 784)
+    stored = np.asarray(back.labels_.compute())
+    images = data.images
+    # Predicting the fitted rows from pixels gives the stored labels, NumPy or Dask.
+    np.testing.assert_array_equal(back.predict(images).compute(), stored)
+    np.testing.assert_array_equal(back.predict(np.asarray(images[:500].compute())), stored[:500])
+    assert -back.score(images) == pytest.approx(back.inertia_, rel=1e-5)
+    # The centres in pixels are the means of their rows' projections, mapped back (up to
+    # the last iteration's move: the fit stopped by tol).
+    X = np.asarray(images.compute(), dtype=np.float64) / 255
+    c0 = X[stored == 0].mean(axis=0)
+    P = back.features.components_.astype(np.float64)
+    expected = (c0 - back.features.mean_) @ P.T @ P + back.features.mean_
+    np.testing.assert_allclose(back.pixel_centers_[0], expected, atol=0.01)
+    report = workflows.evaluate_result(path, "test", out_dir=tmp_path / "eval")
+    assert 0.3 < report["accuracy"] <= 1
+    with pytest.raises(ValueError, match="--features must be 'none' or 'pca:N'"):
+        workflows.fit_store(data, tmp_path / "bad.zarr", {**params, "features": "pca"},
+                            with_report=False)
