@@ -9,6 +9,10 @@ OUT    ?= outputs
 SHARED ?= ../shared/datasets
 SOURCE ?= $(if $(wildcard $(SHARED)/mnist),$(SHARED),)
 PYTEST_ARGS ?=
+# Test processes run at once (pytest-xdist); each module's tests stay in one of
+# them (--dist loadfile), so its shared cluster and stores are made once.
+# TEST_JOBS=0 runs every test in pytest's own process.
+TEST_JOBS ?= 2
 
 .PHONY: install demo test test-fast bench bench-scaling clean
 
@@ -26,11 +30,11 @@ demo: $(STAMP)
 # $KMEANS_DASK_SHARED or $KMEANS_DASK_DATA) the tests that need them are skipped,
 # and the summary says so.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The same without the tests that start real `dask scheduler`/`dask worker` processes.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -m "not cluster" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kmeans.py --source $(SHARED) --json benchmarks/results.json

@@ -269,7 +269,7 @@ def test_prepare_checks_everything_before_any_work(small_source, full_run, tmp_p
 # --------------------------------------------------------------------------- the job
 
 
-def test_job_writes_reruns_as_a_no_op_and_overwrites(small_source, tmp_path):
+def test_job_writes_reruns_as_a_no_op_and_overwrites(small_source, tmp_path, jobs):
     out = tmp_path / "out.zarr"
     args = ["--data", small_source, "--rows", 2500, "--out", out, "--chunk-rows", 600]
     one_worker = ["--cluster", _one_worker(tmp_path)]
@@ -279,16 +279,17 @@ def test_job_writes_reruns_as_a_no_op_and_overwrites(small_source, tmp_path):
     assert "dashboard http://127.0.0.1:" in res.stderr
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = store.open_data(out, "train").attrs["chunk_crc32c"]
-    again = run_job("augment", *args)
+    # The first run was a new process from scratch; the others are forked by ``jobs``.
+    again = jobs.run("augment", *args)
     assert again.returncode == 0, again.stderr
     assert f"already up to date {out}" in again.stdout
     assert "scheduler" not in again.stderr  # nothing to do: no cluster started
-    other = run_job("augment", *args, "--seed", 1)
+    other = jobs.run("augment", *args, "--seed", 1)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1] == (
         f"error: {out} already exists and holds another augmentation (seed differ); pass "
         f"--overwrite to replace it")
-    replaced = run_job("augment", *args, "--seed", 1, "--overwrite", *one_worker)
+    replaced = jobs.run("augment", *args, "--seed", 1, "--overwrite", *one_worker)
     assert replaced.returncode == 0, replaced.stderr
     assert store.open_data(out, "train").store_attrs["augment"]["seed"] == 1
     assert store.open_data(out, "train").attrs["chunk_crc32c"]["images"][0] == first["images"][0]

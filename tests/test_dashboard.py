@@ -126,7 +126,8 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
             page.goto(link.replace("/kmeans", "/status"))
             page.wait_for_selector(".bk-Canvas, canvas", timeout=30_000)
             page.goto(link)
-            read = ("() => { const d = Bokeh.documents[0];"
+            # window.Bokeh: the predicate may run before BokehJS has defined it.
+            read = ("() => { const d = window.Bokeh && Bokeh.documents[0];"
                     " const s = d && d.get_model_by_name('iterations');"
                     " return s ? s.data.iteration.length : 0; }")
             page.wait_for_function(f"({read})() >= 2", timeout=60_000)
