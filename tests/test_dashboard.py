@@ -112,7 +112,8 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
 
     def fit():
         with dask.config.set({"kmeans_dask.task-bytes": 1}):
-            done["km"] = KMeans(64, init="random", random_state=0, max_iter=60, tol=0).fit(X)
+            done["km"] = KMeans(64, init="random", n_init=1, random_state=0, max_iter=60,
+                                tol=0).fit(X)
 
     thread = threading.Thread(target=fit)
     thread.start()

@@ -109,12 +109,13 @@ def test_client_killed_then_resumed_ends_with_the_same_centres(dask_processes, f
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     doc = store.read_checkpoint(ckpt)
-    assert 3 <= doc["iteration"] < 40 and not out.exists()
+    b = store.read_result(tmp_path / "whole.zarr")
+    assert 3 <= doc["iteration"] < b.attrs["n_iter"] and not out.exists()
     again = run_job("fit", *common, "--out", out, "--resume")
     assert again.returncode == 0, again.stderr
-    a, b = store.read_result(out), store.read_result(tmp_path / "whole.zarr")
+    a = store.read_result(out)
     np.testing.assert_array_equal(a.centroids, b.centroids)
-    assert a.attrs["inertia"] == b.attrs["inertia"] and a.attrs["n_iter"] == 40
+    assert a.attrs["inertia"] == b.attrs["inertia"] and a.attrs["n_iter"] == b.attrs["n_iter"]
     assert a.attrs["resumed_from"] == doc["iteration"]
     assert [h["inertia"] for h in a.attrs["history"]] == [h["inertia"] for h in b.attrs["history"]]
     assert sorted(leftovers(tmp_path)) == ["r-report.html", "r.zarr", "whole-report.html", "whole.zarr"]
@@ -183,15 +184,17 @@ def _peak_rss(pid: int) -> int:
 
 
 def test_data_larger_than_cluster_memory_is_streamed(dask_processes, fashion_store, tmp_path):
-    limit = 300 * 2**20
-    nbytes = _big_store(fashion_store, tmp_path / "big.zarr", repeats=14)  # 659 MB of uint8
+    # A worker's own baseline (Python, Dask, NumPy, Numba's compiled loops, Zarr) takes
+    # about 250 MiB, so the limit leaves 150 MiB for rows; the data exceeds both limits.
+    limit = 400 * 2**20
+    nbytes = _big_store(fashion_store, tmp_path / "big.zarr", repeats=18)  # 847 MB of uint8
     address = dask_processes.start_scheduler()
     workers = [dask_processes.start_worker("--memory-limit", str(limit)) for _ in range(2)]
     assert nbytes > 2 * limit  # more than the whole cluster may hold
     with Client(address, timeout=30) as client:
         client.wait_for_workers(2, timeout=60)
         X = store.open_data(tmp_path / "big.zarr", "train").images
-        km = KMeans(10, init="random", random_state=0, max_iter=3, tol=0)
+        km = KMeans(10, init="random", n_init=1, random_state=0, max_iter=3, tol=0)
         assert not _should_persist(X)
         km.fit(X)
         assert km.n_iter_ == 3 and km.inertia_ > 0
