@@ -131,7 +131,8 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
             read = ("() => { const d = window.Bokeh && Bokeh.documents[0];"
                     " const s = d && d.get_model_by_name('iterations');"
                     " return s ? s.data.iteration.length : 0; }")
-            page.wait_for_function(f"({read})() >= 2", timeout=60_000)
+            # Generous: two whole test suites may share the two cores (xdist).
+            page.wait_for_function(f"({read})() >= 2", timeout=180_000)
             seen = page.evaluate(read)
             shot = tmp_path / "kmeans-page.png"
             page.screenshot(path=str(shot), full_page=True)
