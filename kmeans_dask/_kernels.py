@@ -36,6 +36,7 @@ Design notes (why, not what):
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -64,6 +65,55 @@ def one_blas_thread():
     are looked up once per process (``threadpool_limits`` does it per call,
     milliseconds each)."""
     return _blas().limit(limits=1, user_api="blas")
+
+
+class Workspace:
+    """Scratch arrays one thread's kernel calls reuse, and the centres their pass shares.
+
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_``, which also turns off
+    glibc's adaptive mmap threshold: every array of more than 128 KiB a
+    kernel allocates is then mapped afresh and page-faulted in, call after
+    call, which costs a worker about a quarter of a bounded pass.  A
+    workspace hands out views of buffers that only ever grow, so a thread's
+    passes over many chunks allocate once.  One per thread: the views of
+    one call must not be handed to another running at the same time.
+
+    It also keeps what the last pass prepared from its centres (their
+    groups, :class:`_Nearest`, moves and separations), so that the chunks
+    of one pass, which share one centres array (``keep_centers``), prepare
+    it once.
+    """
+
+    def __init__(self):
+        self._buffers: dict = {}
+        self._memo: dict = {}  # name -> (objects, key, value)
+
+    def take(self, name: str, shape, dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype``, valid until ``name`` is taken again."""
+        shape = (shape,) if np.ndim(shape) == 0 else tuple(int(v) for v in shape)
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.size < size:
+            # Grown with headroom: chunks of a pass differ a little in size.
+            buf = np.empty(max(size, int(1.25 * (0 if buf is None else buf.size))), dtype=dtype)
+            self._buffers[(name, dtype)] = buf
+        return buf[:size].reshape(shape)
+
+    def memo(self, name: str, objects: tuple, key, make):
+        """``make()``, reused while the same ``objects`` (by identity) and ``key`` come back."""
+        got = self._memo.get(name)
+        if (got is None or len(got[0]) != len(objects) or got[1] != key
+                or any(a is not b for a, b in zip(got[0], objects))):
+            got = self._memo[name] = (objects, key, make())
+        return got[2]
+
+
+class Workspaces(threading.local):
+    """One :class:`Workspace` per thread (``.work``), for the owner of a thread pool."""
+
+    def __init__(self):
+        self.work = Workspace()
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -151,10 +201,11 @@ class _Nearest:
     """
 
     def __init__(self, centers: np.ndarray, dtype, scale: float, block_rows: int, xmax: float,
-                 order=None):
+                 order=None, work: Workspace | None = None):
         # ``order`` lists the centres in the order the ranked columns use (the
         # bounded kernel keeps centre groups contiguous); labels are always
-        # returned as indices into ``centers``.
+        # returned as indices into ``centers``.  Scratch arrays come from ``work``.
+        self.work = Workspace() if work is None else work
         centers = np.asarray(centers, dtype=np.float64)
         self.order = None if order is None else np.asarray(order, dtype=np.intp)
         self.c = centers if self.order is None else centers[self.order]
@@ -171,10 +222,7 @@ class _Nearest:
             l1 = self.cmax2 = 0.0
         self.err = self.kappa * (2.0 * float(xmax) * l1 + self.cmax2) + 1e-300
         self.block_rows = max(1, block_rows)
-        self.g = None  # ranking buffer of block(), made on first use
-        self._x = None  # converted rows for rank(), made on first use
         self.tiled = k <= TILED_MAX
-        self._diff = self._cen = None
 
     @property
     def neg2(self) -> np.ndarray:
@@ -183,11 +231,14 @@ class _Nearest:
             self._neg2 = np.ascontiguousarray(self.neg2_t.T)
         return self._neg2
 
-    def row_error(self, xsq: np.ndarray) -> np.ndarray:
+    def row_error(self, xsq: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """A tighter ``E`` per row from its ``|x|^2`` (Cauchy-Schwarz instead of ``xmax``)."""
-        bound = self.kappa * (2.0 * np.sqrt(xsq * (1 + 1e-9)) * np.sqrt(self.cmax2)
-                              + self.cmax2) + 1e-300
-        return np.minimum(bound, self.err)
+        # In place, one array: this runs on every row of every chunk each pass.
+        out = np.multiply(xsq, 1 + 1e-9, out=out)
+        np.sqrt(out, out=out)
+        out *= 2.0 * self.kappa * np.sqrt(self.cmax2)
+        out += self.kappa * self.cmax2 + 1e-300
+        return np.minimum(out, self.err, out=out)
 
     def rank(self, X: np.ndarray, rows, g: np.ndarray) -> None:
         """Ranked values ``-2 x.c + |c|^2`` of the rows ``X[rows]`` into ``g``.
@@ -204,9 +255,7 @@ class _Nearest:
             rows = np.arange(rows.start, rows.stop)
         # The tiled loop converts four rows at a time, the GEMM a whole block.
         need = 4 if self.tiled else g.shape[0]
-        if self._x is None or self._x.shape[0] < need:
-            self._x = np.empty((need, self.c.shape[1]), dtype=self.dtype)
-        x = self._x[:need]
+        x = self.work.take("nearest-rows", (need, self.c.shape[1]), self.dtype)
         if self.tiled:
             _jit.rank_rows(X, rows, self.neg2, self.csq, x, g)
         else:
@@ -216,9 +265,7 @@ class _Nearest:
 
     def block(self, X: np.ndarray, start: int, stop: int, labels: np.ndarray) -> None:
         """Label the consecutive rows ``X[start:stop]`` into ``labels``."""
-        if self.g is None:
-            self.g = np.empty((self.block_rows, self.c.shape[0]), dtype=self.dtype)
-        g = self.g[: stop - start]
+        g = self.work.take("nearest-block", (stop - start, self.c.shape[0]), self.dtype)
         self.rank(X, slice(start, stop), g)
         self.decide(g, X[start:stop], labels)
 
@@ -270,15 +317,16 @@ class _Nearest:
         # Widened by a float32 ulp or so: the limit itself is rounded.
         limit = (best[amb] + 2.0 * err * 1.001 + np.abs(best[amb]) * 1e-6).astype(g.dtype)
         rows, cand = np.nonzero(g[amb] <= limit[:, None])
-        xs = np.asarray(raw[amb], dtype=np.float64)
+        d = self.c.shape[1]
+        # Workspace buffers: temporaries this size would be mapped and
+        # unmapped on every call inside a worker (see Workspace).
+        xs = self.work.take("refine-rows", (amb.size, d), np.float64)
+        xs[...] = raw[amb]
         xs *= self.scale
-        # Reused buffers: temporaries this size would be mapped and unmapped
-        # on every call inside a worker.
-        if self._diff is None or self._diff.shape[0] < rows.size:
-            self._diff = np.empty((max(rows.size, 64), self.c.shape[1]))
-            self._cen = np.empty_like(self._diff)
-        diff = np.take(xs, rows, axis=0, out=self._diff[: rows.size], mode="clip")
-        diff -= np.take(self.c, cand, axis=0, out=self._cen[: rows.size], mode="clip")
+        diff = np.take(xs, rows, axis=0, out=self.work.take("refine-diff", (rows.size, d),
+                                                            np.float64), mode="clip")
+        diff -= np.take(self.c, cand, axis=0, out=self.work.take("refine-centres", (rows.size, d),
+                                                                 np.float64), mode="clip")
         exact = np.einsum("ij,ij->i", diff, diff)
         # Lowest exact distance per row; ties go to the lower centre index.
         index = cand if self.order is None else self.order[cand]
@@ -584,16 +632,14 @@ BOUNDED_BLOCK_ROWS = 1024
 # GEMM: BLAS runs a product only a few columns wide slowly, and from about 16
 # centres on it wins again.
 TILED_MAX = 16
-# Rows converted at a time by the group-by-group ranking: the block stays in
-# a core's L2 cache while every group's rows are copied out of it.
-GROUP_BLOCK_ROWS = 64
+# Rows converted at a time by the group-by-group ranking: the block (784 KiB of
+# float32 MNIST rows) stays in a core's L2 cache while every group's rows are
+# copied out of it, and the GEMMs it feeds are tall enough for BLAS to run
+# near its speed (at 64 rows, a 16-column GEMM runs at about half of it).
+GROUP_BLOCK_ROWS = 256
 # Above this share of (row, group) pairs left open by the bounds, the open rows
 # are ranked by one GEMM against all centres instead of group by group.
 DENSE_SHARE = 0.5
-
-
-# The last centres grouped for a pass whose chunks share them (keep_centers).
-_GROUPS: dict = {}
 
 
 def group_centers(c: np.ndarray, t: int, iters: int = 5):
@@ -645,7 +691,7 @@ def _down32(values: np.ndarray) -> np.ndarray:
     return np.nextafter(out, np.float32(-np.inf), out=out)
 
 
-def _rank_open(X, st: ChunkState, near: _Nearest, err, move, sep):
+def _rank_open(X, st: ChunkState, near: _Nearest, err, move, sep, work: Workspace):
     """Move the bounds with the centres and re-decide the rows they leave open.
 
     Rows the bounds cannot settle are ranked against their own centre
@@ -671,37 +717,37 @@ def _rank_open(X, st: ChunkState, near: _Nearest, err, move, sep):
     drift = np.nextafter(drift, np.float32(np.inf))
     neg2 = near.neg2  # (k, d): one group's centres are contiguous
     bounds = np.r_[st.starts, k]
-    rows = np.empty(m, dtype=np.intp)
-    own = np.empty(m)
+    rows = work.take("open-rows", m, np.intp)
+    own = work.take("open-own", m, np.float64)
     looked, n = _jit.filter_rows(X, neg2, near.csq, pos_of,
                                  move[st.order], drift, sep[st.order], st.labels, st.upper,
                                  st.lower, st.xsq, err, rows, own)
     rows, own = rows[:n], own[:n]
     old = st.labels[rows]
     pairs = looked
-    need = np.empty((n, t), dtype=np.bool_)
-    best, second = np.empty(n), np.empty(n)
-    pick = np.empty(n, dtype=np.intp)
+    need = work.take("need", (n, t), np.bool_)
+    best, second = work.take("best", n, np.float64), work.take("second", n, np.float64)
+    pick = work.take("pick", n, np.intp)
     n_open = _jit.open_groups(rows, own, pos_of, group_of_pos, st.labels, st.upper, st.lower,
                               err, need, best, second, pick)
     if n_open >= DENSE_SHARE * need.size:
         # Early iterations: most groups are open anyway, one GEMM over all centres.
-        return rows, old, looked, pairs + _rank_all(X, rows, st, near, err)
+        return rows, old, looked, pairs + _rank_all(X, rows, st, near, err, work)
     # Ranked values are float32 (or float64 input's float64) and stored as such.
-    g_first = np.empty((n, t), dtype=near.dtype)
-    g_second = np.empty((n, t), dtype=near.dtype)
-    g_pick = np.empty((n, t), dtype=np.int32)
+    g_first = work.take("g-first", (n, t), near.dtype)
+    g_second = work.take("g-second", (n, t), near.dtype)
+    g_pick = work.take("g-pick", (n, t), np.int32)
     step = max(1, min(GROUP_BLOCK_ROWS, n))
-    block = np.empty((step, d), dtype=near.dtype)
-    sub = np.empty_like(block)
-    cross = np.empty(step * int(np.diff(bounds).max()), dtype=near.dtype)
+    block = work.take("block", (step, d), near.dtype)
+    sub = work.take("sub", (step, d), near.dtype)
+    cross = work.take("cross", step * int(np.diff(bounds).max()), near.dtype)
     pairs += _jit.rank_groups(X, rows, need, neg2, near.csq, bounds, block, sub, cross,
                               best, second, pick, g_first, g_pick, g_second)
-    flagged = np.empty(n, dtype=np.int64)
+    flagged = work.take("flagged", n, np.int64)
     n_flagged = _jit.settle(rows, own, need, best, second, pick, g_first, g_pick, g_second,
                             pos_of, group_of_pos, st.order, st.labels, st.upper, st.lower,
                             st.xsq, err, flagged)
-    return rows, old, looked, pairs + _rank_all(X, flagged[:n_flagged], st, near, err)
+    return rows, old, looked, pairs + _rank_all(X, flagged[:n_flagged], st, near, err, work)
 
 
 class _Picked:
@@ -714,7 +760,7 @@ class _Picked:
         return self.X[self.idx[which]]
 
 
-def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
+def _rank_all(X, rows, st: ChunkState, near: _Nearest, err, work: Workspace) -> int:
     """Rank ``rows`` against every centre, block by block, and renew their bounds.
 
     Returns the number of (row, centre) distances ranked.
@@ -723,9 +769,9 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
     if rows.size == 0:
         return 0
     step = max(1, min(BOUNDED_BLOCK_ROWS, rows.size))
-    g = np.empty((step, k), dtype=near.dtype)
-    lab = np.empty(step, dtype=np.intp)
-    up2 = np.empty(step)
+    g = work.take("rank-all", (step, k), near.dtype)
+    lab = work.take("rank-all-labels", step, np.intp)
+    up2 = work.take("rank-all-upper", step, np.float64)
     for lo in range(0, rows.size, step):
         n = min(step, rows.size - lo)
         idx = rows[lo:lo + n]
@@ -754,7 +800,7 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err) -> int:
 def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, weights=None, *,
                         scale: float = 1.0, sqnorm: float = 0.0,
                         block_rows: int = DEFAULT_BLOCK_ROWS, keep_centers: bool = False,
-                        keep_sums: bool = True) -> dict:
+                        keep_sums: bool = True, work: Workspace | None = None) -> dict:
     """:func:`lloyd_chunk` with the bounds of ``state`` kept between calls.
 
     Returns what :func:`lloyd_chunk` returns for the same centres, bit for
@@ -766,9 +812,12 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     integer rows also give ``raw_sums``, the exact int64 sums of the stored
     values; with ``keep_sums`` the state keeps them (k x d per chunk) and
     later passes update them by the rows that changed centre, without it
-    they are added again from all rows.
+    they are added again from all rows.  ``work``: the calling thread's
+    :class:`Workspace` (a fresh one if not given), which also holds the
+    prepared centres a pass's chunks share with ``keep_centers``.
     """
     _check_chunk(X, weights)
+    work = Workspace() if work is None else work
     m, d = X.shape
     c = np.asarray(centers, dtype=np.float64)
     k = c.shape[0]
@@ -779,25 +828,33 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         t = min(MAX_GROUPS, k // GROUP_SIZE)
         if keep_centers:
             # The chunks of a pass share these centres: group them once.
-            got = _GROUPS.get(id(c))
-            if got is None or got[0] is not c or got[1] != t:
-                got = (c, t, group_centers(c, t))
-                _GROUPS.clear()
-                _GROUPS[id(c)] = got
-            st.order, st.starts, st.group_of = got[2]
+            st.order, st.starts, st.group_of = work.memo("groups", (c,), t,
+                                                         lambda: group_centers(c, t))
         else:
             st.order, st.starts, st.group_of = group_centers(c, t)
         st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
-    near = _Nearest(c, dtype, scale, block_rows, st.xmax, order=st.order)
-    err = near.row_error(st.xsq)
+
+    def nearest():
+        return _Nearest(c, dtype, scale, block_rows, st.xmax, order=st.order, work=work)
+
+    if keep_centers:
+        near = work.memo("nearest", (c, st.order), (dtype, scale, block_rows, st.xmax), nearest)
+    else:
+        near = nearest()
+    err = near.row_error(st.xsq, out=work.take("row-error", m, np.float64))
     if st.centers is None:
         todo = np.arange(m)
         old = st.labels.copy()
-        pairs = _rank_all(X, todo, st, near, err)
+        pairs = _rank_all(X, todo, st, near, err, work)
         looked = m
     else:
-        todo, old, looked, pairs = _rank_open(X, st, near, err, _movement(st.centers, c),
-                                              _separation(c))
+        last = st.centers
+        if keep_centers:
+            move = work.memo("move", (last, c), None, lambda: _movement(last, c))
+            sep = work.memo("separation", (c,), None, lambda: _separation(c))
+        else:
+            move, sep = _movement(last, c), _separation(c)
+        todo, old, looked, pairs = _rank_open(X, st, near, err, move, sep, work)
     st.centers = c if keep_centers and c is centers else c.copy()
     moved = st.labels[todo] != old
     changed = todo[moved]

@@ -129,16 +129,18 @@ class PassSpec:
 
 
 def chunk_pass(X: np.ndarray, weights, state: _kernels.ChunkState, centers: np.ndarray,
-               spec: PassSpec, *, keep_centers: bool = False) -> dict:
+               spec: PassSpec, *, keep_centers: bool = False,
+               work: _kernels.Workspace | None = None) -> dict:
     """The bounded kernel on one chunk, its sums and weights rounded to the spec's
     grids (integer rows: their exact integer sums, ``raw_sums``).
 
     ``keep_centers``: the state may keep ``centers`` itself (float64, never
     changed afterwards) rather than a copy, so the chunks of one pass share one.
+    ``work``: the calling thread's :class:`kmeans_dask._kernels.Workspace`.
     """
     out = _kernels.bounded_lloyd_chunk(X, state, centers, weights, scale=spec.scale,
                                        block_rows=spec.block_rows, keep_centers=keep_centers,
-                                       keep_sums=spec.keep_sums)
+                                       keep_sums=spec.keep_sums, work=work)
     part = {"counts": on_grid(out["counts"], spec.count_grid), "rows": int(X.shape[0]),
             "computed": out["computed"], "pairs": out["pairs"], "changed": out["changed"]}
     if "raw_sums" in out:
@@ -151,7 +153,8 @@ def chunk_pass(X: np.ndarray, weights, state: _kernels.ChunkState, centers: np.n
 
 
 def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
-                pool: ThreadPoolExecutor | None = None) -> dict | None:
+                pool: ThreadPoolExecutor | None = None,
+                workspaces: _kernels.Workspaces | None = None) -> dict | None:
     """:func:`chunk_pass` over ``chunks`` (``[(index, X, weights)]``), added together.
 
     ``X`` and ``weights`` are arrays, or :class:`Source` s read here (streamed
@@ -159,9 +162,11 @@ def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
     or one made for a chunk of another size, is made fresh.  Memory beyond
     the states is a few partials, whatever the number of chunks: they are
     added as they come (exactly, so in any order), and the states share one
-    copy of the centres.
+    copy of the centres.  ``workspaces`` gives each thread the scratch
+    arrays it reuses from chunk to chunk and pass to pass.
     """
     centers = np.array(centers, dtype=np.float64)
+    workspaces = _kernels.Workspaces() if workspaces is None else workspaces
 
     def one(item):
         i, X, w = item
@@ -170,7 +175,7 @@ def pass_chunks(states: dict, chunks: list, centers: np.ndarray, spec: PassSpec,
         if st is None or st.labels.shape[0] != X.shape[0]:
             st = _kernels.ChunkState(X, w, scale=spec.scale, block_rows=spec.block_rows)
             states[i] = st
-        return chunk_pass(X, w, st, centers, spec, keep_centers=True)
+        return chunk_pass(X, w, st, centers, spec, keep_centers=True, work=workspaces.work)
 
     def total(parts):
         out = None
@@ -234,9 +239,11 @@ class ChunkStates(WorkerPlugin):
         self.threads = 1
         self._pool = None
         self._lock = None  # made on the worker: the plugin travels pickled
+        self.workspaces = None  # per-thread scratch arrays, made on the worker too
 
     def setup(self, worker=None):
         self._lock = threading.Lock()
+        self.workspaces = _kernels.Workspaces()
         if worker is not None:
             self.threads = max(1, int(worker.state.nthreads))
 
@@ -297,7 +304,7 @@ def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
         raise RuntimeError(f"pass of {len(indices)} chunks given {len(rows)} row and "
                            f"{len(weights)} weight chunks")
     part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers, spec,
-                       ext.pool())
+                       ext.pool(), ext.workspaces)
     part["worker"] = get_worker().address
     return part
 
@@ -408,11 +415,13 @@ class LocalEngine(Engine):
                 W = [Source(rows.weights.blocks[i]) for i in range(len(X))]
         self.chunks = [(i, x, w) for i, (x, w) in enumerate(zip(X, W))]
         self.states: dict = {}
+        self.workspaces = _kernels.Workspaces()
         threads = min(os.cpu_count() or 1, len(self.chunks))
         self.pool = ThreadPoolExecutor(threads, "kmeans-pass") if threads > 1 else None
 
     def _pass(self, centers):
-        return pass_chunks(self.states, self.chunks, centers, self.spec, self.pool)
+        return pass_chunks(self.states, self.chunks, centers, self.spec, self.pool,
+                           self.workspaces)
 
     def labels(self, centers: np.ndarray) -> da.Array:
         """Lazy int32 labels, chunked like the rows, for ``centers`` (the last pass's)."""

@@ -264,3 +264,59 @@ def test_group_centers_partitions_every_centre(rng):
     assert (np.diff(group_of[order]) >= 0).all()
     one = K.group_centers(c, 1)
     assert one[1].tolist() == [0] and (one[2] == 0).all()
+
+
+def test_workspace_reuses_and_grows_its_buffers():
+    work = K.Workspace()
+    a = work.take("x", (4, 3), np.float32)
+    assert a.shape == (4, 3) and a.dtype == np.float32
+    b = work.take("x", 6, np.float32)
+    assert np.shares_memory(a, b)  # smaller: the same buffer
+    c = work.take("x", (10, 3), np.float32)
+    assert c.shape == (10, 3) and not np.shares_memory(a, c)  # grown
+    assert not np.shares_memory(c, work.take("x", 5, np.float64))  # dtypes apart
+    assert not np.shares_memory(c, work.take("y", 5, np.float32))  # names apart
+
+
+def test_workspace_memo_follows_the_objects_by_identity():
+    work = K.Workspace()
+    made = []
+
+    def make():
+        made.append(1)
+        return len(made)
+
+    c = np.zeros((3, 2))
+    assert work.memo("m", (c,), 1, make) == 1
+    assert work.memo("m", (c,), 1, make) == 1  # same object and key: kept
+    assert work.memo("m", (c.copy(),), 1, make) == 2  # equal but another object
+    assert work.memo("m", (c,), 2, make) == 3  # another key
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_one_workspace_over_many_chunks_and_passes_changes_nothing(rng, dtype):
+    # A thread's workspace is shared by every chunk it passes: buffers and
+    # prepared centres carried from one chunk or pass to the next must not
+    # change a result, bit for bit.
+    scale = 1 / 255 if dtype == np.uint8 else 1.0
+    chunks = [rng.integers(0, 256, (m, 12)).astype(dtype) for m in (500, 130, 777)]
+    centers = chunks[0][:40].astype(np.float64) * scale  # 40 centres: 2 groups
+    shared = K.Workspace()
+    kept = [K.ChunkState(X, scale=scale) for X in chunks]
+    alone = [K.ChunkState(X, scale=scale) for X in chunks]
+    for _ in range(6):
+        c = np.array(centers)  # one object per pass, shared by its chunks
+        got = [K.bounded_lloyd_chunk(X, st, c, scale=scale, keep_centers=True, work=shared)
+               for X, st in zip(chunks, kept)]
+        want = [K.bounded_lloyd_chunk(X, st, centers, scale=scale)
+                for X, st in zip(chunks, alone)]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g["sums"], w["sums"])
+            np.testing.assert_array_equal(g["counts"], w["counts"])
+            assert g["pairs"] == w["pairs"] and g["changed"] == w["changed"]
+        for a, b in zip(kept, alone):
+            np.testing.assert_array_equal(a.labels, b.labels)
+            np.testing.assert_array_equal(a.upper, b.upper)
+            np.testing.assert_array_equal(a.lower, b.lower)
+        total = K.add(*want)
+        centers = lloyd_step(total, centers)
