@@ -249,26 +249,28 @@ def add_rows(X, rows, labels, out, sign):
 
 
 @numba.njit(nogil=True, cache=True)
-def rank_groups(X, rows, need, neg2, csq, starts, block, sub, cross,
+def rank_groups(X, rows, need, neg2, csq, starts, sub, cross,
                 best, second, pick, g_first, g_pick, g_second):
     """Rank the open rows against their open groups, one GEMM per block and group.
 
-    Rows are converted to the compute dtype a block at a time (``block``,
-    read from ``X`` once); for each group, the rows of the block that need
-    it are copied side by side (``sub``) and multiplied with the group's
-    centres by BLAS.  Each ranked value (``|c|^2`` added in the compute
-    dtype, as a full pass does) is folded into the row's best and second
-    value over all groups and, per group, into its two smallest values and
-    the first one's position.  Returns the number of distances ranked.
+    The open rows are taken a block at a time; for each group, the rows of
+    the block that need it are converted from ``X`` straight into ``sub``,
+    side by side, and multiplied with the group's centres by BLAS.  (Reading
+    a stored uint8 row again costs less than copying it out of a converted
+    block, and rows that need no group are never converted.)  Each ranked
+    value (``|c|^2`` added in the compute dtype, as a full pass does) is
+    folded into the row's best and second value over all groups and, per
+    group, into its two smallest values and the first one's position.
+    Returns the number of distances ranked.
     """
     n = rows.shape[0]
     t = starts.shape[0] - 1
-    step = block.shape[0]
+    step = sub.shape[0]
     which = np.empty(step, dtype=np.int64)
+    picked = np.empty(step, dtype=rows.dtype)
     pairs = 0
     for b0 in range(0, n, step):
         nb = min(step, n - b0)
-        gather(X, rows[b0:b0 + nb], block[:nb])
         for G in range(t):
             lo = starts[G]
             w = starts[G + 1] - lo
@@ -276,15 +278,12 @@ def rank_groups(X, rows, need, neg2, csq, starts, block, sub, cross,
             for r in range(nb):
                 if need[b0 + r, G]:
                     which[cnt] = r
+                    picked[cnt] = rows[b0 + r]
                     cnt += 1
             if cnt == 0:
                 continue
-            if cnt == nb:
-                xs = block[:nb]
-            else:
-                for c in range(cnt):
-                    sub[c] = block[which[c]]
-                xs = sub[:cnt]
+            xs = sub[:cnt]
+            gather(X, picked[:cnt], xs)
             out = cross[: cnt * w].reshape((cnt, w))
             np.dot(xs, neg2[lo:lo + w].T, out)
             pairs += cnt * w
@@ -445,6 +444,18 @@ def integer_stats(X, weights, col_sum, col_sumsq):
     return sqnorm, top
 
 
+@numba.njit(nogil=True, cache=True)
+def integer_sqnorms(X, out):
+    """``out[i] = |X[i]|^2`` of integer rows, summed exactly in int64 (float64 result)."""
+    d = X.shape[1]
+    for i in range(X.shape[0]):
+        row = 0
+        for q in range(d):
+            x = np.int64(X[i, q])
+            row += x * x
+        out[i] = np.float64(row)
+
+
 def warm_up(x_dtype, compute_dtype) -> None:
     """Compile (or load from the cache) every loop here for rows of ``x_dtype``.
 
@@ -464,7 +475,7 @@ def warm_up(x_dtype, compute_dtype) -> None:
     need = np.zeros((0, 1), dtype=np.bool_)
     firsts, picks = np.zeros((0, 1), dtype=f), np.zeros((0, 1), dtype=np.int32)
     open_groups(rows, none, ints, ints, rows, none, lower, none, need, none, none, rows)
-    rank_groups(X, rows, need, mat, vec, np.zeros(2, dtype=np.intp), mat, mat, vec,
+    rank_groups(X, rows, need, mat, vec, np.zeros(2, dtype=np.intp), mat, vec,
                 none, none, rows, firsts, picks, firsts)
     settle(rows, none, need, none, none, rows, firsts, picks, firsts, ints, ints, ints, rows,
            none, lower, none, none, np.zeros(0, dtype=np.int64))
@@ -478,3 +489,4 @@ def warm_up(x_dtype, compute_dtype) -> None:
     update_centers(np.zeros((1, 2)), f64, np.zeros((1, 2)), f64, 1.0)
     if X.dtype.kind == "u":
         integer_stats(X, none, np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64))
+        integer_sqnorms(X, none)

@@ -352,6 +352,11 @@ def _xmax(X: np.ndarray, scale: float) -> float:
 def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
     """Scaled ``|x|^2`` of every row, float64 (exact sums for integer rows)."""
     out = np.empty(X.shape[0], dtype=np.float64)
+    if _is_exact(X):
+        # The same exact sums as the float64 form below, without converting the rows.
+        _jit.integer_sqnorms(X, out)
+        out *= scale * scale
+        return out
     wide = np.empty((min(block_rows, X.shape[0]), X.shape[1]), dtype=np.float64)
     for start in range(0, X.shape[0], block_rows):
         stop = min(start + block_rows, X.shape[0])
@@ -632,10 +637,10 @@ BOUNDED_BLOCK_ROWS = 1024
 # GEMM: BLAS runs a product only a few columns wide slowly, and from about 16
 # centres on it wins again.
 TILED_MAX = 16
-# Rows converted at a time by the group-by-group ranking: the block (784 KiB of
-# float32 MNIST rows) stays in a core's L2 cache while every group's rows are
-# copied out of it, and the GEMMs it feeds are tall enough for BLAS to run
-# near its speed (at 64 rows, a 16-column GEMM runs at about half of it).
+# Open rows taken at a time by the group-by-group ranking: their stored rows
+# (196 KiB of uint8 MNIST) stay in a core's L2 cache while each group converts
+# the ones that need it, and the GEMMs they feed are tall enough for BLAS to
+# run near its speed (on 64 rows a 16-column GEMM runs at about half of it).
 GROUP_BLOCK_ROWS = 256
 # Above this share of (row, group) pairs left open by the bounds, the open rows
 # are ranked by one GEMM against all centres instead of group by group.
@@ -738,10 +743,9 @@ def _rank_open(X, st: ChunkState, near: _Nearest, err, move, sep, work: Workspac
     g_second = work.take("g-second", (n, t), near.dtype)
     g_pick = work.take("g-pick", (n, t), np.int32)
     step = max(1, min(GROUP_BLOCK_ROWS, n))
-    block = work.take("block", (step, d), near.dtype)
     sub = work.take("sub", (step, d), near.dtype)
     cross = work.take("cross", step * int(np.diff(bounds).max()), near.dtype)
-    pairs += _jit.rank_groups(X, rows, need, neg2, near.csq, bounds, block, sub, cross,
+    pairs += _jit.rank_groups(X, rows, need, neg2, near.csq, bounds, sub, cross,
                               best, second, pick, g_first, g_pick, g_second)
     flagged = work.take("flagged", n, np.int64)
     n_flagged = _jit.settle(rows, own, need, best, second, pick, g_first, g_pick, g_second,
