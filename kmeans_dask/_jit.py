@@ -141,24 +141,53 @@ def open_groups(rows, own, pos_of, group_of_pos, labels, upper, lower, err, need
     return total
 
 
+# Ranked values are never NaN (rows and centres are checked finite), so a
+# minimum may be reassociated and vectorised.
+@numba.njit(nogil=True, cache=True, fastmath={"nnan", "nsz"})
+def _row_min(a, i):
+    m = a[i, 0]
+    for j in range(1, a.shape[1]):
+        m = min(m, a[i, j])
+    return m
+
+
 @numba.njit(nogil=True, cache=True)
 def _two_smallest(a, i):
     """In row ``i`` of ``a``: the first position of the smallest value, it, and the second smallest.
 
     What ``np.argmin`` and a minimum over the other positions give; the
-    values are returned as float64.
+    values are returned as float64.  Branch-free minima, then the first
+    position holding the smallest.
     """
-    m1 = a[i, 0]
+    m1 = _row_min(a, i)
     p = 0
-    for j in range(1, a.shape[1]):
-        if a[i, j] < m1:
-            m1 = a[i, j]
-            p = j
+    last = a.shape[1] - 1
+    while p < last and a[i, p] != m1:
+        p += 1
     m2 = np.inf
     for j in range(a.shape[1]):
-        if j != p and a[i, j] < m2:
-            m2 = a[i, j]
-    return p, np.float64(m1), np.float64(m2)
+        v = np.float64(a[i, j]) if j != p else np.inf
+        m2 = min(m2, v)
+    return p, np.float64(m1), m2
+
+
+@numba.njit(nogil=True, cache=True)
+def group_minima(g, pos, bounds, out):
+    """``out[r, G]``: the smallest of ``g[r, bounds[G]:bounds[G + 1]]`` leaving out column ``pos[r]``.
+
+    The lower bound of each group a full ranking gives a row, its own centre
+    left out (``inf`` for a group holding only that centre).
+    """
+    t = bounds.shape[0] - 1
+    for r in range(g.shape[0]):
+        p = pos[r]
+        for G in range(t):
+            m = np.inf
+            for j in range(bounds[G], bounds[G + 1]):
+                v = np.float64(g[r, j])
+                if j != p and v < m:
+                    m = v
+            out[r, G] = m
 
 
 @numba.njit(nogil=True, cache=True)
@@ -480,6 +509,7 @@ def warm_up(x_dtype, compute_dtype) -> None:
     settle(rows, none, need, none, none, rows, firsts, picks, firsts, ints, ints, ints, rows,
            none, lower, none, none, np.zeros(0, dtype=np.int64))
     best_two(mat, ints, f64, f64)
+    group_minima(mat, ints, np.zeros(2, dtype=np.intp), np.zeros((1, 1)))
     gather(X, rows, mat[:0])
     rank_rows(X, rows, mat, vec, np.zeros((4, 2), dtype=f), mat[:0])
     if X.dtype.kind in "ui":

@@ -773,6 +773,7 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err, work: Workspace) -> 
     if rows.size == 0:
         return 0
     step = max(1, min(BOUNDED_BLOCK_ROWS, rows.size))
+    bounds = np.r_[st.starts, k]
     g = work.take("rank-all", (step, k), near.dtype)
     lab = work.take("rank-all-labels", step, np.intp)
     up2 = work.take("rank-all-upper", step, np.float64)
@@ -794,8 +795,8 @@ def _rank_all(X, rows, st: ChunkState, near: _Nearest, err, work: Workspace) -> 
             glow = np.where(pos == ranked_pos, second, best) + slack
             st.lower[idx, 0] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
         else:
-            np.put_along_axis(gb, pos[:, None], np.inf, axis=1)
-            glow = np.minimum.reduceat(gb, st.starts, axis=1).astype(np.float64)
+            glow = work.take("rank-all-lower", (n, st.starts.size), np.float64)
+            _jit.group_minima(gb, pos, bounds, glow)
             glow += slack[:, None]
             st.lower[idx] = _down32(np.sqrt(np.maximum(glow, 0.0, out=glow), out=glow))
     return rows.size * k
