@@ -111,7 +111,10 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
     done = {}
 
     def fit():
-        with dask.config.set({"kmeans_dask.task-bytes": 1}):
+        # A new thread does not inherit the test's current client; pinned, the
+        # fit cannot land on a client another test module left behind in this
+        # process, whose page the browser is not watching.
+        with client.as_current(), dask.config.set({"kmeans_dask.task-bytes": 1}):
             done["km"] = KMeans(64, init="random", n_init=1, random_state=0, max_iter=60,
                                 tol=0).fit(X)
 
