@@ -127,6 +127,10 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 900, "height": 1100})
+            problems = []
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                    if m.type in ("error", "warning") else None)
             page.goto(link.replace("/kmeans", "/status"))
             page.wait_for_selector(".bk-Canvas, canvas", timeout=30_000)
             page.goto(link)
@@ -135,7 +139,18 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
                     " const s = d && d.get_model_by_name('iterations');"
                     " return s ? s.data.iteration.length : 0; }")
             # Generous: two whole test suites may share the two cores (xdist).
-            page.wait_for_function(f"({read})() >= 2", timeout=180_000)
+            try:
+                page.wait_for_function(f"({read})() >= 2", timeout=180_000)
+            except Exception as exc:
+                # Say whether the scheduler had the iterations and the page did
+                # not, or the fit never reached this cluster.
+                _, served = _get(link + "/data/iterations.json")
+                rows = len(json.loads(served).get("iteration", []))
+                fit_state = "finished" if "km" in done else "not finished"
+                raise AssertionError(
+                    f"the page showed fewer than 2 iterations in 180 s ({exc}); the "
+                    f"scheduler served {rows} iterations; the fit was {fit_state}; "
+                    f"page messages: {problems[-10:]}") from exc
             seen = page.evaluate(read)
             shot = tmp_path / "kmeans-page.png"
             page.screenshot(path=str(shot), full_page=True)
