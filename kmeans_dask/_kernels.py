@@ -200,8 +200,8 @@ class _Nearest:
     a few rows, and after a lost chunk is recomputed on another worker.
     """
 
-    def __init__(self, centers: np.ndarray, dtype, scale: float, block_rows: int, xmax: float,
-                 order=None, work: Workspace | None = None):
+    def __init__(self, centers: np.ndarray, dtype, scale: float, xmax: float, order=None,
+                 work: Workspace | None = None):
         # ``order`` lists the centres in the order the ranked columns use (the
         # bounded kernel keeps centre groups contiguous); labels are always
         # returned as indices into ``centers``.  Scratch arrays come from ``work``.
@@ -221,7 +221,6 @@ class _Nearest:
         else:
             l1 = self.cmax2 = 0.0
         self.err = self.kappa * (2.0 * float(xmax) * l1 + self.cmax2) + 1e-300
-        self.block_rows = max(1, block_rows)
         self.tiled = k <= TILED_MAX
 
     @property
@@ -370,7 +369,7 @@ def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
 def _assign(X, centers, scale, block_rows, labels, min_dist=None):
     """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
     step = max(1, int(block_rows))
-    near = _Nearest(centers, compute_dtype(X.dtype), scale, step, _xmax(X, scale))
+    near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale))
     for start in range(0, X.shape[0], step):
         stop = min(start + step, X.shape[0])
         near.block(X, start, stop, labels[start:stop])
@@ -840,10 +839,10 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
 
     def nearest():
-        return _Nearest(c, dtype, scale, block_rows, st.xmax, order=st.order, work=work)
+        return _Nearest(c, dtype, scale, st.xmax, order=st.order, work=work)
 
     if keep_centers:
-        near = work.memo("nearest", (c, st.order), (dtype, scale, block_rows, st.xmax), nearest)
+        near = work.memo("nearest", (c, st.order), (dtype, scale, st.xmax), nearest)
     else:
         near = nearest()
     err = near.row_error(st.xsq, out=work.take("row-error", m, np.float64))

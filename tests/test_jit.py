@@ -111,7 +111,7 @@ def test_tiled_ranking_stays_within_the_rule_bound(dtype, k):
     X = rng.integers(0, 256, (1027, 784)).astype(dtype)  # not a whole number of tiles
     scale = 1 / 255 if dtype == np.uint8 else 1.0
     centers = X[rng.choice(len(X), k, replace=False)].astype(np.float64) * scale
-    near = K._Nearest(centers, K.compute_dtype(dtype), scale, 256, K._xmax(X, scale))
+    near = K._Nearest(centers, K.compute_dtype(dtype), scale, K._xmax(X, scale))
     rows = np.sort(rng.choice(len(X), 1001, replace=False))
     got = np.full((rows.size, k), np.nan, dtype=near.dtype)
     _jit.rank_rows(X, rows, near.neg2, near.csq, np.empty((4, 784), dtype=near.dtype), got)
