@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from . import cluster
+from . import cluster, dashboard
 from .errors import KMeansDaskError
 
 EXIT_USAGE = 2
@@ -175,6 +175,9 @@ def open_client(args):
     """A connected Client for the job's cluster options; says where it is on stderr."""
     config = cluster.load_config(args.cluster, args.scheduler)
     with cluster.connect(config) as client:
+        # The page is added now, not at the first fit's start, so that the link
+        # printed here works as soon as the user opens it.
+        dashboard.register(client)
         print(cluster.describe(client), file=sys.stderr)
         yield client
 

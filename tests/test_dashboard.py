@@ -109,6 +109,11 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
     client = dashboard_cluster
     X = store.open_data(fashion_test_small_chunks, "test").images
     done = {}
+    # As a job does on connecting: the page exists before the fit starts, so
+    # the browser cannot reach it first and be answered 404.
+    assert dashboard.register(client)
+    link = dashboard.page_link(client)
+    assert _get(link)[0] == 200
 
     def fit():
         # A new thread does not inherit the test's current client; pinned, the
@@ -120,7 +125,6 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
 
     thread = threading.Thread(target=fit)
     thread.start()
-    link = dashboard.page_link(client)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=[
@@ -131,6 +135,8 @@ def test_page_in_a_real_browser_shows_a_running_fit(dashboard_cluster, fashion_t
             page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
                     if m.type in ("error", "warning") else None)
+            page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}")
+                    if r.status >= 400 else None)
             page.goto(link.replace("/kmeans", "/status"))
             page.wait_for_selector(".bk-Canvas, canvas", timeout=30_000)
             page.goto(link)
