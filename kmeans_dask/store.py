@@ -42,7 +42,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,6 +446,67 @@ def exists_error(path, what: str) -> StoreError:
     return StoreError(f"{path} already exists {what}; pass --overwrite to replace it")
 
 
+# Temporaries beside an output are named for the host and process that made
+# them: a killed job runs no clean-up of its own, so the next writer of the same
+# output removes those whose process is gone (see sweep_leftovers).
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_TEMP_KINDS = ("tmp", "old", "raw", "staging", "part")
+
+
+def temp_prefix(final, what: str) -> str:
+    """The name prefix of a temporary beside ``final`` (``what``: one of _TEMP_KINDS)."""
+    return f".{final.name}.{what}-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def sweep_leftovers(final) -> list[str]:
+    """Remove the temporaries beside ``final`` left by writers on this host that are
+    no longer running (a killed ingest's staged payloads, a killed fit's partial
+    store); returns their names.
+
+    An interrupted replace can have moved the previous output aside before the
+    new one took its place: when ``final`` is missing, that previous output is
+    moved back rather than removed.  Temporaries from other hosts are left
+    alone, since whether their writers still run cannot be told from here.
+    """
+    final = absolute(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.({'|'.join(_TEMP_KINDS)})-"
+                         rf"{re.escape(_HOST)}-(\d+)-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)?")
+    try:
+        if isinstance(final, URL):
+            names = _children(final.parent)
+        else:
+            names = os.listdir(final.parent) if final.parent.is_dir() else []
+    except (OSError, StoreError):
+        return []
+    found = []
+    for name in sorted(names):
+        m = pattern.fullmatch(name)
+        if m is None or _alive(int(m.group(2))):
+            continue
+        loc = final.parent / name
+        if m.group(1) == "old" and isinstance(final, Path) and not final.exists():
+            if (loc / "x").exists():
+                os.replace(loc / "x", final)
+                log.warning("restored %s: an interrupted replace had moved it to %s",
+                            final, loc)
+        with contextlib.suppress(OSError, StoreError):
+            remove(loc)
+            found.append(name)
+    if found:
+        log.info("removed what interrupted writes of %s left: %s", final, ", ".join(found))
+    return found
+
+
 def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path:
     """Check that ``path`` may be written as an output of ``kind``; returns it absolute.
 
@@ -458,6 +521,7 @@ def check_output(path, kind: str, *, overwrite: bool = False, inputs=()) -> Path
     StoreError
     """
     final = absolute(path)
+    sweep_leftovers(final)
     for inp in inputs:
         if inp is None:
             continue
@@ -497,7 +561,7 @@ def atomic_path(final, kind: str, *, overwrite: bool = False, inputs=()):
     """
     final = check_output(final, kind, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "tmp"), dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's private mode would survive the rename
     try:
         yield tmp
@@ -509,7 +573,7 @@ def atomic_path(final, kind: str, *, overwrite: bool = False, inputs=()):
 
 def _replace(tmp: Path, final: Path) -> None:
     if final.exists() or final.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(final, "old"), dir=final.parent))
         os.replace(final, old / "x")
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -656,7 +720,8 @@ def atomic_file(path, suffix: str = ""):
             tmp.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    sweep_leftovers(path)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(path, "part"), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -1248,8 +1313,8 @@ def ingest(
     # The decompressed payloads are where the workers read them: beside a local store,
     # or, for a store at a URL, uploaded next to it (workers share no directory then).
     staging = None if local else final.with_name(
-        f".{final.name}.staging-{os.urandom(8).hex()}")
-    with tempfile.TemporaryDirectory(prefix=f".{final.name}.raw-",
+        f"{temp_prefix(final, 'staging')}{os.urandom(8).hex()}")
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(final, "raw"),
                                      dir=final.parent if local else None) as raw_dir, \
             _removed_after(staging):
         for split, src in sources.items():

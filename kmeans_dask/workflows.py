@@ -284,19 +284,14 @@ def _single_init(model: KMeans) -> bool:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporaries of an earlier run of the same output that was killed before its cleanup."""
-    import shutil
-
     if isinstance(out, store.URL):
         # Object stores have no temporary siblings: a killed write leaves only
         # generations under the output's prefix, with no root zarr.json.
         if store.output_kind(out) == store.INCOMPLETE:
             store.remove(out)
         return
-    report = report_path(out)
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*", f".{report.name}.*.html",
-                    f".{store.checkpoint_path(out).name}.*"):
-        for stale in out.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for path in (out, report_path(out), store.checkpoint_path(out)):
+        store.sweep_leftovers(path)
 
 
 # --------------------------------------------------------------------------- predict

@@ -8,7 +8,11 @@ had was changed or left behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -203,6 +207,70 @@ def test_overwrite_replaces_the_same_kind_only_when_the_new_one_is_complete(tmp_
         (tmp / "metrics.json").write_text("new")
     assert (final / "metrics.json").read_text() == "new"
     assert leftovers(tmp_path) == ["eval"]
+
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from kmeans_dask import store
+final = Path(sys.argv[1])
+with store.atomic_path(final, store.EVALUATION_FORMAT, overwrite=True) as tmp:
+    (tmp / "metrics.json").write_text("half")
+    with store.atomic_file(final.parent / "notes.json") as part:
+        part.write_text("half")
+        print("ready", flush=True)
+        time.sleep(60)
+"""
+
+
+def _killed_writer(final):
+    """A real process that dies by SIGKILL while it holds a temporary directory and a
+    temporary file beside its outputs (no clean-up of its own runs); returns its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(final)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.strip() == "ready", line + proc.stdout.read().decode()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return proc.pid
+
+
+def test_a_killed_writers_temporaries_go_with_the_next_write_of_that_output(tmp_path):
+    final = tmp_path / "eval"
+    with store.output_dir(final, store.EVALUATION_FORMAT) as tmp:
+        (tmp / "metrics.json").write_text("old")
+    pid = _killed_writer(final)
+    left = [n for n in leftovers(tmp_path) if n not in ("eval",)]
+    assert len(left) == 2 and all(f"-{pid}-" in n for n in left), left
+    # A live writer's temporaries (this process's) are never touched.
+    mine = tmp_path / (store.temp_prefix(final, "tmp") + "live")
+    mine.mkdir()
+    with store.output_dir(final, store.EVALUATION_FORMAT, overwrite=True) as tmp:
+        (tmp / "metrics.json").write_text("new")
+    assert (final / "metrics.json").read_text() == "new"
+    with store.atomic_file(tmp_path / "notes.json") as part:
+        part.write_text("whole")
+    assert leftovers(tmp_path) == sorted(["eval", "notes.json", mine.name])
+
+
+def test_a_replace_interrupted_between_its_renames_gets_the_old_output_back(tmp_path):
+    final = tmp_path / "eval"
+    with store.output_dir(final, store.EVALUATION_FORMAT) as tmp:
+        (tmp / "metrics.json").write_text("old")
+    pid = _killed_writer(tmp_path / "other")  # a pid that is no longer running
+    # What _replace leaves when killed after moving the old output aside.
+    aside = tmp_path / f".eval.old-{store._HOST}-{pid}-abc123"
+    aside.mkdir()
+    final.rename(aside / "x")
+    assert store.output_kind(final) is None
+    # The next writer of that output finds it moved back before it decides anything.
+    with pytest.raises(StoreError, match="already exists"):
+        store.check_output(final, store.EVALUATION_FORMAT)
+    assert store.output_kind(final) == store.EVALUATION_FORMAT
+    assert (final / "metrics.json").read_text() == "old"
+    assert not aside.exists()
 
 
 # --------------------------------------------------------------------------- result stores

@@ -231,6 +231,40 @@ def test_writer_killed_between_chunks_never_reads_as_a_store(s3_env, bucket):
     assert len({o.split("/")[2] for o in _objects(good)}) == 2
 
 
+_KILLED_INGEST = textwrap.dedent("""
+    import sys, time
+    from kmeans_dask import datasets, store
+    url, source = sys.argv[1], sys.argv[2]
+
+    def write_data(*args, **kwargs):
+        print("staged", flush=True)
+        time.sleep(60)  # killed here: the payload is uploaded, no chunk written yet
+
+    store.write_data = write_data
+    src = {"test": datasets.resolve_split("fashion-mnist", "test", source, download=False)}
+    store.ingest("fashion-mnist", url, src, chunk_rows=5000)
+""")
+
+
+def test_an_ingest_killed_after_staging_leaves_what_the_next_ingest_removes(
+        s3_env, bucket, test_sources):
+    url = f"{bucket}/data"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_INGEST, url, str(test_sources)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.strip() == "staged", line + proc.stdout.read().decode()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    staged = [o for o in _objects(url) if ".staging-" in o]
+    assert staged and all(f"-{proc.pid}-" in o for o in staged), _objects(url)
+    src = {"test": datasets.resolve_split("fashion-mnist", "test", test_sources, download=False)}
+    rep = store.ingest("fashion-mnist", url, src, chunk_rows=5000)
+    assert store.output_kind(rep.path) == store.DATA_FORMAT
+    assert not [o for o in _objects(url) if ".staging-" in o], _objects(url)
+
+
 def test_output_dir_at_s3_lists_its_files_in_the_manifest_written_last(s3_env, bucket):
     url = f"{bucket}/eval"
     with store.output_dir(url, store.EVALUATION_FORMAT) as tmp:
