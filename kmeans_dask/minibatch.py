@@ -281,6 +281,9 @@ class MiniBatchKMeans(BaseKMeans):
         history = []
         step, pos, drawn = 0, 0, first
         ones = np.ones(b)
+        # One batch's buffers, reused by every step.
+        work = _kernels.Workspace()
+        batch = np.empty((b, d), dtype=X.dtype)
 
         def prefetch():
             more = min(per_round, n_steps - drawn)
@@ -295,11 +298,12 @@ class MiniBatchKMeans(BaseKMeans):
                 pos = 0
                 pending = prefetch()
             t0 = time.perf_counter()
-            xb = batches.rows(pos * b, (pos + 1) * b)
+            xb = batches.rows(pos * b, (pos + 1) * b, out=batch)
             pos += 1
             reassign = self._random_reassign()
             inertia, shift, relocated = _step(xb, ones, centers, self._counts, scale, dtype,
-                                              reassign_rng, reassign, self.reassignment_ratio)
+                                              reassign_rng, reassign, self.reassignment_ratio,
+                                              work)
             record = {"iteration": step + 1, "inertia": inertia / b, "center_shift": shift,
                       "seconds": time.perf_counter() - t0, "relocated": relocated}
             history.append(record)
@@ -479,8 +483,12 @@ class _Round:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        return self.data[self.positions[lo:hi]]
+    def rows(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows drawn ``lo`` to ``hi``, as stored (into ``out`` if given)."""
+        if out is None:
+            return self.data[self.positions[lo:hi]]
+        # mode="clip": with "raise", NumPy buffers the output instead of writing to it.
+        return np.take(self.data, self.positions[lo:hi], axis=0, out=out[:hi - lo], mode="clip")
 
     def window(self, lo: int, size: int) -> _Round:
         return _Round(self.data, self.positions[lo:lo + size])
@@ -717,31 +725,42 @@ def _assign(x: np.ndarray, centers: np.ndarray, scale: float, dtype):
     return labels, dist
 
 
-def _fold(xb, weights, centers, scale, dtype):
+def _fold(xb, weights, centers, scale, dtype, work: _kernels.Workspace | None = None):
     """Labels, squared distances, raw weighted per-centre sums and weights of the
     rows ``xb`` (as stored) against ``centers`` (float64, scaled units).
 
     The scale is folded into the centres (``|s x - c|^2 = s^2 |x|^2 - 2 x.(s c)
     + |c|^2``): one GEMM in the compute dtype, then one compiled pass over the
-    rows (:func:`_jit.fold_batch`).
+    rows (:func:`_jit.fold_batch`).  With ``work`` the arrays, returned ones
+    included, are that workspace's and are overwritten by the next call (a
+    fit's steps make thousands of them, all of one size).
     """
     dtype = np.dtype(dtype)
     centers = np.asarray(centers, dtype=np.float64)
     k, d = centers.shape
     m = xb.shape[0]
-    x = xb if xb.dtype == dtype else xb.astype(dtype)
-    g = x @ (centers * scale).astype(dtype).T
+
+    def array(name, shape, kind):
+        return np.empty(shape, dtype=kind) if work is None else work.take(name, shape, kind)
+
+    if xb.dtype == dtype:
+        x = xb
+    else:
+        x = array("fold-x", (m, d), dtype)
+        x[...] = xb
+    g = np.dot(x, (centers * scale).astype(dtype).T, out=array("fold-g", (m, k), dtype))
     csq = np.einsum("ij,ij->i", centers, centers).astype(dtype)
-    labels = np.empty(m, dtype=np.intp)
-    dist = np.empty(m)
-    sums = np.zeros((k, d))
+    labels = array("fold-labels", m, np.intp)
+    dist = array("fold-dist", m, np.float64)
+    sums = array("fold-sums", (k, d), np.float64)
+    sums.fill(0.0)
     wsum = np.zeros(k)
     _jit.fold_batch(xb, g, csq, np.asarray(weights, dtype=np.float64), float(scale), labels,
                     dist, sums, wsum)
     return labels, dist, sums, wsum
 
 
-def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
+def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio, work=None):
     """One of scikit-learn's ``_mini_batch_step`` on the raw rows ``xb``; updates
     ``centers`` (float64, scaled units) and ``counts`` in place.
 
@@ -750,7 +769,7 @@ def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio):
     reassigned.
     """
     m = len(xb)
-    _, dist, sums, wsum = _fold(xb, weights, centers, scale, dtype)
+    _, dist, sums, wsum = _fold(xb, weights, centers, scale, dtype, work)
     inertia = float(dist @ weights)
     shift = _jit.update_centers(centers, counts, sums, wsum, float(scale))
     relocated = 0
