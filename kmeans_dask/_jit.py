@@ -389,6 +389,26 @@ def exact_sqdist(X, labels, centers, scale, out):
         out[i] = acc
 
 
+@numba.njit(nogil=True, cache=True)
+def pair_sqdist(xs, rows, centers, cand, scale, out):
+    """``out[p] = |scale xs[rows[p]] - centers[cand[p]]|^2`` in float64, summed left
+    to right, for the (row, centre) pairs a near tie leaves to compare exactly.
+
+    No temporary per pair (the NumPy form gathered both sides of every pair,
+    then subtracted, squared and summed them), and no reassociation, as in
+    :func:`exact_sqdist`.
+    """
+    d = xs.shape[1]
+    for p in range(rows.shape[0]):
+        x = xs[rows[p]]
+        c = centers[cand[p]]
+        acc = 0.0
+        for q in range(d):
+            v = x[q] * scale - c[q]
+            acc += v * v
+        out[p] = acc
+
+
 @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def fold_batch(X, g, csq, weights, scale, labels, dist, sums, wsum):
     """The per-row half of a mini-batch step, one pass over the batch's rows.
@@ -515,6 +535,7 @@ def warm_up(x_dtype, compute_dtype) -> None:
     if X.dtype.kind in "ui":
         add_rows(X, rows, rows, np.zeros((1, 2), dtype=np.int64), 1)
     exact_sqdist(X, rows, np.zeros((1, 2)), 1.0, none)
+    pair_sqdist(X, rows, np.zeros((1, 2)), rows, 1.0, none)
     fold_batch(X, mat[:0], vec, none, 1.0, rows, none, np.zeros((1, 2)), f64)
     update_centers(np.zeros((1, 2)), f64, np.zeros((1, 2)), f64, 1.0)
     if X.dtype.kind == "u":

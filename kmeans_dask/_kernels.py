@@ -316,17 +316,9 @@ class _Nearest:
         # Widened by a float32 ulp or so: the limit itself is rounded.
         limit = (best[amb] + 2.0 * err * 1.001 + np.abs(best[amb]) * 1e-6).astype(g.dtype)
         rows, cand = np.nonzero(g[amb] <= limit[:, None])
-        d = self.c.shape[1]
-        # Workspace buffers: temporaries this size would be mapped and
-        # unmapped on every call inside a worker (see Workspace).
-        xs = self.work.take("refine-rows", (amb.size, d), np.float64)
-        xs[...] = raw[amb]
-        xs *= self.scale
-        diff = np.take(xs, rows, axis=0, out=self.work.take("refine-diff", (rows.size, d),
-                                                            np.float64), mode="clip")
-        diff -= np.take(self.c, cand, axis=0, out=self.work.take("refine-centres", (rows.size, d),
-                                                                 np.float64), mode="clip")
-        exact = np.einsum("ij,ij->i", diff, diff)
+        xs = np.ascontiguousarray(raw[amb])  # as stored: the few rows in a near tie
+        exact = self.work.take("refine-exact", rows.size, np.float64)
+        _jit.pair_sqdist(xs, rows, self.c, cand, float(self.scale), exact)
         # Lowest exact distance per row; ties go to the lower centre index.
         index = cand if self.order is None else self.order[cand]
         order = np.lexsort((index, exact, rows))
@@ -366,10 +358,10 @@ def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
     return out
 
 
-def _assign(X, centers, scale, block_rows, labels, min_dist=None):
+def _assign(X, centers, scale, block_rows, labels, min_dist=None, work=None):
     """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
     step = max(1, int(block_rows))
-    near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale))
+    near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
     for start in range(0, X.shape[0], step):
         stop = min(start + step, X.shape[0])
         near.block(X, start, stop, labels[start:stop])
@@ -906,15 +898,16 @@ def predict_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
 
 
 def nearest_chunk(X: np.ndarray, centers: np.ndarray, near: np.ndarray | None = None, *,
-                  offset: int = 0, scale: float = 1.0,
-                  block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
+                  offset: int = 0, scale: float = 1.0, block_rows: int = DEFAULT_BLOCK_ROWS,
+                  work: Workspace | None = None) -> np.ndarray:
     """Squared distance to, and index of, the nearest centre of every row.
 
     Returns an (m, 2) float64 array: column 0 the squared distance, column 1
     the centre's index plus ``offset``.  Given ``near``, an earlier result for
     the same rows, each row keeps the closer of the two (the earlier one on a
     tie), so k-means|| can add candidates round by round and know every row's
-    nearest candidate at the end without ranking them all again.
+    nearest candidate at the end without ranking them all again.  ``work``:
+    the calling thread's :class:`Workspace`.
     """
     _check_chunk(X, None)
     m = X.shape[0]
@@ -922,7 +915,7 @@ def nearest_chunk(X: np.ndarray, centers: np.ndarray, near: np.ndarray | None = 
     out = np.empty((m, 2), dtype=np.float64)
     if m:
         dist = np.empty(m, dtype=np.float64)
-        _assign(X, centers, scale, block_rows, labels, dist)
+        _assign(X, centers, scale, block_rows, labels, dist, work=work)
         out[:, 0] = dist
         out[:, 1] = labels + offset
     if near is not None:

@@ -175,33 +175,6 @@ class ChunkedRows:
         merge = functools.partial(_kernels.merge_farthest, n=n)
         return reduce_on_client(parts, merge, self.split_every, name)
 
-    def nearest(self, centers: np.ndarray, near: da.Array | None = None,
-                offset: int = 0) -> da.Array:
-        """Lazy (n, 2) float64: squared distance to, and index of, each row's nearest centre.
-
-        With ``near`` (an earlier result), each row keeps the closer of the
-        two, ``centers`` being numbered from ``offset``
-        (:func:`_kernels.nearest_chunk`).
-        """
-        c = self._broadcast(centers, f"kmeans-near-{uuid.uuid4().hex}")
-        kw = dict(offset=offset, dtype=np.float64, chunks=(self.row_chunks, (2,)), **self._kw())
-        if near is None:
-            return self.X.map_blocks(_kernels.nearest_chunk, c, **kw)
-        return da.map_blocks(_kernels.nearest_chunk, self.X, c, near, **kw)
-
-    def sample(self, min_dist: da.Array, factor: float, total: float, seed) -> np.ndarray:
-        """k-means|| oversampling over every chunk; returns the sampled rows (scaled)."""
-        name = f"kmeans-sample-{uuid.uuid4().hex}"
-        dblocks = list(min_dist.to_delayed().ravel())
-        parts = [
-            task(_kernels.sample_chunk)(
-                b, dm, w, factor=factor, total=total, seed=(*seed, i), scale=self.scale,
-                dask_key_name=(name, i))
-            for i, (b, dm, w) in enumerate(zip(self._blocks, dblocks, self._wblocks))
-        ]
-        rows = dask.compute(*parts)
-        return np.concatenate(rows) if rows else np.empty((0, self.d))
-
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows at global ``indices`` (scaled, float64), in the order given."""
         indices = np.asarray(indices, dtype=np.int64)

@@ -7,8 +7,8 @@ persisted data; k-means|| draws its candidates chunk by chunk, so a
 different value can give a different initialisation, and float or weighted
 rows are summed on a grid per chunk, which the chunking can move in the last
 bits.  ``split-every`` orders the additions of float partials in the
-one-time reductions (k-means|| and the farthest rows), which can move their
-last bits.  Unweighted uint8 rows are summed as exact integers, so for them
+one-time reductions (the statistics and the farthest rows), which can move
+their last bits; k-means||'s costs are summed on a grid, in any order.  Unweighted uint8 rows are summed as exact integers, so for them
 neither the blocks nor the chunks change an iteration from given initial
 centres.  For a given setting, fits are bit-for-bit reproducible on any
 number of workers.  Set them as any Dask
@@ -38,7 +38,7 @@ block-rows : int, default 256
     in cache while their distances, argmin and sums are computed).
 split-every : int, default 8
     Fan-in of the trees that combine one-time per-chunk results (statistics,
-    k-means|| candidates, the farthest rows).
+    the farthest rows).
 minibatch-round-bytes : int, default 268435456 (256 MiB)
     Sampled rows :class:`~kmeans_dask.MiniBatchKMeans` brings to the client
     per round trip from persisted rows (their batches' steps run there; a

@@ -199,6 +199,63 @@ def chunk_labels(X, state, centers: np.ndarray, spec: PassSpec) -> np.ndarray:
     return _kernels.predict_chunk(load(X), centers, scale=spec.scale, block_rows=spec.block_rows)
 
 
+def seed_chunks(states: dict, chunks: list, candidates: np.ndarray, known: int, what: str,
+                args: dict, spec: PassSpec, pool: ThreadPoolExecutor | None = None,
+                workspaces: _kernels.Workspaces | None = None) -> dict:
+    """One k-means|| step over ``chunks`` (``[(index, X, weights)]``), added together.
+
+    Every chunk keeps, in ``states``, each row's squared distance to and index
+    of its nearest candidate among the first ``known`` of ``candidates``
+    (:func:`kmeans_dask._kernels.nearest_chunk`), and brings it up to date
+    with the candidates added since, before it does ``what``:
+
+    * ``"cost"``: the weighted sum of those distances, rounded to
+      ``args["grid"]`` (:func:`grid_for`), so that it adds exactly;
+    * ``"sample"``: the rows kept by k-means||'s oversampling
+      (:func:`kmeans_dask._kernels.sample_chunk`, ``args`` its ``factor``,
+      ``total`` and ``seed``), as ``[(chunk index, rows)]``;
+    * ``"weights"``: the weight of the rows nearest to each candidate.
+
+    A missing state, or one of another seeding (``args["token"]``), is made
+    from all ``known`` candidates at once: the nearest-centre rule gives the
+    same distances and, on ties, the same (earlier) candidate, so a chunk
+    moved to another worker gives the same result.
+    """
+    token = args["token"]
+    workspaces = _kernels.Workspaces() if workspaces is None else workspaces
+
+    def one(item):
+        i, X, w = item
+        X, w = load(X), load(w)
+        st = states.get(("seed", i))
+        if st is None or st["token"] != token or st["near"].shape[0] != X.shape[0]:
+            st = {"token": token, "known": 0, "near": None}
+        if st["known"] < known:
+            near = _kernels.nearest_chunk(X, candidates[st["known"]:known], st["near"],
+                                          offset=st["known"], scale=spec.scale,
+                                          block_rows=spec.block_rows, work=workspaces.work)
+            st = {"token": token, "known": known, "near": near}
+            states[("seed", i)] = st
+        dist = st["near"][:, 0]
+        w = None if w is None else np.asarray(w, dtype=np.float64)
+        if what == "cost":
+            return {"cost": on_grid(float(dist.sum() if w is None else dist @ w), args["grid"])}
+        if what == "sample":
+            return {"rows": [(i, _kernels.sample_chunk(X, dist, w, factor=args["factor"],
+                                                       total=args["total"],
+                                                       seed=(*args["seed"], i),
+                                                       scale=spec.scale))]}
+        if what == "weights":
+            counts = np.bincount(st["near"][:, 1].astype(np.intp), weights=w, minlength=known)
+            return {"weights": on_grid(counts.astype(np.float64), spec.count_grid)}
+        raise ValueError(f"unknown seeding step {what!r}")
+
+    if pool is None or len(chunks) < 2:
+        return add_parts([one(item) for item in chunks])
+    with _kernels.one_blas_thread():
+        return add_parts(list(pool.map(one, chunks)))
+
+
 class Source:
     """One chunk of a lazy Dask array, computed where it is needed.
 
@@ -309,6 +366,19 @@ def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
     return part
 
 
+def worker_seed(spec: PassSpec, candidates: np.ndarray, known: int, what: str, args: dict,
+                indices: list, rows: list, weights: list | None) -> dict:
+    """A task: one k-means|| step (:func:`seed_chunks`) over one worker's chunks."""
+    from distributed import get_worker
+
+    ext = extension()
+    weights = weights if weights is not None else [None] * len(indices)
+    part = seed_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), candidates,
+                       known, what, args, spec, ext.pool(), ext.workspaces) or {}
+    part["worker"] = get_worker().address
+    return part
+
+
 def worker_labels(spec: PassSpec, centers: np.ndarray, index: int, X) -> np.ndarray:
     """A task: one chunk's labels (from its state on this worker when it has it)."""
     state = extension().states(spec.run).get(index)
@@ -351,6 +421,10 @@ class Engine:
                              count_grid=grid_for(float(stats["w"])), keep_sums=persisted)
         self.iteration = 0
         self.passes = 0
+        self.seeds = 0
+        # k-means||'s costs: no row is farther than 2 sqrt(d) absmax from a candidate.
+        d = rows.X.shape[1]
+        self.cost_grid = grid_for(4.0 * d * float(stats["absmax"]) ** 2 * float(stats["w"]))
 
     @staticmethod
     def create(rows, stats: dict, *, persisted: bool, source=None) -> Engine:
@@ -387,6 +461,23 @@ class Engine:
         self.iteration = self.iteration + 1 if iteration is None else iteration
         return self._finish(self._pass(centers), centers)
 
+    def seed(self, candidates: np.ndarray, what: str, **args) -> dict:
+        """One k-means|| step over all chunks (:func:`seed_chunks`), the rows' nearest
+        candidates kept where the chunks are; ``args["token"]`` names the seeding."""
+        candidates = np.ascontiguousarray(candidates, dtype=np.float64)
+        if what == "cost":
+            args["grid"] = self.cost_grid
+        self.seeds += 1
+        part = self._seed(candidates, len(candidates), what, args) or {}
+        part.pop("worker", None)
+        if what == "sample":
+            got = sorted(part.get("rows", []), key=lambda item: item[0])
+            d = candidates.shape[1]
+            return np.concatenate([r for _, r in got]) if got else np.empty((0, d))
+        if what == "weights":
+            return part.get("weights", np.zeros(len(candidates)))
+        return float(part.get("cost", 0.0))
+
     def publish(self, record: dict, centers: np.ndarray, max_iter: int) -> None:
         """Show an iteration's record on the cluster's K-Means page (nothing without one)."""
 
@@ -422,6 +513,10 @@ class LocalEngine(Engine):
     def _pass(self, centers):
         return pass_chunks(self.states, self.chunks, centers, self.spec, self.pool,
                            self.workspaces)
+
+    def _seed(self, candidates, known, what, args):
+        return seed_chunks(self.states, self.chunks, candidates, known, what, args, self.spec,
+                           self.pool, self.workspaces)
 
     def labels(self, centers: np.ndarray) -> da.Array:
         """Lazy int32 labels, chunked like the rows, for ``centers`` (the last pass's)."""
@@ -515,8 +610,18 @@ class ClusterEngine(Engine):
     def _pass(self, centers):
         # Readable on the dashboard as kmeans-lloyd; unique per pass and per fit.
         name = f"kmeans-lloyd-{self.iteration}-{self.tag}-{self.passes}"
+        return self._run(name, self.task, (centers,), publish=True)
+
+    def _seed(self, candidates, known, what, args):
+        name = f"kmeans-init-{what}-{self.tag}-{self.seeds}"
+        return self._run(name, worker_seed, (candidates, known, what, args))
+
+    def _run(self, name: str, fn, head: tuple, publish: bool = False):
+        """``fn(spec, *head, chunk indices, rows, weights)`` on every worker, over the
+        chunks it holds; the partials added."""
         try:
-            futures = self.client.compute(self._pass_tasks(name, centers), optimize_graph=False)
+            futures = self.client.compute(self._tasks(name, fn, head, publish),
+                                          optimize_graph=False)
             # The client batches what it sends the scheduler: a message sent just
             # before a submission holds it back by the batching interval.  So the
             # last pass's results are released just after this one is submitted.
@@ -535,23 +640,25 @@ class ClusterEngine(Engine):
             self._plan()
         return add_parts(parts)
 
-    def _pass_tasks(self, name: str, centers: np.ndarray) -> list:
-        """The pass's tasks, one per worker, pinned to it by annotation.
+    def _tasks(self, name: str, fn, head: tuple, publish: bool) -> list:
+        """A pass's tasks, one per worker, pinned to it by annotation.
 
         Submitted together: the client batches what it sends to the scheduler,
         and a second ``submit`` straight after a first would wait for the
         batching interval (10 ms).
         """
-        fn = dask.delayed(self.task, pure=False)
+        fn = dask.delayed(fn, pure=False)
         tasks = []
         for j, (addr, idx) in enumerate(self.plan):
             pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
             # The page's messages ride with the first task (see worker_pass).
-            extra = {"publish": tuple(self._outbox)} if j == 0 and self._outbox else {}
+            extra = ({"publish": tuple(self._outbox)}
+                     if publish and j == 0 and self._outbox else {})
             with dask.annotate(**pin):
-                tasks.append(fn(self.spec, centers, idx, *self._args(j, idx),
+                tasks.append(fn(self.spec, *head, idx, *self._args(j, idx),
                                 dask_key_name=(name, j), **extra))
-        self._outbox = []
+        if publish:
+            self._outbox = []
         return tasks
 
     def labels(self, centers: np.ndarray) -> da.Array:

@@ -9,9 +9,9 @@ client.
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 
-import dask.array as da
 import numpy as np
 from sklearn.cluster import kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
@@ -62,7 +62,7 @@ def init_kmeanspp(rows: ChunkedRows, k: int, rng, sample_size: int | None = None
 
 
 def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor: float = 2.0,
-                         rounds: int = 5) -> np.ndarray:
+                         rounds: int = 5, engine=None) -> np.ndarray:
     """k-means|| (Bahmani et al., 2012).
 
     One centre is drawn at random; then for ``rounds`` passes every row is
@@ -71,33 +71,42 @@ def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor:
     The candidates are weighted by the weight of the rows nearest to each,
     and reduced to ``k`` centres by weighted k-means++ followed by a weighted
     Lloyd refinement on the candidates alone (both scikit-learn's).
+
+    The rounds run on ``engine`` (:class:`kmeans_dask.engine.Engine`; one
+    over ``rows`` is made if not given): every row's nearest candidate is
+    kept with its chunk, where the chunk lives, and brought up to date with
+    each round's new candidates only.  A round is two tasks per worker (the
+    oversampling, then the new cost); only the sampled rows, the candidates
+    and one number per worker travel.
     """
     from sklearn.cluster import KMeans as _LocalKMeans
 
-    weights = rows.weights
-    first = _choice(rows.n, 1, rng, _weights_on_client(rows))
-    candidates = rows.take(first)
-    # Each row's (squared distance, index) of its nearest candidate so far: the
-    # sampling reads the distances, and the candidates' weights come from the
-    # indices, so no pass has to rank all candidates at the end.
-    near = rows.nearest(candidates).persist()
-    seed = int(rng.randint(np.iinfo(np.int32).max))
-    factor = oversampling_factor * k
-    for r in range(rounds):
-        min_dist = near[:, 0]
-        cost = min_dist if weights is None else min_dist * weights
-        phi = float(cost.sum().compute())
-        if phi <= 0:
-            break
-        new = rows.sample(min_dist, factor, phi, (seed, r))
-        log.debug("k-means|| round %d: cost %.6g, %d new candidates", r, phi, len(new))
-        if len(new) == 0:
-            continue
-        near = rows.nearest(new, near, offset=len(candidates)).persist()
-        candidates = np.vstack([candidates, new])
-    labels = near[:, 1].astype(np.intp)
-    cand_w = da.bincount(labels, weights=weights, minlength=len(candidates)).compute()
-    cand_w = np.asarray(cand_w, dtype=np.float64)
+    from .engine import Engine
+
+    own = engine is None
+    if own:
+        engine = Engine.create(rows, rows.stats(), persisted=False)
+    try:
+        first = _choice(rows.n, 1, rng, _weights_on_client(rows))
+        candidates = rows.take(first)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        token = f"{seed}-{uuid.uuid4().hex[:8]}"
+        factor = oversampling_factor * k
+        phi = engine.seed(candidates, "cost", token=token)
+        for r in range(rounds):
+            if phi <= 0:
+                break
+            new = engine.seed(candidates, "sample", token=token, factor=factor, total=phi,
+                              seed=(seed, r))
+            log.debug("k-means|| round %d: cost %.6g, %d new candidates", r, phi, len(new))
+            if len(new) == 0:
+                continue
+            candidates = np.vstack([candidates, new])
+            phi = engine.seed(candidates, "cost", token=token)
+        cand_w = np.asarray(engine.seed(candidates, "weights", token=token), dtype=np.float64)
+    finally:
+        if own:
+            engine.close()
     n_pos = int(np.count_nonzero(cand_w > 0))
     if n_pos < k:
         # Too few distinct candidates (tiny or degenerate data): top up with random rows.

@@ -240,7 +240,8 @@ class KMeans(BaseKMeans):
                     centers = np.asarray(resume["init"], dtype=np.float64)
                     log.info("resuming after iteration %d", len(resume["history"]))
                 else:
-                    centers = self._initial_centers(init, given, rows, rng, run, n_init)
+                    centers = self._initial_centers(init, given, rows, rng, run, n_init,
+                                                    engine)
                     if project is not None:
                         centers = project(centers)
                 if self.verbose:
@@ -277,7 +278,8 @@ class KMeans(BaseKMeans):
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def _initial_centers(self, init, given, rows: ChunkedRows, rng, run: int, n_init: int):
+    def _initial_centers(self, init, given, rows: ChunkedRows, rng, run: int, n_init: int,
+                         engine=None):
         t0 = time.perf_counter()
         if isinstance(init, np.ndarray):
             return init.copy()
@@ -286,7 +288,7 @@ class KMeans(BaseKMeans):
         if init == "k-means||":
             centers = INITS[init](rows, self.n_clusters, rng,
                                   oversampling_factor=self.oversampling_factor,
-                                  rounds=self.init_rounds)
+                                  rounds=self.init_rounds, engine=engine)
         else:
             centers = INITS[init](rows, self.n_clusters, rng)
         log.info("init %s (run %d/%d): %.2f s", init, run + 1, n_init, time.perf_counter() - t0)

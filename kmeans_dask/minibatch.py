@@ -269,7 +269,14 @@ class MiniBatchKMeans(BaseKMeans):
         self._tol = self.tol * mean_var
         offsets = np.cumsum([0] + [len(i) for i in idx])
         samples = [got.rows(offsets[j], offsets[j + 1]) for j in range(len(sizes))]
-        centers = self._initial_centers(init, rows, samples, init_rng, scale, dtype)
+        def engine():
+            # The engine's pass over the rows where they are (here when they came whole).
+            if mode == "whole":
+                return fetch.local_engine(stats, input_chunks)
+            return Engine.create(rows, stats, persisted=mode == "persisted",
+                                 source=source if mode == "persisted" else None)
+
+        centers = self._initial_centers(init, rows, samples, init_rng, scale, dtype, engine)
         self.init_centers_ = centers.copy()
         batches = got.window(offsets[-2], first * b)
 
@@ -332,17 +339,12 @@ class MiniBatchKMeans(BaseKMeans):
             # The Lloyd pass of the engine: inertia from its exact totals, and the
             # labels it leaves on the workers.
             final = self.cluster_centers_.astype(np.float64)
-            if mode == "whole":
-                # The rows are here: the same pass, in this process.
-                engine = fetch.local_engine(stats, input_chunks)
-            else:
-                engine = Engine.create(rows, stats, persisted=mode == "persisted",
-                                       source=source if mode == "persisted" else None)
+            eng = engine()
             try:
-                self.inertia_ = float(engine.lloyd(final, iteration=0)["inertia"])
-                labels = engine.labels(final)
+                self.inertia_ = float(eng.lloyd(final, iteration=0)["inertia"])
+                labels = eng.labels(final)
             finally:
-                engine.close()
+                eng.close()
             if labels.chunks[0] != input_chunks:
                 labels = labels.rechunk((input_chunks,))
             self.labels_ = self._output(labels)
@@ -354,7 +356,7 @@ class MiniBatchKMeans(BaseKMeans):
                  self.inertia_, self.fit_seconds_)
         return self
 
-    def _initial_centers(self, init, rows: ChunkedRows, samples, rng, scale, dtype):
+    def _initial_centers(self, init, rows: ChunkedRows, samples, rng, scale, dtype, engine):
         """The best of ``n_init`` initialisations on their samples (scikit-learn's procedure).
 
         ``samples`` holds the validation rows then one sample per init, as
@@ -363,7 +365,11 @@ class MiniBatchKMeans(BaseKMeans):
         if isinstance(init, np.ndarray):
             return init.copy()
         if init == "k-means||":
-            return INITS[init](rows, self.n_clusters, rng)
+            eng = engine()
+            try:
+                return INITS[init](rows, self.n_clusters, rng, engine=eng)
+            finally:
+                eng.close()
         valid = samples[0]
         best, best_inertia = None, None
         for sample in samples[1:]:
@@ -419,7 +425,13 @@ class MiniBatchKMeans(BaseKMeans):
             if isinstance(init, str) and init == "k-means||":
                 rows = ChunkedRows(da.from_array(x_init, chunks=(len(x_init), -1)),
                                    da.from_array(w_init, chunks=len(w_init)), scale=1.0)
-                self._centers = INITS[init](rows, self.n_clusters, self._random_state)
+                stats = total_stats([_kernels.chunk_stats(x_init, w_init)])
+                eng = LocalEngine(rows, stats, persisted=True, arrays=[(x_init, w_init)])
+                try:
+                    self._centers = INITS[init](rows, self.n_clusters, self._random_state,
+                                                engine=eng)
+                finally:
+                    eng.close()
             elif callable(init):
                 self._centers = self._called_init(x_init, self._random_state)
             elif isinstance(init, str):

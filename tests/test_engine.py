@@ -89,6 +89,40 @@ def test_kept_state_equals_fresh_state_bit_for_bit(weighted, dtype):
                                   _kernels.predict_chunk(X, centers, scale=scale))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_parallel_steps_with_kept_state_equal_fresh_state(weighted):
+    # The rows' nearest candidates are kept between k-means|| steps and updated
+    # with the new candidates only; a chunk that lost its state (moved to another
+    # worker) is computed from all candidates at once.  Both must agree exactly.
+    X, _ = make_blobs(3000, 12, centers=30, random_state=3)
+    X = np.clip((X - X.min()) * 8, 0, 255).astype(np.uint8)
+    w = np.random.default_rng(4).random(len(X)) * 3 if weighted else None
+    rows, stats = _rows(X, w, scale=1 / 255)
+    kept = engine.LocalEngine(rows, stats, persisted=True)
+    candidates = X[[5]].astype(np.float64) / 255
+    for r in range(4):
+        cost = kept.seed(candidates, "cost", token="t")
+        fresh = engine.LocalEngine(rows, stats, persisted=True)
+        assert fresh.seed(candidates, "cost", token="t") == cost
+        # The cost is the weighted sum of every row's distance to its nearest candidate.
+        d = ((X[:, None, :] / 255 - candidates[None]) ** 2).sum(-1).min(1)
+        assert cost == pytest.approx(float(d.sum() if w is None else d @ w), rel=1e-9)
+        new = kept.seed(candidates, "sample", token="t", factor=20, total=cost, seed=(7, r))
+        np.testing.assert_array_equal(
+            new, fresh.seed(candidates, "sample", token="t", factor=20, total=cost, seed=(7, r)))
+        weights = kept.seed(candidates, "weights", token="t")
+        np.testing.assert_array_equal(weights, fresh.seed(candidates, "weights", token="t"))
+        assert weights.sum() == pytest.approx(len(X) if w is None else w.sum())
+        fresh.close()
+        assert len(new) > 0
+        candidates = np.vstack([candidates, new])
+    # Another seeding (another token) does not read this one's state.
+    assert kept.seed(candidates[:1], "cost", token="u") == pytest.approx(
+        float(((X / 255 - candidates[0]) ** 2).sum(1) @ (np.ones(len(X)) if w is None else w)),
+        rel=1e-9)
+    kept.close()
+
+
 def test_pass_sums_match_brute_force():
     rng = np.random.default_rng(3)
     X = rng.random((500, 4))
