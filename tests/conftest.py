@@ -427,3 +427,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def killed_after(script: str, *args, marker: str, env=None) -> int:
+    """Run ``python -c script args`` until it prints ``marker``, then SIGKILL it (no
+    clean-up of its own runs, as when a machine or job is killed); returns its pid."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.strip() == marker, line + proc.stdout.read().decode()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return proc.pid

@@ -8,11 +8,7 @@ had was changed or left behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +17,7 @@ import zarr
 from kmeans_dask import datasets, store
 from kmeans_dask.errors import StoreError
 
-from conftest import leftovers
+from conftest import killed_after, leftovers
 
 CHUNK = 2000
 
@@ -224,17 +220,9 @@ with store.atomic_path(final, store.EVALUATION_FORMAT, overwrite=True) as tmp:
 
 
 def _killed_writer(final):
-    """A real process that dies by SIGKILL while it holds a temporary directory and a
-    temporary file beside its outputs (no clean-up of its own runs); returns its pid."""
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(final)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        line = proc.stdout.readline().decode()
-        assert line.strip() == "ready", line + proc.stdout.read().decode()
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    return proc.pid
+    """A real process killed while it holds a temporary directory and a temporary
+    file beside its outputs; returns its pid."""
+    return killed_after(_KILLED_WRITER, final, marker="ready")
 
 
 def test_a_killed_writers_temporaries_go_with_the_next_write_of_that_output(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 
 from kmeans_dask import datasets, store
 from kmeans_dask.errors import StoreError
+from conftest import killed_after
 from s3_server import make_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 
 
@@ -249,16 +250,9 @@ _KILLED_INGEST = textwrap.dedent("""
 def test_an_ingest_killed_after_staging_leaves_what_the_next_ingest_removes(
         s3_env, bucket, test_sources):
     url = f"{bucket}/data"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_INGEST, url, str(test_sources)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
-    try:
-        line = proc.stdout.readline().decode()
-        assert line.strip() == "staged", line + proc.stdout.read().decode()
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    pid = killed_after(_KILLED_INGEST, url, test_sources, marker="staged", env={**os.environ})
     staged = [o for o in _objects(url) if ".staging-" in o]
-    assert staged and all(f"-{proc.pid}-" in o for o in staged), _objects(url)
+    assert staged and all(f"-{pid}-" in o for o in staged), _objects(url)
     src = {"test": datasets.resolve_split("fashion-mnist", "test", test_sources, download=False)}
     rep = store.ingest("fashion-mnist", url, src, chunk_rows=5000)
     assert store.output_kind(rep.path) == store.DATA_FORMAT
