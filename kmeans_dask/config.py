@@ -8,9 +8,9 @@ different value can give a different initialisation, and float or weighted
 rows are summed on a grid per chunk, which the chunking can move in the last
 bits.  ``split-every`` orders the additions of float partials in the
 one-time reductions (the statistics and the farthest rows), which can move
-their last bits; k-means||'s costs are summed on a grid, in any order.  Unweighted uint8 rows are summed as exact integers, so for them
-neither the blocks nor the chunks change an iteration from given initial
-centres.  For a given setting, fits are bit-for-bit reproducible on any
+their last bits; k-means||'s costs are summed on a grid, in any order.
+Unweighted uint8 rows are summed as exact integers, so for them neither the
+blocks nor the chunks change an iteration from given initial centres.  For a given setting, fits are bit-for-bit reproducible on any
 number of workers.  Set them as any Dask
 option::
 

@@ -214,7 +214,9 @@ def seed_chunks(states: dict, chunks: list, candidates: np.ndarray, known: int, 
     * ``"sample"``: the rows kept by k-means||'s oversampling
       (:func:`kmeans_dask._kernels.sample_chunk`, ``args`` its ``factor``,
       ``total`` and ``seed``), as ``[(chunk index, rows)]``;
-    * ``"weights"``: the weight of the rows nearest to each candidate.
+    * ``"weights"``: the weight of the rows nearest to each candidate; with
+      ``args["release"]`` the states are dropped afterwards (the seeding's last
+      step: they would otherwise take 16 bytes a row through the whole fit).
 
     A missing state, or one of another seeding (``args["token"]``), is made
     from all ``known`` candidates at once: the nearest-centre rule gives the
@@ -247,6 +249,8 @@ def seed_chunks(states: dict, chunks: list, candidates: np.ndarray, known: int, 
                                                        scale=spec.scale))]}
         if what == "weights":
             counts = np.bincount(st["near"][:, 1].astype(np.intp), weights=w, minlength=known)
+            if args.get("release"):
+                states.pop(("seed", i), None)
             return {"weights": on_grid(counts.astype(np.float64), spec.count_grid)}
         raise ValueError(f"unknown seeding step {what!r}")
 
@@ -461,9 +465,13 @@ class Engine:
         self.iteration = self.iteration + 1 if iteration is None else iteration
         return self._finish(self._pass(centers), centers)
 
-    def seed(self, candidates: np.ndarray, what: str, **args) -> dict:
+    def seed(self, candidates: np.ndarray, what: str, **args):
         """One k-means|| step over all chunks (:func:`seed_chunks`), the rows' nearest
-        candidates kept where the chunks are; ``args["token"]`` names the seeding."""
+        candidates kept where the chunks are; ``args["token"]`` names the seeding.
+
+        Returns the cost (a float), the sampled rows (an array) or the
+        candidates' weights (an array), as ``what`` asks.
+        """
         candidates = np.ascontiguousarray(candidates, dtype=np.float64)
         if what == "cost":
             args["grid"] = self.cost_grid

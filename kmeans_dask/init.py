@@ -103,7 +103,8 @@ def init_kmeans_parallel(rows: ChunkedRows, k: int, rng, *, oversampling_factor:
                 continue
             candidates = np.vstack([candidates, new])
             phi = engine.seed(candidates, "cost", token=token)
-        cand_w = np.asarray(engine.seed(candidates, "weights", token=token), dtype=np.float64)
+        cand_w = np.asarray(engine.seed(candidates, "weights", token=token, release=True),
+                            dtype=np.float64)
     finally:
         if own:
             engine.close()

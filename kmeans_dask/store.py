@@ -494,11 +494,10 @@ def sweep_leftovers(final) -> list[str]:
         if m is None or _alive(int(m.group(2))):
             continue
         loc = final.parent / name
-        if m.group(1) == "old" and isinstance(final, Path) and not final.exists():
-            if (loc / "x").exists():
-                os.replace(loc / "x", final)
-                log.warning("restored %s: an interrupted replace had moved it to %s",
-                            final, loc)
+        if (m.group(1) == "old" and isinstance(final, Path) and not final.exists()
+                and (loc / "x").exists()):
+            os.replace(loc / "x", final)
+            log.warning("restored %s: an interrupted replace had moved it to %s", final, loc)
         with contextlib.suppress(OSError, StoreError):
             remove(loc)
             found.append(name)

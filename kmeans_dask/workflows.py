@@ -283,15 +283,15 @@ def _single_init(model: KMeans) -> bool:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporaries of an earlier run of the same output that was killed before its cleanup."""
-    if isinstance(out, store.URL):
-        # Object stores have no temporary siblings: a killed write leaves only
-        # generations under the output's prefix, with no root zarr.json.
-        if store.output_kind(out) == store.INCOMPLETE:
-            store.remove(out)
-        return
-    for path in (out, report_path(out), store.checkpoint_path(out)):
-        store.sweep_leftovers(path)
+    """What the killed run being resumed left of its result at a URL.
+
+    A killed write at a URL leaves only generations under the output's prefix,
+    with no root zarr.json.  Local temporaries need nothing here: every write
+    of the result, report and checkpoint first sweeps those of dead writers
+    (:func:`store.sweep_leftovers`).
+    """
+    if isinstance(out, store.URL) and store.output_kind(out) == store.INCOMPLETE:
+        store.remove(out)
 
 
 # --------------------------------------------------------------------------- predict

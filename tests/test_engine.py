@@ -120,6 +120,10 @@ def test_kmeans_parallel_steps_with_kept_state_equal_fresh_state(weighted):
     assert kept.seed(candidates[:1], "cost", token="u") == pytest.approx(
         float(((X / 255 - candidates[0]) ** 2).sum(1) @ (np.ones(len(X)) if w is None else w)),
         rel=1e-9)
+    # The last step of a seeding drops the rows' nearest candidates.
+    assert any(isinstance(key, tuple) for key in kept.states)
+    kept.seed(candidates[:1], "weights", token="u", release=True)
+    assert not any(isinstance(key, tuple) for key in kept.states)
     kept.close()
 
 
