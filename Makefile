@@ -14,26 +14,38 @@ PYTEST_ARGS ?=
 # TEST_JOBS=0 runs every test in pytest's own process.
 TEST_JOBS ?= 2
 
-.PHONY: install demo test test-fast bench bench-scaling clean
+.PHONY: install bytecode demo test test-fast bench bench-scaling clean
 
+# uv resolves and downloads in parallel: the install takes a minute rather than
+# several, with the same versions pip picks.  Where uv cannot be had, pip does it.
+# Both write the bytecode at install time: where PYTHONDONTWRITEBYTECODE is set,
+# every process (each job, worker and test) would otherwise compile the whole
+# stack again as it imports it, seconds each.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	( $(BIN)/python -m pip install --quiet --disable-pip-version-check uv \
+	  && $(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[test]' ) \
+	  || $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
+
+# The project's own modules, which the editable install leaves as sources; only
+# those changed since the last run are compiled again.
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q kmeans_dask jobs
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: bytecode
 	$(BIN)/python jobs/demo.py --out $(OUT) $(if $(SOURCE),--source $(SOURCE),)
 
 # Everything.  Without the full data sets beside the project (../shared/datasets,
 # $KMEANS_DASK_SHARED or $KMEANS_DASK_DATA) the tests that need them are skipped,
 # and the summary says so.
-test: $(STAMP)
+test: bytecode
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The same without the tests that start real `dask scheduler`/`dask worker` processes.
-test-fast: $(STAMP)
+test-fast: bytecode
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -m "not cluster" $(PYTEST_ARGS)
 
 bench: $(STAMP)
