@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # TEST_JOBS=0 runs every test in pytest's own process.
 TEST_JOBS ?= 2
 
-.PHONY: install bytecode demo test test-fast bench bench-scaling clean
+.PHONY: install compiled demo test test-fast bench bench-scaling clean
 
 # uv resolves and downloads in parallel: the install takes a minute rather than
 # several, with the same versions pip picks.  Where uv cannot be had, pip does it.
@@ -28,24 +28,28 @@ $(STAMP): pyproject.toml
 	  || $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-# The project's own modules, which the editable install leaves as sources; only
-# those changed since the last run are compiled again.
-bytecode: $(STAMP)
+# The project's own modules, which the editable install leaves as sources, and
+# the compiled loops of the bounded pass (Numba's cache, beside the sources),
+# made once here rather than by every process that starts before the cache
+# exists.  Only what changed since the last run is compiled again.
+compiled: $(STAMP)
 	@$(BIN)/python -m compileall -q kmeans_dask jobs
+	@$(BIN)/python -c "import numpy as np; from kmeans_dask import _kernels; \
+	  [_kernels.warm_up(t) for t in (np.uint8, np.float32, np.float64)]"
 
 install: $(STAMP)
 
-demo: bytecode
+demo: compiled
 	$(BIN)/python jobs/demo.py --out $(OUT) $(if $(SOURCE),--source $(SOURCE),)
 
 # Everything.  Without the full data sets beside the project (../shared/datasets,
 # $KMEANS_DASK_SHARED or $KMEANS_DASK_DATA) the tests that need them are skipped,
 # and the summary says so.
-test: bytecode
+test: compiled
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The same without the tests that start real `dask scheduler`/`dask worker` processes.
-test-fast: bytecode
+test-fast: compiled
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -m "not cluster" $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from . import store
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 IMAGE_SHAPE = (28, 28)
 DPI = 100
@@ -41,7 +44,17 @@ def grid_shape(k: int) -> tuple[int, int]:
     return rows, math.ceil(k / rows)
 
 
+def _new_figure(figsize) -> Figure:
+    # matplotlib is imported here, not with the module: it takes about a second,
+    # which the jobs that draw nothing (ingest, fit, predict) need not pay.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _save(fig: Figure, path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = store.absolute(path)  # a local path or a URL (uploaded in one PUT)
     FigureCanvasAgg(fig)
     with store.atomic_file(path, suffix=".png") as tmp:
@@ -57,7 +70,7 @@ def centroid_grid(centroids: np.ndarray, path, titles=None, title: str | None = 
     k = len(centroids)
     rows, cols = grid_shape(k)
     extra = 0.4 if title else 0.0
-    fig = Figure(figsize=(cols * CELL_W, rows * CELL_H + extra))
+    fig = _new_figure((cols * CELL_W, rows * CELL_H + extra))
     top = 1 - extra / (rows * CELL_H + extra)
     grid = fig.add_gridspec(rows, cols, left=0.02, right=0.98, bottom=0.02, top=top - 0.01,
                             wspace=0.1, hspace=0.35)
@@ -78,8 +91,8 @@ def confusion_matrix(table: np.ndarray, class_names, path, title: str = "") -> P
     k, c = table.shape
     # Past MAX_ROWS clusters the picture stops growing (a K = 400 matrix would be
     # 13,000 pixels tall); rows then share the height and only some are labelled.
-    fig = Figure(figsize=(max(5.0, 0.55 * c + 2.5),
-                          max(4.0, 0.32 * min(k, MAX_ROWS) + 2.0)))
+    fig = _new_figure((max(5.0, 0.55 * c + 2.5),
+                     max(4.0, 0.32 * min(k, MAX_ROWS) + 2.0)))
     ax = fig.add_subplot()
     im = ax.imshow(table, cmap="Blues", aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -108,7 +121,7 @@ def member_strips(samples: list, path, titles=None, per_row: int = 10) -> Path:
     samples = samples[:MAX_ROWS]
     titles = None if titles is None else titles[:MAX_ROWS]
     k = len(samples)
-    fig = Figure(figsize=(per_row * 0.6 + 1.0, k * 0.65 + 0.3))
+    fig = _new_figure((per_row * 0.6 + 1.0, k * 0.65 + 0.3))
     grid = fig.add_gridspec(k, per_row + 1, left=0.01, right=0.99, bottom=0.01, top=0.99,
                             wspace=0.05, hspace=0.1, width_ratios=[1.6] + [1] * per_row)
     for j, members in enumerate(samples):
@@ -131,7 +144,7 @@ def elbow(table: list, path, title: str = "") -> Path:
     (or None), ``n_test``, ``accuracy``, ``nmi`` and ``homogeneity``.
     """
     ks = [r["k"] for r in table]
-    fig = Figure(figsize=(11, 4.2))
+    fig = _new_figure((11, 4.2))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     # Per image, so the train and test curves (60,000 and 10,000 rows) share a scale.
     left.plot(ks, [r["train_inertia"] / r["n_train"] for r in table], "o-", label="train")
@@ -161,7 +174,7 @@ def elbow(table: list, path, title: str = "") -> Path:
 def blobs(X: np.ndarray, truth: np.ndarray, init: np.ndarray, labels: np.ndarray,
           centers: np.ndarray, path, title: str = "") -> Path:
     """Left: the data with the initial centres; right: the clustering with its centres."""
-    fig = Figure(figsize=(10, 4.6))
+    fig = _new_figure((10, 4.6))
     a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     a.scatter(X[:, 0], X[:, 1], c=truth, cmap="coolwarm", s=14, alpha=0.7)
     a.scatter(init[:, 0], init[:, 1], marker="X", s=180, c="black", label="initial centres")
@@ -198,7 +211,7 @@ def deformation_grid(originals: np.ndarray, deformed: np.ndarray, path, titles=N
     cell = 0.6
     head, left = 0.3 + (0.3 if title else 0.0), (0.6 if titles is not None else 0.05)
     width, height = (m + 1.25) * cell + left + 0.05, n * cell + head + 0.05
-    fig = Figure(figsize=(width, height))
+    fig = _new_figure((width, height))
     grid = fig.add_gridspec(n, m + 2, left=left / width, right=1 - 0.05 / width,
                             bottom=0.05 / height, top=1 - head / height, wspace=0.05,
                             hspace=0.05, width_ratios=[1] + [0.25] + [1] * m)
@@ -231,7 +244,7 @@ def quantization(original: np.ndarray, quantized: np.ndarray, palette: np.ndarra
     """The original and quantized images side by side, and the palette's swatches."""
     h, w = original.shape[:2]
     aspect = h / w
-    fig = Figure(figsize=(10, 5 * aspect + 1.6))
+    fig = _new_figure((10, 5 * aspect + 1.6))
     grid = fig.add_gridspec(2, 2, height_ratios=[5 * aspect, 0.6])
     for j, (img, name) in enumerate(((original, "original"), (quantized, "quantized"))):
         ax = fig.add_subplot(grid[0, j])
