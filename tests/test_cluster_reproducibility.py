@@ -47,10 +47,10 @@ def test_lloyd_same_on_one_two_and_three_workers(dask_cluster, fashion_test_smal
               dask.config.set({**SMALL_TASKS, "kmeans_dask.persist": persist})):
             assert len(client.scheduler_info()["workers"]) == n_workers
             X = _rows(fashion_test_small_chunks)
-            km = KMeans(10, init="k-means||", random_state=0, max_iter=12, tol=0).fit(X)
+            km = KMeans(10, init="k-means||", random_state=0, max_iter=8, tol=0).fit(X)
             assert km.labels_.chunks == X.chunks[:1]
             results.append(_result(km))
-    assert len(results[0][3]) == 12
+    assert len(results[0][3]) == 8
     _assert_same(results)
 
 
@@ -70,7 +70,7 @@ def test_weighted_and_grouped_same_on_one_and_three_workers_persisted_or_streame
                     with dask.config.set({"kmeans_dask.persist": persist}):
                         # Random rows to start from: k-means++'s 64 sequential draws
                         # run on the client and would cost more than the fit here.
-                        km = KMeans(64, init="random", n_init=1, random_state=1, max_iter=10,
+                        km = KMeans(64, init="random", n_init=1, random_state=1, max_iter=6,
                                     tol=0).fit(X, sample_weight=weights)
                     # The bounds spared work by the last iterations (so they were used).
                     assert km.history_[-1]["skipped"] > 0.3, km.history_
