@@ -403,6 +403,16 @@ def active_client():
         return None
 
 
+def local_threads(client) -> int | None:
+    """The worker threads of ``client``'s cluster when it is a LocalCluster this
+    process started (its workers share this machine's files and cores), else None."""
+    from distributed import LocalCluster
+
+    if not isinstance(getattr(client, "cluster", None), LocalCluster):
+        return None
+    return sum(client.nthreads().values()) or None
+
+
 def worker_info(client) -> dict:
     """Every worker's entry in the scheduler's info, ``{address: info}``.
 

@@ -6,7 +6,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from sklearn.cluster import MiniBatchKMeans as SKMiniBatchKMeans
 
 from kmeans_dask import KMeans, MiniBatchKMeans, datasets, store
@@ -80,19 +80,26 @@ def test_fold_batch_matches_numpy():
 
 def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch):
     """One seed, one result: without a cluster, on one or two workers, with the
-    rows brought whole, sampled from worker memory in small rounds, or
-    streamed from the store."""
+    rows brought whole (read here beside a LocalCluster of this process, by
+    the workers for a client of its address), sampled from worker memory in
+    small rounds, or streamed from the store."""
     params = dict(n_clusters=10, batch_size=512, random_state=3, max_no_improvement=None,
                   max_iter=8)
     local = MiniBatchKMeans(**params).fit(fashion_t10k)
     results = []
-    for n_workers, mode in ((1, "whole"), (2, "whole"), (2, "persisted"), (1, "streamed")):
+    for n_workers, mode, by_address in ((1, "whole", False), (2, "whole", False),
+                                        (2, "whole", True), (2, "persisted", False),
+                                        (1, "streamed", False)):
         monkeypatch.setattr(mb._Fetcher, "mode_for", staticmethod(lambda X, mode=mode: mode))
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
                           protocol="tcp://", host="127.0.0.1", dashboard_address=":0") as lc, \
-                Client(lc), dask.config.set({"kmeans_dask.minibatch-round-bytes": 2**20,
-                                             "kmeans_dask.minibatch-stream-round-bytes": 3 * 2**20}):
-            km = MiniBatchKMeans(**params).fit(fashion_t10k)
+                Client(lc.scheduler_address if by_address else lc) as client, \
+                dask.config.set({"kmeans_dask.minibatch-round-bytes": 2**20,
+                                 "kmeans_dask.minibatch-stream-round-bytes": 3 * 2**20}):
+            with get_task_stream(client) as ts:
+                km = MiniBatchKMeans(**params).fit(fashion_t10k)
+            read_by_workers = any("_take_chunks" in str(t["key"]) for t in ts.data)
+            assert read_by_workers == (mode != "whole" or by_address), (mode, by_address)
             results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
     for centers, inertia, labels in results:
         np.testing.assert_array_equal(centers, local.cluster_centers_)
