@@ -43,7 +43,8 @@ minibatch-round-bytes : int, default 268435456 (256 MiB)
     Sampled rows :class:`~kmeans_dask.MiniBatchKMeans` brings to the client
     per round trip from persisted rows (their batches' steps run there; a
     round trip costs the cores the steps need, so rounds are large).  Rows
-    of at most this size are brought over whole, once.
+    of at most this size are brought over whole, once (read in the client
+    itself when it started the LocalCluster it uses).
 minibatch-stream-round-bytes : int, default 1073741824 (1 GiB)
     The same for streamed rows: every round reads each chunk it samples
     from, so rounds are few and large.  The client holds two rounds.

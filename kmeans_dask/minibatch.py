@@ -530,7 +530,8 @@ class _Fetcher:
     ``mode`` is where the rows are (:meth:`mode_for`):
 
     * ``"whole"``: rows of at most one round come here all at once, with
-      every chunk's statistics (:meth:`load`); the rounds then index them
+      every chunk's statistics (:meth:`load`, which reads them here beside a
+      LocalCluster of this process); the rounds then index them
       here, and the final pass runs here too (fewer bytes than sampling the
       rows again, and no persisted copy on the workers);
     * ``"persisted"``: the rows are in worker memory; every round is one
