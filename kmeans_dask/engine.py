@@ -354,6 +354,11 @@ def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
 
     ``publish``: the K-Means page's messages about the iteration before, sent
     from here so that the client sends the scheduler one message per iteration.
+
+    BLAS runs on one thread here, as a task's worker thread stands for one
+    core (Dask's nanny sets ``OMP_NUM_THREADS=1`` for the same reason): a
+    worker started without the nanny would otherwise run BLAS on every core,
+    against the other workers' passes on the same cores.
     """
     from distributed import get_worker
 
@@ -364,8 +369,9 @@ def worker_pass(spec: PassSpec, centers: np.ndarray, indices: list, rows: list,
     if not len(rows) == len(weights) == len(indices):
         raise RuntimeError(f"pass of {len(indices)} chunks given {len(rows)} row and "
                            f"{len(weights)} weight chunks")
-    part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers, spec,
-                       ext.pool(), ext.workspaces)
+    with _kernels.one_blas_thread():
+        part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers,
+                           spec, ext.pool(), ext.workspaces)
     part["worker"] = get_worker().address
     return part
 
@@ -377,8 +383,9 @@ def worker_seed(spec: PassSpec, candidates: np.ndarray, known: int, what: str, a
 
     ext = extension()
     weights = weights if weights is not None else [None] * len(indices)
-    part = seed_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), candidates,
-                       known, what, args, spec, ext.pool(), ext.workspaces) or {}
+    with _kernels.one_blas_thread():
+        part = seed_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), candidates,
+                           known, what, args, spec, ext.pool(), ext.workspaces) or {}
     part["worker"] = get_worker().address
     return part
 
