@@ -35,6 +35,7 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 
@@ -59,12 +60,36 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextlib.contextmanager
 def one_blas_thread():
     """A context in which BLAS runs on one thread, for loops that are either
     too thin to share or run on threads of their own.  The loaded libraries
     are looked up once per process (``threadpool_limits`` does it per call,
-    milliseconds each)."""
-    return _blas().limit(limits=1, user_api="blas")
+    milliseconds each).
+
+    The limit is the process's, and contexts of several threads overlap (the
+    workers of an in-process cluster): the first to enter sets it and the
+    last to leave restores the original, which a limiter per context would
+    not do (the second would save the first's limit and restore that).
+    """
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 class Workspace:

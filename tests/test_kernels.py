@@ -320,3 +320,42 @@ def test_one_workspace_over_many_chunks_and_passes_changes_nothing(rng, dtype):
             np.testing.assert_array_equal(a.lower, b.lower)
         total = K.add(*want)
         centers = lloyd_step(total, centers)
+
+
+def test_one_blas_thread_contexts_of_several_threads_restore_the_original():
+    """Overlapping contexts (the workers of an in-process cluster): BLAS is on one
+    thread while any is open, and back to where it was once the last closes."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before or min(before) < 2:
+        pytest.skip(f"BLAS runs on one thread here already ({before}: one core, or "
+                    f"OMP_NUM_THREADS/OPENBLAS_NUM_THREADS set)")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with K.one_blas_thread():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with K.one_blas_thread():
+            second_in.set()
+            first_out.wait(10)
+            seen.append(blas_threads())  # the first has left; this one is still open
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == [[1] * len(before)]
+    assert blas_threads() == before
