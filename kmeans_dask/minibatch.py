@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 import warnings
 
 import dask
@@ -516,9 +517,10 @@ def _take_chunks(Xs, ws, locals_, *, stats: bool, scale: float) -> dict:
         rows.append(np.asarray(X) if local is None else np.take(X, local, axis=0))
         if local is None and w is not None:
             weights.append(np.asarray(w))
-    out["rows"] = np.concatenate(rows)
+    # One chunk's rows as they came (a concatenation would copy them).
+    out["rows"] = rows[0] if len(rows) == 1 else np.concatenate(rows)
     if weights:
-        out["weights"] = np.concatenate(weights)
+        out["weights"] = weights[0] if len(weights) == 1 else np.concatenate(weights)
     if stats:
         out["stats"] = [_kernels.chunk_stats(X, w, scale=scale) for X, w in zip(Xs, ws)]
     return out
@@ -682,12 +684,25 @@ class _Fetcher:
         cuts = np.cumsum((0,) + tuple(chunks))
         arrays = [(self.local[a:b], None if self.weights is None else self.weights[a:b])
                   for a, b in zip(cuts[:-1], cuts[1:])]
-        # name=False: not hashed, and never computed (the engine is given the arrays).
-        X = da.from_array(self.local, chunks=(chunks, -1), name=False)
-        w = (None if self.weights is None
-             else da.from_array(self.weights, chunks=(chunks,), name=False))
+        X = _views(self.local, chunks)
+        w = None if self.weights is None else _views(self.weights, chunks)
         rows = ChunkedRows(X, w, scale=self.rows.scale, block_rows=self.rows.block_rows)
         return LocalEngine(rows, stats, persisted=True, arrays=arrays)
+
+
+def _views(a: np.ndarray, chunks: tuple) -> da.Array:
+    """``a`` as a Dask array of views of it, chunked by rows as ``chunks``.
+
+    ``da.from_array`` copies a NumPy array before slicing it: a second copy
+    of every loaded row (0.1 s at 70,000 MNIST rows), where the engine is
+    given the arrays and reads them in place.
+    """
+    name = f"loaded-rows-{uuid.uuid4().hex}"
+    cuts = np.cumsum((0,) + tuple(chunks))
+    tail = (0,) * (a.ndim - 1)
+    graph = {(name, i) + tail: a[lo:hi] for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:]))}
+    return da.Array(graph, name, chunks=(tuple(chunks),) + tuple((s,) for s in a.shape[1:]),
+                    dtype=a.dtype)
 
 
 def _holds_futures(*arrays) -> bool:

@@ -1076,6 +1076,10 @@ def _store_chunk(start: int, stop: int, targets: tuple, *blocks) -> tuple:
 # Every chunk is written, even one equal to the fill value, so a chunk file that is
 # missing always means damage.
 _ALL_CHUNKS = {"write_empty_chunks": True}
+# Every Lloyd pass over streamed rows, and every load of a fit, decodes the
+# whole split: LZ4 (through Blosc) decodes uint8 images about four times as
+# fast as Zarr's default Zstandard, for files about a fifth larger.
+_ROWS_CODEC = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
 
 
 def _compute(tasks: list, progress=None) -> list:
@@ -1149,9 +1153,10 @@ def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,
             n, c = sd.images.shape[0], sd.images.chunks[0][0]
             group = root.create_group(split)
             img = group.create_array("images", shape=(n, N_FEATURES), chunks=(c, N_FEATURES),
-                                     dtype="uint8", config=_ALL_CHUNKS)
+                                     dtype="uint8", config=_ALL_CHUNKS,
+                                     compressors=_ROWS_CODEC)
             lab = group.create_array("labels", shape=(n,), chunks=(c,), dtype="uint8",
-                                     config=_ALL_CHUNKS)
+                                     config=_ALL_CHUNKS, compressors=_ROWS_CODEC)
             groups[split] = (group, sd, n, c)
             blocks = zip(sd.images.to_delayed().ravel(), sd.labels.to_delayed().ravel())
             for (a, b), (ib, lb) in zip(_chunk_bounds(n, c), blocks):

@@ -40,6 +40,13 @@ def test_store_attributes(fashion_store):
     assert data.images.chunks[0] == (10000,) * 6
 
 
+def test_rows_are_stored_with_lz4(fashion_store):
+    # Every pass over streamed rows decodes them: the codec is chosen for speed.
+    for name in ("images", "labels"):
+        (codec,) = zarr.open_array(fashion_store / "train" / name, mode="r").compressors
+        assert isinstance(codec, zarr.codecs.BloscCodec) and codec.cname.value == "lz4"
+
+
 def _one_split_source(tmp_path, shared_datasets, name="mnist", split="test"):
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
