@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # TEST_JOBS=0 runs every test in pytest's own process.
 TEST_JOBS ?= 2
 
-.PHONY: install compiled demo test test-fast bench bench-scaling clean
+.PHONY: install compiled demo test test-fast bench bench-scaling bench-minibatch clean
 
 # uv resolves and downloads in parallel: the install takes a minute rather than
 # several, with the same versions pip picks.  Where uv cannot be had, pip does it.
@@ -62,6 +62,10 @@ bench-scaling: $(STAMP)
 		--json benchmarks/results-scaling-1.4m.json
 	$(BIN)/python benchmarks/bench_scaling.py --source $(SHARED) --sizes 70000 --ks 10,256 \
 		--json benchmarks/results-scaling-70k.json
+
+# kmeans-dask's MiniBatchKMeans beside scikit-learn's on Fashion-MNIST's 70,000 rows.
+bench-minibatch: $(STAMP)
+	$(BIN)/python benchmarks/bench_minibatch.py --source $(SHARED) --json benchmarks/results-minibatch.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache
