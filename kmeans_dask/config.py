@@ -49,6 +49,14 @@ minibatch-stream-round-bytes : int, default 1073741824 (1 GiB)
     The same for streamed rows: every round reads each chunk it samples
     from, so rounds are few and large.  The client holds two rounds.
 
+store-codec : "lz4" or "zstd", default "lz4"
+    How data stores written from now on (``ingest``, ``augment``) compress
+    their rows.  LZ4 decodes about four times as fast, which every load and
+    every streamed pass pays; Zstandard's files are smaller (MNIST's rows
+    take 0.21 of their size against LZ4's 0.32; Fashion-MNIST's 0.56 against
+    0.68), which matters more where the store is read over a network.
+    Stores of either kind are read alike.
+
 The mini-batch keys change no result: the batches are drawn from one
 random stream, whatever the rounds they travel in.
 """
@@ -57,7 +65,7 @@ from __future__ import annotations
 
 import dask
 
-DEFAULTS = {"persist": "auto", "task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8,
+DEFAULTS = {"persist": "auto", "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8,
             "minibatch-round-bytes": 256 * 2**20, "minibatch-stream-round-bytes": 2**30}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "minibatch-round-bytes": 1,
            "minibatch-stream-round-bytes": 1}
@@ -73,6 +81,19 @@ def persist():
         return "auto" if text == "auto" else text == "true"
     raise ValueError(f"dask config kmeans_dask.persist must be 'auto', true or false, "
                      f"got {value!r}")
+
+
+CODECS = ("lz4", "zstd")
+
+
+def store_codec() -> str:
+    """``kmeans_dask.store-codec``: one of :data:`CODECS`."""
+    value = dask.config.get("kmeans_dask.store-codec", "lz4")
+    text = str(value).strip().lower()
+    if text not in CODECS:
+        raise ValueError(f"dask config kmeans_dask.store-codec must be one of {list(CODECS)}, "
+                         f"got {value!r}")
+    return text
 
 
 def get(key: str) -> int:

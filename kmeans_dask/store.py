@@ -56,7 +56,7 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from . import datasets
+from . import config, datasets
 from .errors import IDXFormatError, StoreError
 
 log = logging.getLogger(__name__)
@@ -1076,10 +1076,18 @@ def _store_chunk(start: int, stop: int, targets: tuple, *blocks) -> tuple:
 # Every chunk is written, even one equal to the fill value, so a chunk file that is
 # missing always means damage.
 _ALL_CHUNKS = {"write_empty_chunks": True}
-# Every Lloyd pass over streamed rows, and every load of a fit, decodes the
-# whole split: LZ4 (through Blosc) decodes uint8 images about four times as
-# fast as Zarr's default Zstandard, for files about a fifth larger.
-_ROWS_CODEC = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+
+
+def _rows_codec():
+    """The compressor of a data store's arrays (``kmeans_dask.store-codec``).
+
+    Every Lloyd pass over streamed rows, and every load of a fit, decodes
+    the whole split: LZ4 (through Blosc) decodes uint8 images about four
+    times as fast as Zstandard (Zarr's default), for larger files.
+    """
+    if config.store_codec() == "zstd":
+        return zarr.codecs.ZstdCodec(level=0)
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
 
 
 def _compute(tasks: list, progress=None) -> list:
@@ -1146,6 +1154,7 @@ def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,
                 sd.labels.chunks[0] != rows or len(sd.images.chunks[1]) != 1:
             raise StoreError(f"{final}/{split}: rows must be chunked regularly by rows, images "
                              f"and labels alike (got {sd.images.chunks} and {sd.labels.chunks})")
+    codec = _rows_codec()
     with atomic_zarr(final, DATA_FORMAT, overwrite=overwrite, inputs=inputs) as (root, _):
         tasks, where = [], []
         groups = {}
@@ -1154,9 +1163,9 @@ def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,
             group = root.create_group(split)
             img = group.create_array("images", shape=(n, N_FEATURES), chunks=(c, N_FEATURES),
                                      dtype="uint8", config=_ALL_CHUNKS,
-                                     compressors=_ROWS_CODEC)
+                                     compressors=codec)
             lab = group.create_array("labels", shape=(n,), chunks=(c,), dtype="uint8",
-                                     config=_ALL_CHUNKS, compressors=_ROWS_CODEC)
+                                     config=_ALL_CHUNKS, compressors=codec)
             groups[split] = (group, sd, n, c)
             blocks = zip(sd.images.to_delayed().ravel(), sd.labels.to_delayed().ravel())
             for (a, b), (ib, lb) in zip(_chunk_bounds(n, c), blocks):

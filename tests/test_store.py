@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 
+import dask
 import numpy as np
 import pytest
 import zarr
@@ -40,19 +41,31 @@ def test_store_attributes(fashion_store):
     assert data.images.chunks[0] == (10000,) * 6
 
 
-def test_rows_are_stored_with_lz4(fashion_store):
-    # Every pass over streamed rows decodes them: the codec is chosen for speed.
-    for name in ("images", "labels"):
-        (codec,) = zarr.open_array(fashion_store / "train" / name, mode="r").compressors
-        assert isinstance(codec, zarr.codecs.BloscCodec) and codec.cname.value == "lz4"
-
-
 def _one_split_source(tmp_path, shared_datasets, name="mnist", split="test"):
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
     for f in datasets.get_spec(name).files[split].values():
         shutil.copy(shared_datasets / name / f.name, src / f.name)
     return src
+
+
+@pytest.mark.t10k
+def test_store_codec_is_lz4_unless_configured(tmp_path, shared_datasets):
+    # Every pass over streamed rows decodes them: LZ4 by default, for speed.
+    src = _one_split_source(tmp_path, shared_datasets)
+    sources = {"test": datasets.resolve_split("mnist", "test", src, download=False)}
+    want = raw_payload(src / datasets.get_spec("mnist").files["test"]["images"].name)[16:]
+    for setting, kind in ((None, zarr.codecs.BloscCodec), ("zstd", zarr.codecs.ZstdCodec)):
+        with dask.config.set({"kmeans_dask.store-codec": setting} if setting else {}):
+            path = store.ingest("mnist", tmp_path / f"out-{setting}", sources).path
+        for name in ("images", "labels"):
+            (codec,) = zarr.open_array(path / "test" / name, mode="r").compressors
+            assert isinstance(codec, kind)
+        assert store.open_data(path, "test").images.compute().tobytes() == want
+    with dask.config.set({"kmeans_dask.store-codec": "gzip"}):
+        with pytest.raises(ValueError, match="kmeans_dask.store-codec must be one of"):
+            store.ingest("mnist", tmp_path / "out-bad", sources)
+    assert not (tmp_path / "out-bad" / "mnist.zarr").exists()
 
 
 @pytest.mark.t10k
