@@ -40,9 +40,9 @@ ITERATION_COLUMNS = ("iteration", "inertia", "center_shift", "skipped", "changed
                      "elapsed")
 
 
-def tiles(centers: np.ndarray, max_tiles: int = MAX_TILES) -> list | None:
-    """The first centres as one grid image (rows of square tiles), or None when a
-    centre is not a square image (d is not a perfect square)."""
+def tiles(centers: np.ndarray, max_tiles: int = MAX_TILES) -> np.ndarray | None:
+    """The first centres as one grid image (rows of square tiles, float64), or None
+    when a centre is not a square image (d is not a perfect square)."""
     k, d = centers.shape
     side = math.isqrt(d)
     if side * side != d or side < 4:
@@ -57,8 +57,7 @@ def tiles(centers: np.ndarray, max_tiles: int = MAX_TILES) -> list | None:
         # Row 0 of an image is its top; the page draws grid row 0 at the bottom.
         grid[r * (side + 1):r * (side + 1) + side, c * (side + 1):c * (side + 1) + side] = (
             centers[j].reshape(side, side))
-    grid = grid[::-1]
-    return np.round(grid, 3).tolist()
+    return grid[::-1]
 
 
 class KMeansPage(SchedulerPlugin):
@@ -233,7 +232,7 @@ def iteration_message(run: str, record: dict, centers: np.ndarray, *, n_rows: in
     msg = {"kind": "iteration", "run": run, "n_clusters": int(centers.shape[0]),
            "n_rows": int(n_rows), "max_iter": int(max_iter), "tiles": None}
     if grid is not None:
-        g = np.clip(np.nan_to_num(np.asarray(grid)), 0.0, 1.0)
+        g = np.clip(np.nan_to_num(grid), 0.0, 1.0)
         msg["tiles"] = {"shape": list(g.shape),
                         "b64": base64.b64encode(np.round(g * 255).astype(np.uint8).tobytes())
                         .decode("ascii")}

@@ -46,10 +46,11 @@ def test_tiles_only_for_square_images():
     assert dashboard.tiles(np.zeros((3, 10))) is None
     grid = dashboard.tiles(np.arange(2 * 16, dtype=float).reshape(2, 16) / 32)
     # Two 4 x 4 tiles side by side, each followed by a one-pixel gap.
-    assert (len(grid), len(grid[0])) == (5, 10)
+    assert grid.shape == (5, 10)
     # Row 0 of an image (its top) is the grid's last row, which Bokeh draws at the top.
-    assert grid[-1][:4] == [0.0, 0.031, 0.062, 0.094]
-    assert grid[-1][5:9] == [0.5, 0.531, 0.562, 0.594]
+    np.testing.assert_array_equal(grid[-1, :4], [0.0, 1 / 32, 2 / 32, 3 / 32])
+    np.testing.assert_array_equal(grid[-1, 5:9], [0.5, 17 / 32, 18 / 32, 19 / 32])
+    assert not grid[:, 4].any() and not grid[0].any()  # the gaps
 
 
 def _get(url):
