@@ -108,9 +108,8 @@ def main(argv=None) -> int:
         print(f"  CRC-32C of one chunk:                 {out['crc32c_one_chunk_ms']:8.2f} ms")
         print(f"  streamed Lloyd iteration, K=10:       "
               f"{out['streamed_lloyd_iteration_ms']:8.1f} ms")
-    out = results
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

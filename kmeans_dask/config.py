@@ -65,8 +65,9 @@ from __future__ import annotations
 
 import dask
 
-DEFAULTS = {"persist": "auto", "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256, "split-every": 8,
-            "minibatch-round-bytes": 256 * 2**20, "minibatch-stream-round-bytes": 2**30}
+DEFAULTS = {"persist": "auto", "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256,
+            "split-every": 8, "minibatch-round-bytes": 256 * 2**20,
+            "minibatch-stream-round-bytes": 2**30}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "minibatch-round-bytes": 1,
            "minibatch-stream-round-bytes": 1}
 
@@ -88,7 +89,7 @@ CODECS = ("lz4", "zstd")
 
 def store_codec() -> str:
     """``kmeans_dask.store-codec``: one of :data:`CODECS`."""
-    value = dask.config.get("kmeans_dask.store-codec", "lz4")
+    value = dask.config.get("kmeans_dask.store-codec", DEFAULTS["store-codec"])
     text = str(value).strip().lower()
     if text not in CODECS:
         raise ValueError(f"dask config kmeans_dask.store-codec must be one of {list(CODECS)}, "
