@@ -3,10 +3,12 @@ the cause, exit status 2, no secret printed, before any cluster starts."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from conftest import run_job
-from s3_server import SECRET, S3Server, free_port, make_bucket, s3_env, s3_server  # noqa: F401
+from s3_server import SECRET, S3Server, make_bucket, s3_env, s3_server  # noqa: F401
 
 
 def _refused(done, *expected):
@@ -39,11 +41,15 @@ def test_wrong_credentials_are_named(tmp_path):
 
 
 def test_unreachable_endpoint_is_named():
-    env = S3Server.__new__(S3Server)
-    env.endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    done = run_job("predict", "--result", "s3://kd-any/r.zarr", "--data", "s3://kd-any/d.zarr",
-                   "--out", "s3://kd-any/l.zarr", env={**S3Server.env(env),
-                                                      "AWS_MAX_ATTEMPTS": "1"})
+    # The port stays bound, never listening, for the whole job: connections are
+    # refused, and no process of a parallel test (a Dask worker, say) can take it.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        env = S3Server.__new__(S3Server)
+        env.endpoint = f"http://127.0.0.1:{held.getsockname()[1]}"
+        done = run_job("predict", "--result", "s3://kd-any/r.zarr", "--data",
+                       "s3://kd-any/d.zarr", "--out", "s3://kd-any/l.zarr",
+                       env={**S3Server.env(env), "AWS_MAX_ATTEMPTS": "1"})
     _refused(done, "s3://kd-any/r.zarr: cannot reach the storage endpoint", env.endpoint)
 
 
