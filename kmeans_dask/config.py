@@ -39,6 +39,14 @@ block-rows : int, default 256
 split-every : int, default 8
     Fan-in of the trees that combine one-time per-chunk results (statistics,
     the farthest rows).
+peer-workers : int, default 4
+    Up to this many workers, the Lloyd loop runs as a chained graph: every
+    worker adds every worker's partial sums itself, reaches the same next
+    centres, and starts its next pass without a round trip through the
+    client (each worker sends its k x d partial to each other worker).  On
+    more workers, each worker sends one partial per iteration to the
+    client, which sends the centres back: fewer bytes, one more round trip.
+    0 always goes through the client.  Results do not depend on it.
 minibatch-round-bytes : int, default 268435456 (256 MiB)
     Sampled rows :class:`~kmeans_dask.MiniBatchKMeans` brings to the client
     per round trip from persisted rows (their batches' steps run there; a
@@ -66,9 +74,10 @@ from __future__ import annotations
 import dask
 
 DEFAULTS = {"persist": "auto", "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256,
-            "split-every": 8, "minibatch-round-bytes": 256 * 2**20,
+            "split-every": 8, "peer-workers": 4, "minibatch-round-bytes": 256 * 2**20,
             "minibatch-stream-round-bytes": 2**30}
-MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "minibatch-round-bytes": 1,
+MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "peer-workers": 0,
+           "minibatch-round-bytes": 1,
            "minibatch-stream-round-bytes": 1}
 
 dask.config.update_defaults({"kmeans_dask": dict(DEFAULTS)})

@@ -40,6 +40,7 @@ thread pool (:class:`LocalEngine`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -54,7 +55,7 @@ import dask.array as da
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import _kernels, dashboard
+from . import _kernels, config, dashboard
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ EXTENSION = "kmeans-dask"
 # A chunk's graph up to this size (pickled) is sent with its labels task; a
 # larger one holds the rows themselves (rows from client memory).
 SOURCE_BYTES = 64 * 1024
+# Chained steps submitted ahead of the one whose record the client waits for:
+# enough that submitting never delays a pass, few to drop after the end.
+STEPS_AHEAD = 3
 
 
 # --------------------------------------------------------------------- exact sums
@@ -197,6 +201,90 @@ def chunk_labels(X, state, centers: np.ndarray, spec: PassSpec) -> np.ndarray:
     if state is not None and state.centers is not None and np.array_equal(state.centers, centers):
         return state.labels.astype(np.int32)
     return _kernels.predict_chunk(load(X), centers, scale=spec.scale, block_rows=spec.block_rows)
+
+
+# --------------------------------------------------------------------- one Lloyd step
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What turns a pass's totals into the next centres, wherever that is done.
+
+    Parameters
+    ----------
+    max_iter : int
+        The last iteration; the pass after it is the final one.
+    tol : float
+        Absolute tolerance on the centres' squared shift.
+    project : callable, optional
+        Maps every new set of centres (spherical K-Means scales them to norm 1).
+    sqnorm : float
+        ``sum w |x|^2`` over all rows (for the inertia from the totals).
+    dtype : str
+        The dtype the kernels round the centres to.
+    """
+
+    max_iter: int
+    tol: float
+    project: object
+    sqnorm: float
+    dtype: str
+
+
+def finish(part: dict | None, centers: np.ndarray, spec: PassSpec, sqnorm: float,
+           dtype) -> dict:
+    """A pass's added partials as totals: float64 ``sums``, ``counts`` and the ``inertia``
+    of ``centers`` (the centres the pass used)."""
+    k, d = centers.shape
+    if part is None:
+        part = {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
+                "pairs": 0, "changed": 0}
+    part = dict(part)
+    part.pop("worker", None)
+    if "raw_sums" in part:
+        part["sums"] = part.pop("raw_sums").astype(np.float64) * spec.scale
+    part["inertia"] = _kernels._inertia(centers, dtype, part["sums"], part["counts"], sqnorm)
+    return part
+
+
+def next_centers(centers: np.ndarray, sums: np.ndarray, counts: np.ndarray, project=None):
+    """The means of the clusters that have weight (the others keep their centre),
+    mapped by ``project``; and their squared shift from ``centers``."""
+    new = centers.copy()
+    keep = counts > 0
+    new[keep] = sums[keep] / counts[keep, None]
+    if project is not None:
+        new = project(new)
+    return new, float(((new - centers) ** 2).sum())
+
+
+def after_pass(part: dict, centers: np.ndarray, iteration: int, loop: LoopSpec,
+               final: bool) -> dict:
+    """What follows the pass of ``iteration`` with ``centers`` (``part``: its totals).
+
+    * ``"end"``: that was the final pass; its ``inertia`` and ``centers``.
+    * ``"halt"``: a cluster is empty.  Moving it needs the farthest rows, a
+      pass of its own, which the loop's caller runs (``part`` and ``centers``
+      are given for it).
+    * ``"iteration"``: the iteration's record (``inertia``, ``center_shift``,
+      ``changed``, ``skipped``), the next ``centers``, and whether the pass
+      with them is the ``final`` one (converged, or ``max_iter`` reached).
+
+    The one rule for every engine, and for every worker of a chained loop,
+    each of which reaches the same centres from the same totals.
+    """
+    if final:
+        return {"kind": "end", "iteration": iteration, "inertia": part["inertia"],
+                "centers": centers}
+    if not (part["counts"] > 0).all():
+        return {"kind": "halt", "iteration": iteration, "part": part, "centers": centers}
+    new, shift = next_centers(centers, part["sums"], part["counts"], loop.project)
+    k = centers.shape[0]
+    return {"kind": "iteration", "iteration": iteration, "inertia": float(part["inertia"]),
+            "center_shift": shift, "relocated": 0, "changed": int(part["changed"]),
+            # Near ties are ranked twice (float32, then exactly): clamp at 0.
+            "skipped": max(0.0, 1.0 - part["pairs"] / max(1, part["rows"] * k)),
+            "centers": new, "final": shift <= loop.tol or iteration >= loop.max_iter}
 
 
 def seed_chunks(states: dict, chunks: list, candidates: np.ndarray, known: int, what: str,
@@ -401,6 +489,80 @@ def hold(value):
     return value
 
 
+def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows: list,
+                weights: list | None, *previous, start: dict | None = None,
+                publish: tuple = ()) -> dict:
+    """A task: one step of a chained Lloyd loop, on one worker's chunks.
+
+    ``previous`` are the results of every worker's task of the step before
+    (the lead's first: it carries the centres of that step's pass).  This
+    task adds their partials, applies :func:`after_pass` to the totals, as
+    every other worker's task does, and runs the pass with the next
+    centres.  Nothing goes through the client: the partials travel from
+    worker to worker, and only the lead's record goes on to a record task.
+    ``start`` (the first step): the centres and whether their pass is the
+    final one.  Once the loop has ended or halted, a step does nothing.
+    """
+    from distributed import get_worker
+
+    worker = get_worker()
+    for msg in publish:
+        worker.log_event(dashboard.TOPIC, msg)
+    if start is not None:
+        centers, final, out, before = start["centers"], start["final"], None, start["t"]
+    else:
+        head = previous[0]
+        if head["stop"]:
+            return {"stop": True, "out": None, "worker": worker.address}
+        part = finish(add_parts([p["part"] for p in previous]), head["centers"], spec,
+                      loop.sqnorm, loop.dtype)
+        out = after_pass(part, head["centers"], head["iteration"], loop, head["final"])
+        if out["kind"] != "iteration":
+            return {"stop": True, "out": out if lead else None, "worker": worker.address}
+        centers, final, before = out.pop("centers"), out["final"], head["t"]
+        out["seconds"] = head["t"] - head["before"]
+    ext = extension()
+    weights = weights if weights is not None else [None] * len(indices)
+    with _kernels.one_blas_thread():
+        part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers,
+                           spec, ext.pool(), ext.workspaces)
+    iteration = start["iteration"] if start is not None else out["iteration"] + 1
+    return {"stop": False, "part": part, "final": final, "iteration": iteration,
+            "t": time.time(), "before": before, "worker": worker.address,
+            # Only the lead's task carries the centres: the others' tasks add them
+            # from its result, so every worker sends about one k x d array.
+            "centers": centers if lead else None, "out": out if lead else None}
+
+
+def worker_record(step: dict, *others, want_centers: bool = False,
+                  page: dict | None = None) -> dict:
+    """A task next to a chained step's lead: the record of the iteration before,
+    small enough for the client to fetch every iteration, and the workers
+    that ran the step (``step`` the lead's result, ``others`` the rest: the
+    lead's worker fetches them for its next step anyway).
+
+    ``want_centers``: with the centres the iteration reached (a checkpoint
+    needs them).  ``page``: the K-Means page's run, size and start time; the
+    record is shown there from here, with the centres, which need not go to
+    the client for it.
+    """
+    workers = [s["worker"] for s in (step, *others)]
+    if step["stop"]:
+        return {**(step["out"] or {"kind": "stopped"}), "workers": workers}
+    out = {**step["out"], "workers": workers}
+    if page is not None:
+        from distributed import get_worker
+
+        record = {**out, "elapsed": time.time() - page["t0"]}
+        get_worker().log_event(dashboard.TOPIC, dashboard.iteration_message(
+            page["run"], record, step["centers"], n_rows=page["n_rows"],
+            max_iter=page["max_iter"]))
+        out["published"] = True
+    if want_centers:
+        out["centers"] = step["centers"]
+    return out
+
+
 # --------------------------------------------------------------------- client side
 
 
@@ -448,17 +610,37 @@ class Engine:
         return ClusterEngine(client, rows, stats, persisted=persisted, source=source)
 
     def _finish(self, part: dict | None, centers: np.ndarray) -> dict:
-        k, d = centers.shape
-        if part is None:
-            part = {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
-                    "pairs": 0, "changed": 0}
-        part.pop("worker", None)
-        if "raw_sums" in part:
-            part["sums"] = part.pop("raw_sums").astype(np.float64) * self.spec.scale
-        part["inertia"] = _kernels._inertia(centers, self.dtype, part["sums"], part["counts"],
-                                            self.sqnorm)
         self.passes += 1
-        return part
+        return finish(part, centers, self.spec, self.sqnorm, self.dtype)
+
+    def loop_spec(self, max_iter: int, tol: float, project=None) -> LoopSpec:
+        return LoopSpec(max_iter=int(max_iter), tol=float(tol), project=project,
+                        sqnorm=self.sqnorm, dtype=np.dtype(self.dtype).str)
+
+    def iterate(self, centers: np.ndarray, first: int, *, max_iter: int, tol: float,
+                project=None, final: bool = False, want_centers: bool = False):
+        """Lloyd steps from ``centers``, whose pass is iteration ``first``.
+
+        Yields :func:`after_pass` results in order: one record per iteration
+        (with its ``seconds``, and the ``centers`` it reached, here always),
+        then an ``"end"`` (the final pass's inertia and centres) or a
+        ``"halt"`` (an empty cluster, for the caller to move).  ``final``:
+        the pass with ``centers`` is already the final one.
+        ``want_centers``: every record must carry its centres (engines that
+        keep them off the client send them only then).
+        """
+        loop = self.loop_spec(max_iter, tol, project)
+        iteration = first
+        while True:
+            t0 = time.perf_counter()
+            out = after_pass(self.lloyd(centers, iteration), centers, iteration, loop, final)
+            if out["kind"] != "iteration":
+                yield out
+                return
+            out["seconds"] = time.perf_counter() - t0
+            self.publish(out, out["centers"], max_iter)
+            yield out
+            centers, final, iteration = out["centers"], out["final"], iteration + 1
 
     def lloyd(self, centers: np.ndarray, iteration: int | None = None) -> dict:
         """Assign every row to ``centers``.
@@ -572,6 +754,7 @@ class ClusterEngine(Engine):
             self.wblocks = ([Source(rows.weights.blocks[i]) for i in range(n)]
                             if rows.weights is not None else None)
         self.replans = 0
+        self.chains = 0
         self._plan()
 
     # ------------------------------------------------------------------ placement
@@ -627,6 +810,85 @@ class ClusterEngine(Engine):
         name = f"kmeans-lloyd-{self.iteration}-{self.tag}-{self.passes}"
         return self._run(name, self.task, (centers,), publish=True)
 
+    def iterate(self, centers, first, *, max_iter, tol, project=None, final=False,
+                want_centers=False):
+        """:meth:`Engine.iterate`; on up to ``kmeans_dask.peer-workers`` workers, as a
+        chained graph (:func:`worker_step`): each step's tasks wait on the step
+        before, so a pass starts as soon as the last partial reaches its
+        worker, without a round trip through the client.  The client submits
+        a few steps ahead and reads each step's record as it comes."""
+        if len(self.plan) > config.get("peer-workers"):
+            yield from super().iterate(centers, first, max_iter=max_iter, tol=tol,
+                                       project=project, final=final,
+                                       want_centers=want_centers)
+            return
+        loop = self.loop_spec(max_iter, tol, project)
+        self.chains += 1
+        start = {"centers": np.ascontiguousarray(centers, dtype=np.float64), "final": final,
+                 "iteration": first, "t": time.time()}
+        page = None
+        if self.page:
+            page = {"run": self.spec.run, "n_rows": self.rows.n, "max_iter": max_iter,
+                    "t0": time.time() - (time.perf_counter() - self._started)}
+        steps: dict[int, list] = {}
+        previous: list = []
+
+        def submit(iteration):
+            nonlocal previous
+            futures = self._step(iteration, previous, start if iteration == first else None,
+                                 loop, want_centers, page)
+            previous = futures[:len(self.plan)]
+            steps[iteration] = futures
+
+        for iteration in range(first, first + STEPS_AHEAD):
+            submit(iteration)
+        try:
+            # Step i's record is the iteration before's.
+            for iteration in itertools.count(first + 1):
+                out = self._gather([steps[iteration][-1]])[0]
+                steps.pop(iteration - 1, None)
+                self.passes += 1
+                if out["workers"] != [addr for addr, _ in self.plan]:
+                    # A worker was lost or added: the next steps follow the chunks
+                    # (any grouping of the partials adds to the same totals).
+                    self.replans += 1
+                    log.info("chunks moved between workers; placing the passes again")
+                    self._plan()
+                if out["kind"] != "iteration":
+                    yield out
+                    return
+                self.iteration = out["iteration"]
+                yield out
+                submit(max(steps) + 1)
+        finally:
+            # Steps submitted beyond the end do nothing; released, they are dropped.
+            steps.clear()
+            previous = []
+
+    def _step(self, iteration: int, previous: list, start, loop, want_centers, page) -> list:
+        """Submit one chained step: a :func:`worker_step` per worker, and (after the
+        first) the :func:`worker_record` beside the lead's."""
+        name = f"kmeans-lloyd-{iteration}-{self.tag}-{self.chains}"
+        step = dask.delayed(worker_step, pure=False)
+        tasks = []
+        for j, (addr, idx) in enumerate(self.plan):
+            pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
+            extra = {"start": start} if start is not None else {}
+            if j == 0 and self._outbox:
+                extra["publish"] = tuple(self._outbox)
+                self._outbox = []
+            with dask.annotate(**pin):
+                tasks.append(step(self.spec, loop, j == 0, idx, *self._args(j, idx), *previous,
+                                  dask_key_name=(name, j), **extra))
+        if start is None:
+            addr = self.plan[0][0]
+            pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
+            with dask.annotate(**pin):
+                tasks.append(dask.delayed(worker_record, pure=False)(
+                    *tasks, want_centers=want_centers, page=page,
+                    dask_key_name=(f"kmeans-record-{self.tag}-{self.chains}", iteration)))
+        return self._gather(tasks, submit_only=True)
+
     def _seed(self, candidates, known, what, args):
         name = f"kmeans-init-{what}-{self.tag}-{self.seeds}"
         return self._run(name, worker_seed, (candidates, known, what, args))
@@ -634,26 +896,31 @@ class ClusterEngine(Engine):
     def _run(self, name: str, fn, head: tuple, publish: bool = False):
         """``fn(spec, *head, chunk indices, rows, weights)`` on every worker, over the
         chunks it holds; the partials added."""
-        try:
-            futures = self.client.compute(self._tasks(name, fn, head, publish),
-                                          optimize_graph=False)
-            # The client batches what it sends the scheduler: a message sent just
-            # before a submission holds it back by the batching interval.  So the
-            # last pass's results are released just after this one is submitted.
-            self._held = futures
-            parts = self.client.gather(futures)
-        except ValueError as exc:
-            if self.client.status in ("running", "connecting"):
-                raise
-            # A client that lost its scheduler refuses new work with a ValueError
-            # ("No global client found"); say what happened, as a lost connection.
-            raise ConnectionError(f"the client is {self.client.status}: {exc}") from exc
+        futures = self._gather(self._tasks(name, fn, head, publish), submit_only=True)
+        # The client batches what it sends the scheduler: a message sent just
+        # before a submission holds it back by the batching interval.  So the
+        # last pass's results are released just after this one is submitted.
+        self._held = futures
+        parts = self._gather(futures)
         if any(p["worker"] != addr for p, (addr, _) in zip(parts, self.plan)):
             # A worker was lost or added: the next pass follows the chunks.
             self.replans += 1
             log.info("chunks moved between workers; placing the passes again")
             self._plan()
         return add_parts(parts)
+
+    def _gather(self, items: list, submit_only: bool = False) -> list:
+        """Submit delayed ``items`` (``submit_only``: their futures), or gather futures."""
+        try:
+            if submit_only:
+                return self.client.compute(items, optimize_graph=False)
+            return self.client.gather(items)
+        except ValueError as exc:
+            if self.client.status in ("running", "connecting"):
+                raise
+            # A client that lost its scheduler refuses new work with a ValueError
+            # ("No global client found"); say what happened, as a lost connection.
+            raise ConnectionError(f"the client is {self.client.status}: {exc}") from exc
 
     def _tasks(self, name: str, fn, head: tuple, publish: bool) -> list:
         """A pass's tasks, one per worker, pinned to it by annotation.

@@ -26,7 +26,7 @@ from . import _kernels, _params, config, store
 from ._base import BaseKMeans
 from ._params import ARRAY, CALLABLE, RANDOM_STATE, VERBOSE, Number, Options
 from ._passes import ChunkedRows
-from .engine import Engine
+from .engine import Engine, next_centers
 from .cluster import active_client, worker_info
 from .init import INITS
 
@@ -353,13 +353,13 @@ def _check_stats(stats: dict, rows: ChunkedRows) -> None:
         raise ValueError("sample_weight sums to zero: no row carries weight")
 
 
-def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
-    """Divide sums by weights after moving each empty cluster to a far row.
+def _relocated(rows: ChunkedRows, centers: np.ndarray, part: dict):
+    """The sums and weights after moving each empty cluster to a far row.
 
     As in scikit-learn, an empty cluster takes one of the rows farthest from
     their current centre, and that row's weight leaves its old cluster; a
     centre never falls to the origin.  Only rows off their centre can seed
-    a cluster: the third value returned is the number of empty clusters
+    a cluster: the last value returned is the number of empty clusters
     left because every row already sits on a centre (fewer distinct rows
     than clusters).
     """
@@ -380,71 +380,78 @@ def _new_centers(rows: ChunkedRows, centers: np.ndarray, part: dict):
             counts[j] = weight
         log.info("relocated %d empty cluster(s) %s to the farthest rows %s", empty.size,
                  empty.tolist(), far["index"].tolist())
-    new = centers.copy()
-    keep = counts > 0
-    new[keep] = sums[keep] / counts[keep, None]
-    return new, int(empty.size), stuck
+    return sums, counts, int(empty.size), stuck
+
+
+RECORD = ("iteration", "inertia", "center_shift", "seconds", "relocated", "changed", "skipped")
 
 
 def lloyd(rows: ChunkedRows, engine: Engine, init, *, max_iter: int, tol: float, verbose=0,
           callback=None, checkpoint=None, resume=None, project=None) -> dict:
     """Lloyd iterations from ``init``, scikit-learn's ``_kmeans_single_lloyd`` for this engine.
 
-    ``engine`` runs the passes, ``rows`` the rare others (the farthest rows
-    for empty clusters); ``tol`` is absolute (already scaled by the data's
-    variance).  The last pass, with the final centres, gives the inertia and
-    leaves the labels in the engine's per-chunk states.  ``stuck`` in the
-    result counts the clusters left empty because every row sits on a
-    centre (fewer distinct rows than clusters).  ``project`` maps every new
-    set of centres (spherical K-Means scales them to norm 1).
+    ``engine`` runs the iterations (:meth:`Engine.iterate`), ``rows`` the
+    rare other passes (the farthest rows for an empty cluster, after which
+    the engine's iterations start again from the moved centres); ``tol`` is
+    absolute (already scaled by the data's variance).  The final pass, with
+    the final centres, gives the inertia and leaves the labels in the
+    engine's per-chunk states.  ``stuck`` in the result counts the clusters
+    left empty because every row sits on a centre (fewer distinct rows than
+    clusters).  ``project`` maps every new set of centres (spherical K-Means
+    scales them to norm 1).
     """
     centers = np.asarray(init, dtype=np.float64)
     history = []
     if resume is not None:
         centers = np.asarray(resume["centers"], dtype=np.float64)
         history = [dict(h) for h in resume["history"]]
-    k = len(centers)
     stuck = 0
-    done = bool(history) and history[-1]["center_shift"] <= tol
-    for n_iter in range(len(history) + 1, max_iter + 1 if not done else 0):
+    final = bool(history) and (history[-1]["center_shift"] <= tol or len(history) >= max_iter)
+    while True:
         t0 = time.perf_counter()
-        part = engine.lloyd(centers, n_iter)
-        new, relocated, stuck = _new_centers(rows, centers, part)
-        if project is not None:
-            new = project(new)
-        shift = float(((new - centers) ** 2).sum())
-        record = {"iteration": n_iter, "inertia": float(part["inertia"]), "center_shift": shift,
-                  "seconds": time.perf_counter() - t0, "relocated": relocated,
-                  "changed": int(part["changed"]),
-                  # Near ties are ranked twice (float32, then exactly): clamp at 0.
-                  "skipped": max(0.0, 1.0 - part["pairs"] / max(1, part["rows"] * k))}
-        history.append(record)
-        log.debug("iteration %d: inertia %.6g, shift %.3g, rows recomputed %s", n_iter,
-                  record["inertia"], shift, part.get("computed", "all"))
-        if verbose:
-            print(f"Iteration {n_iter - 1}, inertia {record['inertia']}.")
-        if callback is not None:
-            callback(record)
-        engine.publish(record, new, max_iter)
-        centers = new
-        if checkpoint is not None:
-            checkpoint({"iteration": n_iter, "centers": centers, "init": init, "history": history})
-        if stuck:
-            # Nothing can fill the empty clusters: more iterations would change nothing.
-            break
-        if shift <= tol:
+        for out in engine.iterate(centers, len(history) + 1, max_iter=max_iter, tol=tol,
+                                  project=project, final=final,
+                                  want_centers=checkpoint is not None):
+            if out["kind"] == "end":
+                # Inertia of the final centres, as scikit-learn reports it.
+                return {"centers": out["centers"], "inertia": float(out["inertia"]),
+                        "n_iter": len(history), "history": history, "stuck": stuck}
+            if out["kind"] == "halt":
+                sums, counts, relocated, stuck = _relocated(rows, out["centers"], out["part"])
+                new, shift = next_centers(out["centers"], sums, counts, project)
+                part, k = out["part"], len(new)
+                out = {"iteration": out["iteration"], "inertia": float(part["inertia"]),
+                       "center_shift": shift, "seconds": time.perf_counter() - t0,
+                       "relocated": relocated, "changed": int(part["changed"]),
+                       "skipped": max(0.0, 1.0 - part["pairs"] / max(1, part["rows"] * k)),
+                       # Nothing can fill clusters left empty: more iterations would
+                       # change nothing.
+                       "centers": new, "final": bool(stuck) or shift <= tol
+                       or out["iteration"] >= max_iter, "kind": "halt"}
+                engine.publish(out, new, max_iter)
+            record = {key: out[key] for key in RECORD}
+            history.append(record)
+            log.debug("iteration %d: inertia %.6g, shift %.3g", record["iteration"],
+                      record["inertia"], record["center_shift"])
             if verbose:
-                if shift == 0:
-                    print(f"Converged at iteration {n_iter - 1}: strict convergence.")
-                else:
-                    print(f"Converged at iteration {n_iter - 1}: center shift {shift} within "
-                          f"tolerance {tol}.")
-            break
-    n_iter = len(history)
-    # Inertia of the final centres, as scikit-learn reports it.
-    inertia = float(engine.lloyd(centers, n_iter + 1)["inertia"])
-    return {"centers": centers, "inertia": inertia, "n_iter": n_iter, "history": history,
-            "stuck": stuck}
+                print(f"Iteration {record['iteration'] - 1}, inertia {record['inertia']}.")
+                if out["final"] and record["center_shift"] <= tol:
+                    shift = record["center_shift"]
+                    print(f"Converged at iteration {record['iteration'] - 1}: strict convergence."
+                          if shift == 0 else
+                          f"Converged at iteration {record['iteration'] - 1}: center shift "
+                          f"{shift} within tolerance {tol}.")
+            if callback is not None:
+                callback(record)
+            if checkpoint is not None:
+                checkpoint({"iteration": record["iteration"], "centers": out["centers"],
+                            "init": init, "history": history})
+            if out["kind"] == "halt":
+                centers, final = out["centers"], out["final"]
+                break
+            t0 = time.perf_counter()
+        else:
+            raise RuntimeError("the engine's iterations stopped without a final pass")
 
 
 # ---------------------------------------------------------------------- persistence

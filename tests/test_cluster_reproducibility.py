@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from distributed import Client, get_task_stream
 
-from kmeans_dask import KMeans, MiniBatchKMeans, store
+from kmeans_dask import KMeans, MiniBatchKMeans, engine, store
 
 pytestmark = pytest.mark.cluster
 
@@ -104,14 +104,16 @@ def test_every_iteration_is_a_task_on_every_worker(dask_cluster, fashion_test_sm
         with get_task_stream(client) as ts:
             km = KMeans(10, init="k-means++", random_state=0, max_iter=6, tol=0).fit(X)
         lloyd = [t for t in ts.data if str(t["key"]).startswith("('kmeans-lloyd-")]
-        # Every iteration and the final pass: one task per worker, named for its iteration.
+        # Every iteration and the final pass: one task per worker, named for its
+        # iteration.  The chained loop adds the step that reads the final pass,
+        # and at most a few submitted ahead, which do nothing.
         passes = km.n_iter_ + 1
-        assert len(lloyd) == 2 * passes
+        assert 2 * (passes + 1) <= len(lloyd) <= 2 * (passes + engine.STEPS_AHEAD)
         workers = {t["worker"] for t in lloyd}
         assert len(workers) == 2
-        for it in range(1, passes + 1):
+        for it in range(1, passes + 2):
             mine = [t for t in lloyd if str(t["key"]).startswith(f"('kmeans-lloyd-{it}-")]
-            assert {t["worker"] for t in mine} == workers, it
+            assert len(mine) == 2 and {t["worker"] for t in mine} == workers, it
         # The labels come from the states the final pass left: one small task a chunk.
         labels = [t for t in ts.data if str(t["key"]).startswith("('kmeans-labels-")]
         assert len(labels) == X.numblocks[0]
