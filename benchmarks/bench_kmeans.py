@@ -33,12 +33,46 @@ import numpy as np
 
 
 def _noop_pass(spec, centers, indices, rows, weights, publish=()):
-    """The pass task's arguments and reply, with no work done."""
+    """The pass task's arguments and reply, with no work done (every cluster keeps a row)."""
     from distributed import get_worker
 
     k, d = centers.shape
-    return {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
+    return {"sums": np.zeros((k, d)), "counts": np.ones(k), "rows": 0, "computed": 0,
             "pairs": 0, "changed": 0, "worker": get_worker().address}
+
+
+def _noop_chunks(states, chunks, centers, spec, pool=None, workspaces=None):
+    """A chained step's pass with no work done (every cluster keeps a row, so the loop goes on)."""
+    k, d = centers.shape
+    return {"sums": np.zeros((k, d)), "counts": np.ones(k), "rows": 0, "computed": 0,
+            "pairs": 0, "changed": 0}
+
+
+def empty_iteration(client, Xp, k=10) -> dict:
+    """Median seconds of an engine iteration whose tasks do no work (2 workers): the
+    chained loop (``peer-workers``, the default here) and the loop through the client."""
+    import dask
+
+    from kmeans_dask._passes import ChunkedRows
+    from kmeans_dask.engine import ClusterEngine
+
+    class NoopEngine(ClusterEngine):
+        task = staticmethod(_noop_pass)
+        chunks_pass = staticmethod(_noop_chunks)
+
+    rows = ChunkedRows(Xp, None, scale=1 / 255)
+    out = {}
+    for name, peers in (("chained", 4), ("client", 0)):
+        with dask.config.set({"kmeans_dask.peer-workers": peers}):
+            engine = NoopEngine(client, rows, rows.stats(), persisted=True)
+            c = np.zeros((k, Xp.shape[1]))
+            stamps = [time.perf_counter()]
+            for step in engine.iterate(c, 1, max_iter=20, tol=-1.0):
+                assert step["kind"] in ("iteration", "end"), step["kind"]
+                stamps.append(time.perf_counter())
+            engine.close()
+        out[name] = statistics.median(np.diff(stamps)[2:])
+    return out
 
 
 def _reset_peak():
@@ -133,8 +167,6 @@ def run(args, scratch):
     from kmeans_dask import KMeans
     from kmeans_dask import MiniBatchKMeans as MiniBatchKMeansDask
     from kmeans_dask import config
-    from kmeans_dask._passes import ChunkedRows
-    from kmeans_dask.engine import ClusterEngine
     from kmeans_dask.kmeans import _regroup
 
     X, path = load_rows(args, scratch)
@@ -174,17 +206,7 @@ def run(args, scratch):
         wait(Xd32)
 
         # Empty iteration: the engine's tasks and combine, with passes that do no work.
-        rows = ChunkedRows(Xp, None, scale=1 / 255)
-        stats = rows.stats()
-        c10 = Xf64[:10]
-
-        class NoopEngine(ClusterEngine):
-            task = staticmethod(_noop_pass)
-
-        engine = NoopEngine(client, rows, stats, persisted=True)
-        empty = [timed(lambda: engine.lloyd(c10), 1)[0] for _ in range(15)]
-        engine.close()
-        report["empty_iteration_s"] = statistics.median(empty)
+        report["empty_iteration_s"] = empty_iteration(client, Xp)
 
         for k in [int(v) for v in args.ks.split(",")]:
             rng = np.random.default_rng(0)

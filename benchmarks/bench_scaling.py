@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 import bench_kmeans  # noqa: E402
-from bench_kmeans import _memory, _noop_pass, _reset_peak, inertia_of, timed  # noqa: E402
+from bench_kmeans import _memory, _reset_peak, empty_iteration, inertia_of, timed  # noqa: E402
 
 # The no-op pass is sent to the workers, which need not find benchmarks/ on their path.
 import cloudpickle  # noqa: E402
@@ -159,26 +159,6 @@ def peers(Xf, init, iters, repeats, which):
     return out
 
 
-def empty_iteration(client, Xp, k=10) -> float:
-    """Median seconds of an engine iteration whose tasks do no work (2 workers)."""
-    from kmeans_dask._passes import ChunkedRows
-    from kmeans_dask.engine import ClusterEngine
-
-    class NoopEngine(ClusterEngine):
-        task = staticmethod(_noop_pass)
-
-    rows = ChunkedRows(Xp, None, scale=1 / 255)
-    engine = NoopEngine(client, rows, rows.stats(), persisted=True)
-    c = np.zeros((k, Xp.shape[1]))
-    times = []
-    for _ in range(20):
-        t = time.perf_counter()
-        engine.lloyd(c)
-        times.append(time.perf_counter() - t)
-    engine.close()
-    return statistics.median(times[2:])
-
-
 def pass_bytes(km) -> int:
     """Bytes of one worker's pass reply (what it sends per iteration)."""
     k, d = km.cluster_centers_.shape
@@ -258,7 +238,8 @@ def main(argv=None):
             after = client.run(_memory)
             data_rss = sum(after[w]["VmRSS"] - before[w]["VmRSS"] for w in after)
             empty = empty_iteration(client, Xp)
-            print(f"n={n:,}: empty iteration {1e3 * empty:.1f} ms", flush=True)
+            print(f"n={n:,}: empty iteration {1e3 * empty['chained']:.1f} ms chained, "
+                  f"{1e3 * empty['client']:.1f} ms through the client", flush=True)
             for k in [int(v) for v in args.ks.split(",")]:
                 rng = np.random.default_rng(0)
                 pick = np.sort(rng.choice(n, k, replace=False))

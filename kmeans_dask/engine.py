@@ -491,7 +491,7 @@ def hold(value):
 
 def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows: list,
                 weights: list | None, *previous, start: dict | None = None,
-                publish: tuple = ()) -> dict:
+                publish: tuple = (), chunks_pass=pass_chunks) -> dict:
     """A task: one step of a chained Lloyd loop, on one worker's chunks.
 
     ``previous`` are the results of every worker's task of the step before
@@ -502,6 +502,8 @@ def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows:
     worker to worker, and only the lead's record goes on to a record task.
     ``start`` (the first step): the centres and whether their pass is the
     final one.  Once the loop has ended or halted, a step does nothing.
+    ``chunks_pass``: :func:`pass_chunks` (the benchmark times the
+    orchestration alone with one that does no work).
     """
     from distributed import get_worker
 
@@ -524,7 +526,7 @@ def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows:
     ext = extension()
     weights = weights if weights is not None else [None] * len(indices)
     with _kernels.one_blas_thread():
-        part = pass_chunks(ext.states(spec.run), list(zip(indices, rows, weights)), centers,
+        part = chunks_pass(ext.states(spec.run), list(zip(indices, rows, weights)), centers,
                            spec, ext.pool(), ext.workspaces)
     iteration = start["iteration"] if start is not None else out["iteration"] + 1
     return {"stop": False, "part": part, "final": final, "iteration": iteration,
@@ -732,9 +734,10 @@ class LocalEngine(Engine):
 class ClusterEngine(Engine):
     """The pass as one task per worker on a ``distributed`` cluster."""
 
-    # What each pass task runs (the benchmark times the orchestration alone
-    # with one that does no work).
+    # What each pass task runs, and each chained step's pass (the benchmark
+    # times the orchestration alone with ones that do no work).
     task = staticmethod(worker_pass)
+    chunks_pass = staticmethod(pass_chunks)
 
     def __init__(self, client, rows, stats, *, persisted, source=None):
         super().__init__(rows, stats, persisted=persisted, source=source)
@@ -874,6 +877,8 @@ class ClusterEngine(Engine):
         for j, (addr, idx) in enumerate(self.plan):
             pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
             extra = {"start": start} if start is not None else {}
+            if self.chunks_pass is not pass_chunks:
+                extra["chunks_pass"] = self.chunks_pass
             if j == 0 and self._outbox:
                 extra["publish"] = tuple(self._outbox)
                 self._outbox = []
@@ -883,7 +888,8 @@ class ClusterEngine(Engine):
         if start is None:
             addr = self.plan[0][0]
             pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
-            with dask.annotate(**pin):
+            # After the lead's next step, which becomes ready at the same time.
+            with dask.annotate(priority=-1, **pin):
                 tasks.append(dask.delayed(worker_record, pure=False)(
                     *tasks, want_centers=want_centers, page=page,
                     dask_key_name=(f"kmeans-record-{self.tag}-{self.chains}", iteration)))

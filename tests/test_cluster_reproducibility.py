@@ -80,6 +80,45 @@ def test_weighted_and_grouped_same_on_one_and_three_workers_persisted_or_streame
         _assert_same([runs[n, p, unweighted] for n in (1, 3) for p in (True, False)])
 
 
+def test_chained_loop_equals_the_loop_through_the_client(dask_cluster, fashion_test_small_chunks):
+    # kmeans_dask.peer-workers chooses where each iteration's partials are added
+    # (on every worker, or on the client), never what the fit finds: with a
+    # tolerance reached, spherical centres, an empty cluster moved mid-loop,
+    # and checkpoints, which need the centres of every iteration.
+    address = dask_cluster.workers(2)
+    with Client(address, timeout=30) as client, dask.config.set(SMALL_TASKS):
+        X = _rows(fashion_test_small_chunks)
+        far = X[:10].compute() / 255.0
+        far[3] = 50.0  # nearest to no row: empty after the first pass
+        cases = {"tol": dict(n_clusters=10, init="k-means++", random_state=0, max_iter=40,
+                             tol=1e-3),
+                 "cosine": dict(n_clusters=10, metric="cosine", random_state=0, max_iter=6,
+                                tol=0),
+                 "empty": dict(n_clusters=10, init=far, max_iter=6, tol=0)}
+        for name, params in cases.items():
+            fits = {}
+            for peers in (4, 0):
+                saved = []
+                with (dask.config.set({"kmeans_dask.peer-workers": peers}),
+                      get_task_stream(client) as ts):
+                    km = KMeans(**params).fit(X, checkpoint=lambda s: saved.append(
+                        (s["iteration"], s["centers"].copy())))
+                records = [t for t in ts.data if "kmeans-record-" in str(t["key"])]
+                assert bool(records) == (peers > 0), (name, peers)
+                history = [{k: v for k, v in h.items() if k != "seconds"} for h in km.history_]
+                fits[peers] = (*_result(km), history, saved)
+            chained, client_loop = fits[4], fits[0]
+            _assert_same([chained[:4], client_loop[:4]])
+            assert chained[4] == client_loop[4], name
+            assert [i for i, _ in chained[5]] == [i for i, _ in client_loop[5]]
+            for (_, a), (_, b) in zip(chained[5], client_loop[5]):
+                np.testing.assert_array_equal(a, b)
+            if name == "tol":
+                assert km.n_iter_ < params["max_iter"]  # ended by the tolerance
+        assert km.n_iter_ == 6 and km.history_[0]["relocated"] == 1
+        assert fits[4][4][-1]["center_shift"] > 0
+
+
 def test_one_worker_with_two_threads_equals_two_workers(dask_cluster, fashion_test_small_chunks):
     # ``dask worker``'s default shape: one process, several threads; the pass
     # runs its chunks over a pool of the worker's size.
