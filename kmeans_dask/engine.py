@@ -491,7 +491,7 @@ def hold(value):
 
 def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows: list,
                 weights: list | None, *previous, start: dict | None = None,
-                publish: tuple = (), chunks_pass=pass_chunks) -> dict:
+                publish: tuple = (), chunks_pass=None) -> dict:
     """A task: one step of a chained Lloyd loop, on one worker's chunks.
 
     ``previous`` are the results of every worker's task of the step before
@@ -502,8 +502,8 @@ def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows:
     worker to worker, and only the lead's record goes on to a record task.
     ``start`` (the first step): the centres and whether their pass is the
     final one.  Once the loop has ended or halted, a step does nothing.
-    ``chunks_pass``: :func:`pass_chunks` (the benchmark times the
-    orchestration alone with one that does no work).
+    ``chunks_pass``: what passes the chunks, :func:`pass_chunks` by default
+    (the benchmark times the orchestration alone with one that does no work).
     """
     from distributed import get_worker
 
@@ -526,8 +526,9 @@ def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows:
     ext = extension()
     weights = weights if weights is not None else [None] * len(indices)
     with _kernels.one_blas_thread():
-        part = chunks_pass(ext.states(spec.run), list(zip(indices, rows, weights)), centers,
-                           spec, ext.pool(), ext.workspaces)
+        part = (chunks_pass or pass_chunks)(ext.states(spec.run),
+                                            list(zip(indices, rows, weights)), centers, spec,
+                                            ext.pool(), ext.workspaces)
     iteration = start["iteration"] if start is not None else out["iteration"] + 1
     return {"stop": False, "part": part, "final": final, "iteration": iteration,
             "t": time.time(), "before": before, "worker": worker.address,
@@ -737,7 +738,7 @@ class ClusterEngine(Engine):
     # What each pass task runs, and each chained step's pass (the benchmark
     # times the orchestration alone with ones that do no work).
     task = staticmethod(worker_pass)
-    chunks_pass = staticmethod(pass_chunks)
+    chunks_pass = None
 
     def __init__(self, client, rows, stats, *, persisted, source=None):
         super().__init__(rows, stats, persisted=persisted, source=source)
@@ -877,7 +878,7 @@ class ClusterEngine(Engine):
         for j, (addr, idx) in enumerate(self.plan):
             pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
             extra = {"start": start} if start is not None else {}
-            if self.chunks_pass is not pass_chunks:
+            if self.chunks_pass is not None:
                 extra["chunks_pass"] = self.chunks_pass
             if j == 0 and self._outbox:
                 extra["publish"] = tuple(self._outbox)
