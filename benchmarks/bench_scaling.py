@@ -18,7 +18,8 @@ Per iteration is ``(T(iters) - T(3)) / (iters - 3)`` of whole fits, so
 set-up drops out; the whole fit (set-up, iterations, final labels and
 inertia) is reported too.  Medians of ``--repeats`` fits.  kmeans-dask also
 reports its workers' peak RSS, the RSS its persisted data takes, and the
-bytes each worker's pass task returns per iteration.
+bytes each worker sends per iteration (distributed's transfer counters over
+one whole fit).
 
 ``--streamed-limit 2GiB`` adds a streamed fit (rows read from the store
 every pass) on workers with that memory limit, and checks that no worker was
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import platform
 import statistics
 import time
@@ -113,6 +113,7 @@ def ours(client, X, init, iters, repeats):
     pi, whole, km = per_iter(fit, iters, repeats)
     peak = client.run(_memory)
     return {"per_iter_s": pi, "fit_s": whole, "n_iter": km.n_iter_,
+            "sent_bytes_per_iter": sent_per_iteration(client, fit, iters),
             "history_per_iter_median_s": statistics.median(h["seconds"] for h in km.history_[3:]),
             "skipped_last": km.history_[-1]["skipped"],
             "peak_worker_rss": max(v["VmHWM"] for v in peak.values()), "model": km}
@@ -159,12 +160,20 @@ def peers(Xf, init, iters, repeats, which):
     return out
 
 
-def pass_bytes(km) -> int:
-    """Bytes of one worker's pass reply (what it sends per iteration)."""
+def _sent(dask_worker) -> int:
+    return dask_worker.transfer_outgoing_bytes_total
+
+
+def sent_per_iteration(client, fit, iters) -> dict:
+    """Bytes each worker sent (to other workers and the client) per pass of one fit,
+    from distributed's own transfer counters; and k x d x 8 for scale."""
+    before = client.run(_sent)
+    km = fit(iters)
+    after = client.run(_sent)
+    passes = km.n_iter_ + 1
     k, d = km.cluster_centers_.shape
-    part = {"sums": np.zeros((k, d)), "counts": np.zeros(k), "rows": 0, "computed": 0,
-            "pairs": 0, "changed": 0, "worker": "tcp://127.0.0.1:40000"}
-    return len(pickle.dumps(part, protocol=5))
+    return {"per_worker": {w: (after[w] - before[w]) / passes for w in after},
+            "k_d_8": k * d * 8}
 
 
 def streamed(path, limit, k, iters, seed_rows):
@@ -249,7 +258,6 @@ def main(argv=None):
                 mine = ours(client, Xp, init.astype(np.float64), args.iters, args.repeats)
                 km = mine.pop("model")
                 res["kmeans_dask"] = mine
-                res["kmeans_dask"]["pass_reply_bytes"] = pass_bytes(km)
                 res["kmeans_dask"]["inertia"] = km.inertia_
                 Xn = None
                 if n <= args.peer_max_rows and args.peers:

@@ -260,3 +260,19 @@ def test_streamed_states_keep_no_per_chunk_sums():
         keep = a["counts"] > 0
         c = c.copy()
         c[keep] = a["sums"][keep] / a["counts"][keep, None]
+
+
+def test_integer_partials_travel_narrowed_and_add_wide():
+    """A worker's exact integer sums travel as int32 where they fit, and are added
+    in int64: two partials just below 2**31 each add without wrapping."""
+    big = {"raw_sums": np.full((2, 3), 2**31 - 1, dtype=np.int64), "counts": np.ones(2)}
+    small = engine.narrow(big)
+    assert small["raw_sums"].dtype == np.int32 and big["raw_sums"].dtype == np.int64
+    total = engine.add_parts([small, engine.narrow(dict(big))])
+    assert total["raw_sums"].dtype == np.int64
+    assert (total["raw_sums"] == 2 * (2**31 - 1)).all()
+    # Sums that do not fit stay int64; float sums are left alone.
+    wide = {"raw_sums": np.full((2, 3), 2**31, dtype=np.int64)}
+    assert engine.narrow(wide)["raw_sums"].dtype == np.int64
+    floats = {"sums": np.ones((2, 3))}
+    assert engine.narrow(floats) is floats
