@@ -859,17 +859,18 @@ class ClusterEngine(Engine):
             futures = self._step(iteration, previous, start if iteration == first else None,
                                  loop, want_centers, page)
             previous = futures[:len(self.plan)]
-            steps[iteration] = futures
+            steps[iteration] = (futures, [addr for addr, _ in self.plan])
 
         for iteration in range(first, first + STEPS_AHEAD):
             submit(iteration)
         try:
             # Step i's record is the iteration before's.
             for iteration in itertools.count(first + 1):
-                out = self._gather([steps[iteration][-1]])[0]
+                futures, placed = steps[iteration]
+                out = self._gather([futures[-1]])[0]
                 steps.pop(iteration - 1, None)
                 self.passes += 1
-                if out["workers"] != [addr for addr, _ in self.plan]:
+                if out["workers"] != placed and placed == [addr for addr, _ in self.plan]:
                     # A worker was lost or added: the next steps follow the chunks
                     # (any grouping of the partials adds to the same totals).
                     self.replans += 1
