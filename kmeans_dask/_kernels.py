@@ -57,6 +57,12 @@ def warm_up(dtype) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _blas() -> ThreadpoolController:
+    # The compiled loops' GEMMs (Numba's np.dot) go through SciPy's BLAS, a
+    # library of its own that is loaded only when they first run.  A controller
+    # made before that would not see it, and those GEMMs would run on every
+    # core beside the pass's other threads: load it first.
+    import scipy.linalg.cython_blas  # noqa: F401
+
     return ThreadpoolController()
 
 

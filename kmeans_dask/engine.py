@@ -851,7 +851,7 @@ class ClusterEngine(Engine):
         if self.page:
             page = {"run": self.spec.run, "n_rows": self.rows.n, "max_iter": max_iter,
                     "t0": time.time() - (time.perf_counter() - self._started)}
-        steps: dict[int, list] = {}
+        steps: dict[int, tuple[list, list]] = {}
         previous: list = []
 
         def submit(iteration):

@@ -367,3 +367,41 @@ def test_one_blas_thread_contexts_of_several_threads_restore_the_original(monkey
     with K.one_blas_thread():  # and again from the start
         pass
     assert calls[2:] == [("limit", 1, "blas"), "restore"]
+
+
+_FRESH_PROCESS_BLAS = """
+import json, numpy as np
+from threadpoolctl import threadpool_info
+from kmeans_dask import _kernels as K
+rng = np.random.default_rng(0)
+X = rng.integers(0, 256, (3000, 64), dtype=np.uint8)
+with K.one_blas_thread():
+    # The first pass in this process: its group-by-group GEMMs load SciPy's BLAS.
+    st, work = K.ChunkState(X), K.Workspace()
+    for c in (X[:64], X[64:128], X[64:128] + 1.0):
+        K.bounded_lloyd_chunk(X, st, c.astype(np.float64), work=work)
+    inside = [(i["filepath"], i["num_threads"]) for i in threadpool_info()
+              if i["user_api"] == "blas"]
+print(json.dumps(inside))
+"""
+
+
+def test_one_blas_thread_limits_the_blas_the_compiled_loops_load():
+    """In a fresh process (nothing loaded yet, no thread variables set, as a
+    ``dask worker --no-nanny`` starts), every BLAS library is held to one
+    thread inside the context, SciPy's too, which the compiled loops' GEMMs
+    load only when they first run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: BLAS runs on one thread anyway, nothing to limit")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_BLAS], env=env, check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    inside = json.loads(out.strip().splitlines()[-1])
+    assert any("scipy" in path for path, _ in inside), inside
+    assert all(n == 1 for _, n in inside), inside
