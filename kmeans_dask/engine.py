@@ -63,9 +63,22 @@ EXTENSION = "kmeans-dask"
 # A chunk's graph up to this size (pickled) is sent with its labels task; a
 # larger one holds the rows themselves (rows from client memory).
 SOURCE_BYTES = 64 * 1024
-# Chained steps submitted ahead of the one whose record the client waits for:
-# enough that submitting never delays a pass, few to drop after the end.
-STEPS_AHEAD = 3
+# Chained steps the client keeps submitted ahead of the one it reads, and
+# submits at a time: enough to cover STEPS_AHEAD_SECONDS of steps (new ones
+# take tens of milliseconds to reach the workers when the client and the
+# scheduler share the workers' cores), few to drop after the end.
+STEPS_AHEAD = 4
+STEPS_AHEAD_MAX = 32
+STEPS_AHEAD_SECONDS = 0.1
+# The handler through which the workers of a chained loop send each other
+# their partials, and how a worker waiting for one tells a slow peer from a
+# lost one: it pings every PEER_POLL seconds, and gives the loop back to the
+# client after PEER_STRIKES pings unanswered, or PEER_PATIENCE seconds in all
+# (two fits sharing one-thread workers could otherwise wait on each other).
+PEER_HANDLER = "kmeans_dask_part"
+PEER_POLL = 1.0
+PEER_STRIKES = 2
+PEER_PATIENCE = 300.0
 
 
 # --------------------------------------------------------------------- exact sums
@@ -390,12 +403,43 @@ def load(x):
 # --------------------------------------------------------------------- worker side
 
 
+class PeerLoop:
+    """One chained Lloyd loop's state on one worker.
+
+    The centres and ``final`` flag of the last pass this worker ran, and the
+    partials of each step, from this worker and from the others, which send
+    theirs straight here (:meth:`ChunkStates.receive`) rather than through
+    the scheduler.
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.parts: dict[int, dict[int, dict]] = {}
+        self.centers = None
+        self.final = False
+        self.t = 0.0
+        self.stopped = None  # why the loop ended here ("end", "halt", "lost")
+
+    def put(self, step: int, slot: int, part: dict) -> None:
+        with self.cond:
+            self.parts.setdefault(step, {})[slot] = part
+            self.cond.notify_all()
+
+    def stop(self, why: str) -> None:
+        with self.cond:
+            self.stopped = why
+            self.parts.clear()
+            self.cond.notify_all()
+
+
 class ChunkStates(WorkerPlugin):
     """Per-chunk Lloyd states of every running fit, on one worker (a worker plugin).
 
-    ``runs[run][chunk index]`` is a :class:`kmeans_dask._kernels.ChunkState`.
-    Registered on the cluster by :class:`ClusterEngine`; tasks reach it
-    through :func:`extension`.
+    ``runs[run][chunk index]`` is a :class:`kmeans_dask._kernels.ChunkState`;
+    ``loops[run, chain]`` a :class:`PeerLoop`.  Registered on the cluster by
+    :class:`ClusterEngine`; tasks reach it through :func:`extension`, and the
+    other workers' partials through the worker's ``kmeans_dask_part``
+    handler, as ``distributed``'s shuffle receives its shards.
     """
 
     name = EXTENSION
@@ -403,7 +447,11 @@ class ChunkStates(WorkerPlugin):
 
     def __init__(self):
         self.runs: dict[str, dict] = {}
+        self.loops: dict[tuple, PeerLoop] = {}
+        self.dropped: set = set()
+        self.received = 0  # partials other workers sent here
         self.threads = 1
+        self.worker = None
         self._pool = None
         self._lock = None  # made on the worker: the plugin travels pickled
         self.workspaces = None  # per-thread scratch arrays, made on the worker too
@@ -412,10 +460,17 @@ class ChunkStates(WorkerPlugin):
         self._lock = threading.Lock()
         self.workspaces = _kernels.Workspaces()
         if worker is not None:
+            self.worker = worker
             self.threads = max(1, int(worker.state.nthreads))
+            worker.handlers[PEER_HANDLER] = self.receive
 
     def teardown(self, worker=None):
         self.runs.clear()
+        for loop in self.loops.values():
+            loop.stop("lost")
+        self.loops.clear()
+        if worker is not None:
+            worker.handlers.pop(PEER_HANDLER, None)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
@@ -423,9 +478,18 @@ class ChunkStates(WorkerPlugin):
         with self._lock:
             return self.runs.setdefault(run, {})
 
+    def loop(self, run: str, chain: int) -> PeerLoop:
+        with self._lock:
+            return self.loops.setdefault((run, chain), PeerLoop())
+
     def drop(self, run: str) -> None:
         with self._lock:
             self.runs.pop(run, None)
+            self.dropped.add(run)
+            gone = [key for key in self.loops if key[0] == run]
+            loops = [self.loops.pop(key) for key in gone]
+        for loop in loops:
+            loop.stop("lost")
 
     def pool(self):
         """Threads to pass several chunks at once (None on a one-thread worker).
@@ -440,6 +504,91 @@ class ChunkStates(WorkerPlugin):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, "kmeans-pass")
         return self._pool
+
+    async def receive(self, run: str, chain: int, step: int, slot: int, part) -> str:
+        """Handler: another worker's partial of one step of a chained loop."""
+        self.received += 1
+        if run not in self.dropped:
+            self.loop(run, chain).put(step, slot, part)
+        return "OK"
+
+    def share(self, run: str, chain: int, step: int, slot: int, part: dict,
+              peers: list) -> None:
+        """Keep this worker's partial of ``step`` and send it to every peer, without
+        waiting: the peers' next steps wait for it, and this worker goes on."""
+        import asyncio
+
+        from distributed.protocol import to_serialize
+
+        self.loop(run, chain).put(step, slot, part)
+        if not peers:
+            return
+        payload = to_serialize(part)
+
+        async def send(addr):
+            try:
+                await self.worker.rpc(addr).kmeans_dask_part(run=run, chain=chain, step=step,
+                                                            slot=slot, part=payload)
+            except Exception as exc:  # the peer's own step notices it is missing
+                log.info("could not send step %d's partial to %s: %s", step, addr, exc)
+
+        for addr in peers:
+            asyncio.run_coroutine_threadsafe(send(addr), self.worker.loop.asyncio_loop)
+
+    def wait_parts(self, loop: PeerLoop, step: int, workers: list, slot: int,
+                   own: bool = True) -> list | None:
+        """Every worker's partial of ``step``, in slot order; None if the loop stopped
+        or a worker that owes one is gone (it no longer answers)."""
+        n = len(workers)
+        waited, strikes = 0.0, 0
+        with loop.cond:
+            mine = loop.parts.get(step, {})
+        if own and slot not in mine and loop.stopped is None:
+            # This worker has not run the step before yet (the scheduler sent the
+            # steps out of order): wait off the worker's threads, which that
+            # step needs.
+            from distributed import rejoin, secede
+
+            secede()
+            try:
+                return self.wait_parts(loop, step, workers, slot, own=False)
+            finally:
+                rejoin()
+        with loop.cond:
+            while True:
+                got = loop.parts.get(step, {})
+                if loop.stopped is not None:
+                    return None
+                if len(got) == n:
+                    del loop.parts[step]
+                    return [got[j] for j in range(n)]
+                if not loop.cond.wait(PEER_POLL):
+                    waited += PEER_POLL
+                    missing = [workers[j] for j in range(n) if j not in got]
+                    loop.cond.release()
+                    try:
+                        alive = self._answer(missing)
+                    finally:
+                        loop.cond.acquire()
+                    strikes = 0 if alive else strikes + 1
+                    if strikes >= PEER_STRIKES or waited >= PEER_PATIENCE:
+                        log.warning("step %d: no partial from %s after %.0f s; leaving the "
+                                    "loop to the client", step, missing, waited)
+                        return None
+
+    def _answer(self, addrs: list) -> bool:
+        """Whether every worker in ``addrs`` answers a ping within a second."""
+        import asyncio
+
+        async def ping():
+            await asyncio.gather(*(asyncio.wait_for(self.worker.rpc(a).identity(), 1.0)
+                                   for a in addrs))
+
+        try:
+            asyncio.run_coroutine_threadsafe(ping(), self.worker.loop.asyncio_loop).result(2.0)
+            return True
+        except Exception:
+            return False
 
 
 def extension() -> ChunkStates:
@@ -506,81 +655,74 @@ def hold(value):
     return value
 
 
-def worker_step(spec: PassSpec, loop: LoopSpec, lead: bool, indices: list, rows: list,
-                weights: list | None, *previous, start: dict | None = None,
-                publish: tuple = (), chunks_pass=None) -> dict:
-    """A task: one step of a chained Lloyd loop, on one worker's chunks.
+def worker_step(spec: PassSpec, loop: LoopSpec, chain: int, slot: int, workers: list,
+                indices: list, rows: list, weights: list | None, *, iteration: int,
+                start: dict | None = None, publish: tuple = (), page: dict | None = None,
+                want_centers: bool = False, chunks_pass=None) -> dict:
+    """A task: step ``iteration`` of a chained Lloyd loop, on one worker's chunks.
 
-    ``previous`` are the results of every worker's task of the step before
-    (the lead's first: it carries the centres of that step's pass).  This
-    task adds their partials, applies :func:`after_pass` to the totals, as
-    every other worker's task does, and runs the pass with the next
-    centres.  Nothing goes through the client: the partials travel from
-    worker to worker, and only the lead's record goes on to a record task.
+    ``workers[j]`` runs slot ``j`` of every step (the lead is slot 0).  The
+    steps of a loop do not depend on each other in the graph: each worker
+    runs them in order, and each step waits for every worker's partial of the
+    step before, which the workers send each other directly
+    (:meth:`ChunkStates.share`).  This step adds them, applies
+    :func:`after_pass` to the totals, as every worker does, and runs the pass
+    with the next centres.  Neither the scheduler nor the client stands
+    between two passes; the client reads each step's record as it comes.
     ``start`` (the first step): the centres and whether their pass is the
-    final one.  Once the loop has ended or halted, a step does nothing.
-    ``chunks_pass``: what passes the chunks, :func:`pass_chunks` by default
-    (the benchmark times the orchestration alone with one that does no work).
+    final one.  Once the loop has ended, halted or lost a worker, a step
+    does nothing.  ``page``: the K-Means page's run, size and start time,
+    where the lead shows each record.  ``chunks_pass``: what passes the
+    chunks, :func:`pass_chunks` by default (the benchmark times the
+    orchestration alone with one that does no work).
     """
     from distributed import get_worker
 
     worker = get_worker()
+    ext = extension()
+    state = ext.loop(spec.run, chain)
+    lead = slot == 0
     for msg in publish:
         worker.log_event(dashboard.TOPIC, msg)
+    out = None
     if start is not None:
-        centers, final, out, before = start["centers"], start["final"], None, start["t"]
+        centers, final, state.t = start["centers"], start["final"], start["t"]
     else:
-        head = previous[0]
-        if head["stop"]:
+        if state.stopped is not None:
             return {"stop": True, "out": None, "worker": worker.address}
-        part = finish(add_parts([p["part"] for p in previous]), head["centers"], spec,
-                      loop.sqnorm, loop.dtype)
-        out = after_pass(part, head["centers"], head["iteration"], loop, head["final"])
+        parts = ext.wait_parts(state, iteration - 1, workers, slot)
+        if parts is None:
+            if state.stopped is not None:
+                return {"stop": True, "out": None, "worker": worker.address}
+            state.stop("lost")
+            # Where the client takes over: the pass whose partials are missing.
+            return {"stop": True, "worker": worker.address,
+                    "out": {"kind": "lost", "iteration": iteration - 1,
+                            "centers": state.centers, "final": state.final}}
+        part = finish(add_parts(parts), state.centers, spec, loop.sqnorm, loop.dtype)
+        out = after_pass(part, state.centers, iteration - 1, loop, state.final)
         if out["kind"] != "iteration":
+            state.stop(out["kind"])
             return {"stop": True, "out": out if lead else None, "worker": worker.address}
-        centers, final, before = out.pop("centers"), out["final"], head["t"]
-        out["seconds"] = head["t"] - head["before"]
-    ext = extension()
+        centers, final = out.pop("centers"), out["final"]
+        now = time.time()
+        out["seconds"], state.t = now - state.t, now
+        if lead and page is not None:
+            record = {**out, "elapsed": now - page["t0"]}
+            worker.log_event(dashboard.TOPIC, dashboard.iteration_message(
+                page["run"], record, centers, n_rows=page["n_rows"], max_iter=page["max_iter"]))
+            out["published"] = True
+        if want_centers:
+            out["centers"] = centers
+    state.centers, state.final = centers, final
     weights = weights if weights is not None else [None] * len(indices)
     with _kernels.one_blas_thread():
         part = (chunks_pass or pass_chunks)(ext.states(spec.run),
                                             list(zip(indices, rows, weights)), centers, spec,
                                             ext.pool(), ext.workspaces)
-    iteration = start["iteration"] if start is not None else out["iteration"] + 1
-    return {"stop": False, "part": narrow(part), "final": final, "iteration": iteration,
-            "t": time.time(), "before": before, "worker": worker.address,
-            # Only the lead's task carries the centres: the others' tasks add them
-            # from its result, so every worker sends about one k x d array.
-            "centers": centers if lead else None, "out": out if lead else None}
-
-
-def worker_record(step: dict, *others, want_centers: bool = False,
-                  page: dict | None = None) -> dict:
-    """A task next to a chained step's lead: the record of the iteration before,
-    small enough for the client to fetch every iteration, and the workers
-    that ran the step (``step`` the lead's result, ``others`` the rest: the
-    lead's worker fetches them for its next step anyway).
-
-    ``want_centers``: with the centres the iteration reached (a checkpoint
-    needs them).  ``page``: the K-Means page's run, size and start time; the
-    record is shown there from here, with the centres, which need not go to
-    the client for it.
-    """
-    workers = [s["worker"] for s in (step, *others)]
-    if step["stop"]:
-        return {**(step["out"] or {"kind": "stopped"}), "workers": workers}
-    out = {**step["out"], "workers": workers}
-    if page is not None:
-        from distributed import get_worker
-
-        record = {**out, "elapsed": time.time() - page["t0"]}
-        get_worker().log_event(dashboard.TOPIC, dashboard.iteration_message(
-            page["run"], record, step["centers"], n_rows=page["n_rows"],
-            max_iter=page["max_iter"]))
-        out["published"] = True
-    if want_centers:
-        out["centers"] = step["centers"]
-    return out
+    ext.share(spec.run, chain, iteration, slot, narrow(part),
+              [addr for j, addr in enumerate(workers) if j != slot])
+    return {"stop": False, "out": out if lead else None, "worker": worker.address}
 
 
 # --------------------------------------------------------------------- client side
@@ -834,11 +976,13 @@ class ClusterEngine(Engine):
     def iterate(self, centers, first, *, max_iter, tol, project=None, final=False,
                 want_centers=False):
         """:meth:`Engine.iterate`; on up to ``kmeans_dask.peer-workers`` workers, as a
-        chained graph (:func:`worker_step`): each step's tasks wait on the step
-        before, so a pass starts as soon as the last partial reaches its
-        worker, without a round trip through the client.  The client submits
-        a few steps ahead and reads each step's record as it comes."""
-        if len(self.plan) > config.get("peer-workers"):
+        chained loop (:func:`worker_step`): every step is a task per worker, and
+        each worker starts its next pass as soon as the others' partials reach
+        it, from them directly.  The client submits steps ahead in batches and
+        reads the records as they come, off the loop's path.  If a worker is
+        lost, the loop goes on through the client from the pass whose partials
+        are missing."""
+        if len(self.plan) > config.get("peer-workers") or "" in dict(self.plan):
             yield from super().iterate(centers, first, max_iter=max_iter, tol=tol,
                                        project=project, final=final,
                                        want_centers=want_centers)
@@ -846,73 +990,131 @@ class ClusterEngine(Engine):
         loop = self.loop_spec(max_iter, tol, project)
         self.chains += 1
         start = {"centers": np.ascontiguousarray(centers, dtype=np.float64), "final": final,
-                 "iteration": first, "t": time.time()}
+                 "t": time.time()}
         page = None
         if self.page:
             page = {"run": self.spec.run, "n_rows": self.rows.n, "max_iter": max_iter,
                     "t0": time.time() - (time.perf_counter() - self._started)}
-        steps: dict[int, tuple[list, list]] = {}
-        previous: list = []
+        steps: dict[int, list] = {}
+        records: dict[int, dict] = {}
+        # Never past the last possible step: the one after the final pass.
+        last = first + max(0, max_iter - first) + 2
 
-        def submit(iteration):
-            nonlocal previous
-            futures = self._step(iteration, previous, start if iteration == first else None,
-                                 loop, want_centers, page)
-            previous = futures[:len(self.plan)]
-            steps[iteration] = (futures, [addr for addr, _ in self.plan])
+        ahead = STEPS_AHEAD
 
-        for iteration in range(first, first + STEPS_AHEAD):
-            submit(iteration)
+        def submit():
+            begin = max(steps, default=first - 1) + 1
+            stop = min(begin + ahead, last + 1)
+            if begin < stop:
+                steps.update(self._steps(range(begin, stop), first, start, loop,
+                                         want_centers, page))
+
+        submit()
         try:
             # Step i's record is the iteration before's.
             for iteration in itertools.count(first + 1):
-                futures, placed = steps[iteration]
-                out = self._gather([futures[-1]])[0]
-                steps.pop(iteration - 1, None)
-                self.passes += 1
-                if out["workers"] != placed and placed == [addr for addr, _ in self.plan]:
-                    # A worker was lost or added: the next steps follow the chunks
-                    # (any grouping of the partials adds to the same totals).
+                lost = None if iteration in records else self._wait_step(iteration, steps,
+                                                                         records)
+                for it in [it for it in steps if it < iteration]:
+                    del steps[it]
+                if lost is not None:
                     self.replans += 1
-                    log.info("chunks moved between workers; placing the passes again")
+                    log.info("a worker was lost during the loop; placing the passes again, "
+                             "through the client from iteration %d", lost["iteration"])
+                    self._cancel(steps)
                     self._plan()
+                    yield from super().iterate(lost["centers"], lost["iteration"],
+                                               max_iter=max_iter, tol=tol, project=project,
+                                               final=lost["final"], want_centers=want_centers)
+                    return
+                self.passes += 1
+                out = records.pop(iteration)["out"]
                 if out["kind"] != "iteration":
                     yield out
                     return
                 self.iteration = out["iteration"]
                 yield out
-                submit(max(steps) + 1)
+                # Enough steps ahead to cover the time new ones take to arrive.
+                ahead = min(STEPS_AHEAD_MAX, max(STEPS_AHEAD, math.ceil(
+                    STEPS_AHEAD_SECONDS / max(out["seconds"], 1e-3))))
+                if max(steps) - iteration < ahead:
+                    submit()
         finally:
             # Steps submitted beyond the end do nothing; released, they are dropped.
-            steps.clear()
-            previous = []
+            self._cancel(steps)
 
-    def _step(self, iteration: int, previous: list, start, loop, want_centers, page) -> list:
-        """Submit one chained step: a :func:`worker_step` per worker, and (after the
-        first) the :func:`worker_record` beside the lead's."""
-        name = f"kmeans-lloyd-{iteration}-{self.tag}-{self.chains}"
+    def _steps(self, iterations, first, start, loop, want_centers, page) -> dict:
+        """Submit chained steps, in one graph: a :func:`worker_step` per worker and
+        step, pinned to it (a step cannot run elsewhere: it waits for the
+        partials sent to it), and in order on each worker (the earlier step
+        has the higher priority)."""
         step = dask.delayed(worker_step, pure=False)
-        tasks = []
-        for j, (addr, idx) in enumerate(self.plan):
-            pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
-            extra = {"start": start} if start is not None else {}
-            if self.chunks_pass is not None:
-                extra["chunks_pass"] = self.chunks_pass
-            if j == 0 and self._outbox:
-                extra["publish"] = tuple(self._outbox)
-                self._outbox = []
-            with dask.annotate(**pin):
-                tasks.append(step(self.spec, loop, j == 0, idx, *self._args(j, idx), *previous,
-                                  dask_key_name=(name, j), **extra))
-        if start is None:
-            addr = self.plan[0][0]
-            pin = {"workers": [addr], "allow_other_workers": True} if addr else {}
-            # After the lead's next step, which becomes ready at the same time.
-            with dask.annotate(priority=-1, **pin):
-                tasks.append(dask.delayed(worker_record, pure=False)(
-                    *tasks, want_centers=want_centers, page=page,
-                    dask_key_name=(f"kmeans-record-{self.tag}-{self.chains}", iteration)))
-        return self._gather(tasks, submit_only=True)
+        workers = [addr for addr, _ in self.plan]
+        tasks, names = [], []
+        for iteration in iterations:
+            name = f"kmeans-lloyd-{iteration}-{self.tag}-{self.chains}"
+            for j, (addr, idx) in enumerate(self.plan):
+                extra = {"start": start} if iteration == first else {}
+                if self.chunks_pass is not None:
+                    extra["chunks_pass"] = self.chunks_pass
+                if j == 0 and self._outbox:
+                    extra["publish"] = tuple(self._outbox)
+                    self._outbox = []
+                with dask.annotate(workers=[addr], allow_other_workers=False,
+                                   priority=-iteration):
+                    tasks.append(step(self.spec, loop, self.chains, j, workers, idx,
+                                      *self._args(j, idx), iteration=iteration, page=page,
+                                      want_centers=want_centers and j == 0,
+                                      dask_key_name=(name, j), **extra))
+                names.append(iteration)
+        futures = self._gather(tasks, submit_only=True)
+        out: dict[int, list] = {}
+        for iteration, f in zip(names, futures):
+            out.setdefault(iteration, []).append(f)
+        return out
+
+    def _wait_step(self, iteration: int, steps: dict, records: dict) -> dict | None:
+        """Wait for the lead's task of step ``iteration`` and put the results of it
+        and of the lead's next tasks that are done in ``records``; or, if a
+        worker was lost, return the ``"lost"`` record of the step that missed
+        its partials.  A task whose worker is gone never finishes; a worker
+        that waited for its partial reports the loss."""
+        from distributed import wait
+
+        while True:
+            try:
+                wait(steps[iteration][:1], timeout=PEER_POLL)
+            except TimeoutError:
+                pass
+            for it in (it for it in sorted(steps) if it >= iteration):
+                got = self._result(steps[it][0])
+                if got is None:
+                    break
+                records[it] = got
+            if iteration in records and records[iteration]["out"] is not None:
+                return None
+            for it in sorted(steps):
+                for f in steps[it]:
+                    got = self._result(f)
+                    if got is not None and got["out"] is not None and \
+                            got["out"]["kind"] == "lost":
+                        return got["out"]
+
+    def _result(self, future):
+        """A step task's result; None if it has not finished, or cannot be fetched
+        within a poll (it finished on a worker that is gone with it)."""
+        if not future.done():
+            return None
+        try:
+            return future.result(timeout=PEER_POLL)
+        except TimeoutError:
+            return None
+
+    def _cancel(self, steps: dict) -> None:
+        futures = [f for fs in steps.values() for f in fs]
+        steps.clear()
+        if futures:
+            self.client.cancel(futures)
 
     def _seed(self, candidates, known, what, args):
         name = f"kmeans-init-{what}-{self.tag}-{self.seeds}"
