@@ -40,13 +40,13 @@ split-every : int, default 8
     Fan-in of the trees that combine one-time per-chunk results (statistics,
     the farthest rows).
 peer-workers : int, default 4
-    Up to this many workers, the Lloyd loop runs as a chained graph: every
-    worker adds every worker's partial sums itself, reaches the same next
-    centres, and starts its next pass without a round trip through the
-    client (each worker sends its k x d partial to each other worker).  On
-    more workers, each worker sends one partial per iteration to the
-    client, which sends the centres back: fewer bytes, one more round trip.
-    0 always goes through the client.  Results do not depend on it.
+    Up to this many workers, the Lloyd loop runs on the workers: each sends
+    its k x d partial sums straight to each other worker, every worker adds
+    them all, reaches the same next centres and starts its next pass, with
+    neither the scheduler nor the client in between.  On more workers, each
+    worker sends one partial per iteration to the client, which sends the
+    centres back: fewer bytes, one round trip more per iteration.  0 always
+    goes through the client.  Results do not depend on it.
 minibatch-round-bytes : int, default 268435456 (256 MiB)
     Sampled rows :class:`~kmeans_dask.MiniBatchKMeans` brings to the client
     per round trip from persisted rows (their batches' steps run there; a

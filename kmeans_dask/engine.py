@@ -17,6 +17,9 @@ source each pass.
   task runs the bounded kernel over its chunks (in parallel over the
   worker's threads) and adds their partials before anything travels: per
   iteration a worker sends one k x d partial, whatever its number of chunks.
+  On up to ``kmeans_dask.peer-workers`` workers the workers send it to each
+  other directly (:meth:`ChunkStates.share`), and each runs the loop's next
+  step from the totals itself (:func:`worker_step`); on more, to the client.
 * **Sums that do not depend on grouping.**  Every chunk's partial sums are
   rounded to a fixed grid, a power of two chosen from a bound on every
   possible total (total weight times the largest absolute value).  Multiples
@@ -1010,6 +1013,7 @@ class ClusterEngine(Engine):
                                          want_centers, page))
 
         submit()
+        ended = False
         try:
             # Step i's record is the iteration before's.
             for iteration in itertools.count(first + 1):
@@ -1022,6 +1026,7 @@ class ClusterEngine(Engine):
                     log.info("a worker was lost during the loop; placing the passes again, "
                              "through the client from iteration %d", lost["iteration"])
                     self._cancel(steps)
+                    ended = True
                     self._plan()
                     yield from super().iterate(lost["centers"], lost["iteration"],
                                                max_iter=max_iter, tol=tol, project=project,
@@ -1030,6 +1035,7 @@ class ClusterEngine(Engine):
                 self.passes += 1
                 out = records.pop(iteration)["out"]
                 if out["kind"] != "iteration":
+                    ended = True
                     yield out
                     return
                 self.iteration = out["iteration"]
@@ -1042,6 +1048,14 @@ class ClusterEngine(Engine):
         finally:
             # Steps submitted beyond the end do nothing; released, they are dropped.
             self._cancel(steps)
+            if not ended:
+                # Left early (an error, or the caller stopped reading): a step still
+                # running would wait for partials that will not come.
+                try:
+                    self.client.run(_stop_loop, self.spec.run, self.chains)
+                except Exception as exc:
+                    log.debug("could not stop loop %d of run %s: %s", self.chains,
+                              self.spec.run, exc)
 
     def _steps(self, iterations, first, start, loop, want_centers, page) -> dict:
         """Submit chained steps, in one graph: a :func:`worker_step` per worker and
@@ -1229,6 +1243,12 @@ class ClusterEngine(Engine):
         for name in ("sources", "wsources"):
             for f in getattr(self, name, None) or []:
                 f.release()
+
+
+def _stop_loop(run: str, chain: int, dask_worker=None) -> None:
+    ext = dask_worker.plugins.get(EXTENSION) if dask_worker is not None else None
+    if ext is not None:
+        ext.loop(run, chain).stop("cancelled")
 
 
 def _drop_run(run: str, dask_worker=None) -> None:

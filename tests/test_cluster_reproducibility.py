@@ -127,6 +127,33 @@ def test_chained_loop_equals_the_loop_through_the_client(dask_cluster, fashion_t
         assert fits[4][4][-1]["center_shift"] > 0
 
 
+def test_a_fit_stopped_by_its_callback_frees_the_workers(dask_cluster, fashion_test_small_chunks):
+    # The chained loop's steps run ahead of the client: when the fit raises,
+    # the step still running (waiting for partials that will never be sent)
+    # is told to stop, rather than hold its worker until its patience runs out.
+    import time
+
+    address = dask_cluster.workers(2)
+    with Client(address, timeout=30) as client, dask.config.set(SMALL_TASKS):
+        X = _rows(fashion_test_small_chunks)
+
+        def stop(record):
+            if record["iteration"] == 2:
+                raise RuntimeError("stop here")
+
+        with pytest.raises(RuntimeError, match="stop here"):
+            KMeans(10, init="k-means++", random_state=0, max_iter=200, tol=0).fit(
+                X, callback=stop)
+        busy = lambda dask_worker: len(dask_worker.state.executing)  # noqa: E731
+        deadline = time.monotonic() + 30  # far below the steps' patience (300 s)
+        while sum(client.run(busy).values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sum(client.run(busy).values()) == 0
+        # And the cluster fits again, the same as a fit that was never stopped.
+        again = KMeans(10, init="k-means++", random_state=0, max_iter=5, tol=0).fit(X)
+        assert again.n_iter_ == 5
+
+
 def test_one_worker_with_two_threads_equals_two_workers(dask_cluster, fashion_test_small_chunks):
     # ``dask worker``'s default shape: one process, several threads; the pass
     # runs its chunks over a pool of the worker's size.
