@@ -161,12 +161,16 @@ def peers(Xf, init, iters, repeats, which):
 
 
 def _sent(dask_worker) -> int:
-    return dask_worker.transfer_outgoing_bytes_total
+    # Data fetched from this worker, plus the partials it sent other workers
+    # itself in the chained loop (their arrays' bytes: not a data transfer).
+    ext = dask_worker.plugins.get("kmeans-dask")
+    return dask_worker.transfer_outgoing_bytes_total + getattr(ext, "sent_bytes", 0)
 
 
 def sent_per_iteration(client, fit, iters) -> dict:
     """Bytes each worker sent (to other workers and the client) per pass of one fit,
-    from distributed's own transfer counters; and k x d x 8 for scale."""
+    from distributed's own transfer counters and the engine's count of the
+    partials it sent other workers; and k x d x 8 for scale."""
     before = client.run(_sent)
     km = fit(iters)
     after = client.run(_sent)

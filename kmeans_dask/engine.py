@@ -453,6 +453,7 @@ class ChunkStates(WorkerPlugin):
         self.loops: dict[tuple, PeerLoop] = {}
         self.dropped: set = set()
         self.received = 0  # partials other workers sent here
+        self.sent_bytes = 0  # array bytes of the partials sent to other workers
         self.threads = 1
         self.worker = None
         self._pool = None
@@ -527,6 +528,8 @@ class ChunkStates(WorkerPlugin):
         if not peers:
             return
         payload = to_serialize(part)
+        self.sent_bytes += len(peers) * sum(v.nbytes for v in part.values()
+                                            if isinstance(v, np.ndarray))
 
         async def send(addr):
             try:
@@ -1095,6 +1098,7 @@ class ClusterEngine(Engine):
         that waited for its partial reports the loss."""
         from distributed import wait
 
+        seen: set = set()  # tasks whose result was read, and was no loss
         while True:
             try:
                 wait(steps[iteration][:1], timeout=PEER_POLL)
@@ -1109,10 +1113,13 @@ class ClusterEngine(Engine):
                 return None
             for it in sorted(steps):
                 for f in steps[it]:
+                    if f.key in seen:
+                        continue
                     got = self._result(f)
-                    if got is not None and got["out"] is not None and \
-                            got["out"]["kind"] == "lost":
-                        return got["out"]
+                    if got is not None:
+                        seen.add(f.key)
+                        if got["out"] is not None and got["out"]["kind"] == "lost":
+                            return got["out"]
 
     def _result(self, future):
         """A step task's result; None if it has not finished, or cannot be fetched
