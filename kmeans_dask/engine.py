@@ -533,10 +533,17 @@ class ChunkStates(WorkerPlugin):
 
         async def send(addr):
             try:
-                await self.worker.rpc(addr).kmeans_dask_part(run=run, chain=chain, step=step,
-                                                            slot=slot, part=payload)
-            except Exception as exc:  # the peer's own step notices it is missing
+                reply = await self.worker.rpc(addr).kmeans_dask_part(
+                    run=run, chain=chain, step=step, slot=slot, part=payload)
+                if reply != "OK":  # a worker without the handler answers None
+                    raise RuntimeError(f"it answered {reply!r}")
+            except OSError as exc:  # a lost peer: the others' steps notice it
                 log.info("could not send step %d's partial to %s: %s", step, addr, exc)
+            except Exception as exc:
+                # The peer answered but did not take it: this worker's next step
+                # hands the loop to the client.
+                log.warning("worker %s refused step %d's partial: %s", addr, step, exc)
+                self.loop(run, chain).stop("unsent")
 
         for addr in peers:
             asyncio.run_coroutine_threadsafe(send(addr), self.worker.loop.asyncio_loop)
@@ -694,11 +701,10 @@ def worker_step(spec: PassSpec, loop: LoopSpec, chain: int, slot: int, workers: 
     if start is not None:
         centers, final, state.t = start["centers"], start["final"], start["t"]
     else:
-        if state.stopped is not None:
-            return {"stop": True, "out": None, "worker": worker.address}
-        parts = ext.wait_parts(state, iteration - 1, workers, slot)
+        parts = (ext.wait_parts(state, iteration - 1, workers, slot)
+                 if state.stopped is None else None)
         if parts is None:
-            if state.stopped is not None:
+            if state.stopped not in (None, "unsent"):
                 return {"stop": True, "out": None, "worker": worker.address}
             state.stop("lost")
             # Where the client takes over: the pass whose partials are missing.
@@ -1029,6 +1035,9 @@ class ClusterEngine(Engine):
                     log.info("a worker was lost during the loop; placing the passes again, "
                              "through the client from iteration %d", lost["iteration"])
                     self._cancel(steps)
+                    # Free the steps still waiting (for a worker that is alive
+                    # but whose steps were cancelled).
+                    self._stop_loop()
                     ended = True
                     self._plan()
                     yield from super().iterate(lost["centers"], lost["iteration"],
@@ -1054,11 +1063,14 @@ class ClusterEngine(Engine):
             if not ended:
                 # Left early (an error, or the caller stopped reading): a step still
                 # running would wait for partials that will not come.
-                try:
-                    self.client.run(_stop_loop, self.spec.run, self.chains)
-                except Exception as exc:
-                    log.debug("could not stop loop %d of run %s: %s", self.chains,
-                              self.spec.run, exc)
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        """Tell every worker that the current chained loop is over."""
+        try:
+            self.client.run(_end_loop, self.spec.run, self.chains, on_error="ignore")
+        except Exception as exc:
+            log.debug("could not stop loop %d of run %s: %s", self.chains, self.spec.run, exc)
 
     def _steps(self, iterations, first, start, loop, want_centers, page) -> dict:
         """Submit chained steps, in one graph: a :func:`worker_step` per worker and
@@ -1110,7 +1122,8 @@ class ClusterEngine(Engine):
                     break
                 records[it] = got
             if iteration in records and records[iteration]["out"] is not None:
-                return None
+                out = records[iteration]["out"]
+                return out if out["kind"] == "lost" else None
             for it in sorted(steps):
                 for f in steps[it]:
                     if f.key in seen:
@@ -1252,7 +1265,7 @@ class ClusterEngine(Engine):
                 f.release()
 
 
-def _stop_loop(run: str, chain: int, dask_worker=None) -> None:
+def _end_loop(run: str, chain: int, dask_worker=None) -> None:
     ext = dask_worker.plugins.get(EXTENSION) if dask_worker is not None else None
     if ext is not None:
         ext.loop(run, chain).stop("cancelled")

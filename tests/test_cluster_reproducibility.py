@@ -154,6 +154,26 @@ def test_a_fit_stopped_by_its_callback_frees_the_workers(dask_cluster, fashion_t
         assert again.n_iter_ == 5
 
 
+def test_a_worker_that_refuses_partials_leaves_the_loop_to_the_client(
+        dask_cluster, fashion_test_small_chunks, caplog):
+    # A worker without the handler the chained loop sends partials to (say,
+    # one that kept an older plugin): the fit goes on through the client, with
+    # the same result.
+    address = dask_cluster.workers(2)
+    with Client(address, timeout=30) as client, dask.config.set(SMALL_TASKS):
+        X = _rows(fashion_test_small_chunks)
+        params = dict(n_clusters=10, init="k-means++", random_state=0, max_iter=8, tol=0)
+        calm = _result(KMeans(**params).fit(X))
+        victim = sorted(client.scheduler_info()["workers"])[1]
+        handler = engine.PEER_HANDLER
+        client.run(lambda dask_worker: dask_worker.handlers.pop(handler) and None,
+                   workers=[victim])
+        with caplog.at_level("INFO", logger="kmeans_dask.engine"):
+            hurt = _result(KMeans(**params).fit(X))
+        assert any("through the client" in r.getMessage() for r in caplog.records)
+        _assert_same([calm, hurt])
+
+
 def test_one_worker_with_two_threads_equals_two_workers(dask_cluster, fashion_test_small_chunks):
     # ``dask worker``'s default shape: one process, several threads; the pass
     # runs its chunks over a pool of the worker's size.
