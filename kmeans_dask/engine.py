@@ -421,7 +421,9 @@ class PeerLoop:
         self.centers = None
         self.final = False
         self.t = 0.0
-        self.stopped = None  # why the loop ended here ("end", "halt", "lost")
+        # Why the loop ended here: "end", "halt", "lost", "cancelled" (by the
+        # client), or "unsent" (a peer refused this worker's partial).
+        self.stopped = None
 
     def put(self, step: int, slot: int, part: dict) -> None:
         with self.cond:
