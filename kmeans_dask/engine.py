@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 import math
 import os
 import threading
@@ -420,6 +421,9 @@ class PeerLoop:
         self.parts: dict[int, dict[int, dict]] = {}
         self.centers = None
         self.final = False
+        # The last passes this worker ran: (iteration, centres, final), from
+        # which the client can go on if a worker is lost.
+        self.passes: deque = deque(maxlen=2)
         self.t = 0.0
         # Why the loop ended here: "end", "halt", "lost", "cancelled" (by the
         # client), or "unsent" (a peer refused this worker's partial).
@@ -486,6 +490,10 @@ class ChunkStates(WorkerPlugin):
 
     def loop(self, run: str, chain: int) -> PeerLoop:
         with self._lock:
+            if run in self.dropped:  # a step or partial arriving after the fit
+                gone = PeerLoop()
+                gone.stopped = "cancelled"
+                return gone
             return self.loops.setdefault((run, chain), PeerLoop())
 
     def drop(self, run: str) -> None:
@@ -514,8 +522,9 @@ class ChunkStates(WorkerPlugin):
     async def receive(self, run: str, chain: int, step: int, slot: int, part) -> str:
         """Handler: another worker's partial of one step of a chained loop."""
         self.received += 1
-        if run not in self.dropped:
-            self.loop(run, chain).put(step, slot, part)
+        loop = self.loop(run, chain)
+        if loop.stopped is None:
+            loop.put(step, slot, part)
         return "OK"
 
     def share(self, run: str, chain: int, step: int, slot: int, part: dict,
@@ -550,25 +559,26 @@ class ChunkStates(WorkerPlugin):
         for addr in peers:
             asyncio.run_coroutine_threadsafe(send(addr), self.worker.loop.asyncio_loop)
 
-    def wait_parts(self, loop: PeerLoop, step: int, workers: list, slot: int,
-                   own: bool = True) -> list | None:
+    def wait_parts(self, loop: PeerLoop, step: int, workers: list, slot: int) -> list | None:
         """Every worker's partial of ``step``, in slot order; None if the loop stopped
         or a worker that owes one is gone (it no longer answers)."""
         n = len(workers)
-        waited, strikes = 0.0, 0
         with loop.cond:
-            mine = loop.parts.get(step, {})
-        if own and slot not in mine and loop.stopped is None:
-            # This worker has not run the step before yet (the scheduler sent the
-            # steps out of order): wait off the worker's threads, which that
-            # step needs.
+            early = slot not in loop.parts.get(step, {}) and loop.stopped is None
+        if early:
+            # This worker's own step before is still running (a worker with
+            # several threads starts the steps ahead at once): wait for it off
+            # the worker's threads, with no patience, as it cannot be lost.
             from distributed import rejoin, secede
 
             secede()
             try:
-                return self.wait_parts(loop, step, workers, slot, own=False)
+                with loop.cond:
+                    while slot not in loop.parts.get(step, {}) and loop.stopped is None:
+                        loop.cond.wait(PEER_POLL)
             finally:
                 rejoin()
+        waited, strikes = 0.0, 0
         with loop.cond:
             while True:
                 got = loop.parts.get(step, {})
@@ -701,18 +711,21 @@ def worker_step(spec: PassSpec, loop: LoopSpec, chain: int, slot: int, workers: 
         worker.log_event(dashboard.TOPIC, msg)
     out = None
     if start is not None:
-        centers, final, state.t = start["centers"], start["final"], start["t"]
+        centers, final, state.t = start["centers"], start["final"], time.time()
     else:
         parts = (ext.wait_parts(state, iteration - 1, workers, slot)
                  if state.stopped is None else None)
         if parts is None:
-            if state.stopped not in (None, "unsent"):
+            with state.cond:
+                reports = state.stopped in (None, "unsent")
+                state.stopped = "lost" if reports else state.stopped
+            if not reports:
                 return {"stop": True, "out": None, "worker": worker.address}
             state.stop("lost")
-            # Where the client takes over: the pass whose partials are missing.
+            # The client goes on from the passes this worker knows.
             return {"stop": True, "worker": worker.address,
                     "out": {"kind": "lost", "iteration": iteration - 1,
-                            "centers": state.centers, "final": state.final}}
+                            "passes": list(state.passes)}}
         part = finish(add_parts(parts), state.centers, spec, loop.sqnorm, loop.dtype)
         out = after_pass(part, state.centers, iteration - 1, loop, state.final)
         if out["kind"] != "iteration":
@@ -729,6 +742,7 @@ def worker_step(spec: PassSpec, loop: LoopSpec, chain: int, slot: int, workers: 
         if want_centers:
             out["centers"] = centers
     state.centers, state.final = centers, final
+    state.passes.append((iteration, centers, final))
     weights = weights if weights is not None else [None] * len(indices)
     with _kernels.one_blas_thread():
         part = (chunks_pass or pass_chunks)(ext.states(spec.run),
@@ -1025,26 +1039,38 @@ class ClusterEngine(Engine):
 
         submit()
         ended = False
+        yielded = first - 1  # the last iteration whose record the caller has
         try:
             # Step i's record is the iteration before's.
             for iteration in itertools.count(first + 1):
-                lost = None if iteration in records else self._wait_step(iteration, steps,
-                                                                         records)
+                ready = records.get(iteration)
+                lost = (self._wait_step(iteration, steps, records)
+                        if ready is None or ready["out"] is None else None)
+                if lost is None and records[iteration]["out"]["kind"] == "lost":
+                    lost = records.pop(iteration)["out"]
                 for it in [it for it in steps if it < iteration]:
                     del steps[it]
                 if lost is not None:
                     self.replans += 1
-                    log.info("a worker was lost during the loop; placing the passes again, "
-                             "through the client from iteration %d", lost["iteration"])
                     self._cancel(steps)
                     # Free the steps still waiting (for a worker that is alive
                     # but whose steps were cancelled).
                     self._stop_loop()
                     ended = True
+                    # Go on from the latest pass known up to the first record the
+                    # caller lacks (records it has are not given twice).
+                    known = {it: (c, f) for it, c, f in lost["passes"]}
+                    known.setdefault(first, (start["centers"], start["final"]))
+                    at = max(it for it in known if it <= yielded + 1)
+                    log.info("a worker was lost during the loop; placing the passes again, "
+                             "through the client from iteration %d", at)
                     self._plan()
-                    yield from super().iterate(lost["centers"], lost["iteration"],
-                                               max_iter=max_iter, tol=tol, project=project,
-                                               final=lost["final"], want_centers=want_centers)
+                    for out in super().iterate(known[at][0], at, max_iter=max_iter, tol=tol,
+                                               project=project, final=known[at][1],
+                                               want_centers=want_centers):
+                        if out["kind"] == "iteration" and out["iteration"] <= yielded:
+                            continue
+                        yield out
                     return
                 self.passes += 1
                 out = records.pop(iteration)["out"]
@@ -1052,7 +1078,7 @@ class ClusterEngine(Engine):
                     ended = True
                     yield out
                     return
-                self.iteration = out["iteration"]
+                self.iteration = yielded = out["iteration"]
                 yield out
                 # Enough steps ahead to cover the time new ones take to arrive.
                 ahead = min(STEPS_AHEAD_MAX, max(STEPS_AHEAD, math.ceil(
@@ -1061,7 +1087,10 @@ class ClusterEngine(Engine):
                     submit()
         finally:
             # Steps submitted beyond the end do nothing; released, they are dropped.
-            self._cancel(steps)
+            try:
+                self._cancel(steps)
+            except Exception as exc:  # a closed client: the error that got here matters
+                log.debug("could not cancel the loop's steps: %s", exc)
             if not ended:
                 # Left early (an error, or the caller stopped reading): a step still
                 # running would wait for partials that will not come.
@@ -1113,19 +1142,25 @@ class ClusterEngine(Engine):
         from distributed import wait
 
         seen: set = set()  # tasks whose result was read, and was no loss
+        silent = 0
         while True:
             try:
                 wait(steps[iteration][:1], timeout=PEER_POLL)
             except TimeoutError:
-                pass
+                if not set(self._workers()) & {addr for addr, _ in self.plan}:
+                    # No worker of the loop is left to report: go on from its start.
+                    return {"kind": "lost", "iteration": None, "passes": []}
             for it in (it for it in sorted(steps) if it >= iteration):
                 got = self._result(steps[it][0])
                 if got is None:
                     break
                 records[it] = got
-            if iteration in records and records[iteration]["out"] is not None:
-                out = records[iteration]["out"]
-                return out if out["kind"] == "lost" else None
+                if got["out"] is None or got["out"]["kind"] == "lost":
+                    break
+            ready = records.get(iteration)
+            if ready is not None and ready["out"] is not None:
+                out = ready["out"]
+                return records.pop(iteration)["out"] if out["kind"] == "lost" else None
             for it in sorted(steps):
                 for f in steps[it]:
                     if f.key in seen:
@@ -1135,6 +1170,13 @@ class ClusterEngine(Engine):
                         seen.add(f.key)
                         if got["out"] is not None and got["out"]["kind"] == "lost":
                             return got["out"]
+            if ready is not None:
+                # The lead stopped without a record: some worker must report why.
+                silent += 1
+                if silent * PEER_POLL > 60:
+                    raise RuntimeError(f"step {iteration} of the loop ended without a "
+                                       f"record and no worker reported a loss")
+                time.sleep(PEER_POLL)
 
     def _result(self, future):
         """A step task's result; None if it has not finished, or cannot be fetched

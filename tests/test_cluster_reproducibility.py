@@ -144,7 +144,8 @@ def test_a_fit_stopped_by_its_callback_frees_the_workers(dask_cluster, fashion_t
         with pytest.raises(RuntimeError, match="stop here"):
             KMeans(10, init="k-means++", random_state=0, max_iter=200, tol=0).fit(
                 X, callback=stop)
-        busy = lambda dask_worker: len(dask_worker.state.executing)  # noqa: E731
+        busy = lambda dask_worker: (len(dask_worker.state.executing)  # noqa: E731
+                                    + len(dask_worker.state.long_running))
         deadline = time.monotonic() + 30  # far below the steps' patience (300 s)
         while sum(client.run(busy).values()) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -211,6 +212,22 @@ def test_every_iteration_is_a_task_on_every_worker(dask_cluster, fashion_test_sm
         # The labels come from the states the final pass left: one small task a chunk.
         labels = [t for t in ts.data if str(t["key"]).startswith("('kmeans-labels-")]
         assert len(labels) == X.numblocks[0]
+
+
+def test_two_workers_with_two_threads_equal_one_thread_each(dask_cluster,
+                                                           fashion_test_small_chunks):
+    # With two threads a worker starts the loop's next step while its last one
+    # runs; the early step waits, off the worker's threads, for this worker's
+    # own partial before it waits for the other's.
+    results = []
+    for args in (("--nthreads", "2"), ()):
+        address = dask_cluster.workers(2, *args)
+        with Client(address, timeout=30) as client, dask.config.set(SMALL_TASKS):
+            assert sorted(client.nthreads().values()) == ([2, 2] if args else [1, 1])
+            X = _rows(fashion_test_small_chunks)
+            results.append(_result(KMeans(10, init="k-means++", random_state=0, max_iter=10,
+                                          tol=0).fit(X)))
+    _assert_same(results)
 
 
 def test_minibatch_same_on_one_and_two_workers(dask_cluster, fashion_test_small_chunks):

@@ -71,6 +71,11 @@ def test_worker_killed_mid_fit_gives_the_undisturbed_centres(dask_processes, fas
         assert len(client.scheduler_info()["workers"]) == 2
         np.testing.assert_array_equal(hurt.cluster_centers_, calm.cluster_centers_)
         assert hurt.inertia_ == calm.inertia_
+        # Every iteration recorded once, in order, as in the undisturbed fit.
+        assert hurt.n_iter_ == calm.n_iter_
+        assert ([h["iteration"] for h in hurt.history_]
+                == [h["iteration"] for h in calm.history_] == list(range(1, calm.n_iter_ + 1)))
+        assert [h["inertia"] for h in hurt.history_] == [h["inertia"] for h in calm.history_]
         np.testing.assert_array_equal(hurt.labels_.compute(), calm.labels_.compute())
 
 
