@@ -1008,8 +1008,8 @@ class ClusterEngine(Engine):
         each worker starts its next pass as soon as the others' partials reach
         it, from them directly.  The client submits steps ahead in batches and
         reads the records as they come, off the loop's path.  If a worker is
-        lost, the loop goes on through the client from the pass whose partials
-        are missing."""
+        lost, the loop goes on through the client from the first iteration
+        whose record the caller lacks."""
         if len(self.plan) > config.get("peer-workers") or "" in dict(self.plan):
             yield from super().iterate(centers, first, max_iter=max_iter, tol=tol,
                                        project=project, final=final,
