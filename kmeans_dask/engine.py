@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
 import math
 import os
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
