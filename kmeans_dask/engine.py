@@ -410,19 +410,16 @@ def load(x):
 class PeerLoop:
     """One chained Lloyd loop's state on one worker.
 
-    The centres and ``final`` flag of the last pass this worker ran, and the
-    partials of each step, from this worker and from the others, which send
-    theirs straight here (:meth:`ChunkStates.receive`) rather than through
-    the scheduler.
+    The last passes this worker ran, and the partials of each step, from this
+    worker and from the others, which send theirs straight here
+    (:meth:`ChunkStates.receive`) rather than through the scheduler.
     """
 
     def __init__(self):
         self.cond = threading.Condition()
         self.parts: dict[int, dict[int, dict]] = {}
-        self.centers = None
-        self.final = False
-        # The last passes this worker ran: (iteration, centres, final), from
-        # which the client can go on if a worker is lost.
+        # (iteration, centres, final) of the last two passes: the last one's the
+        # next step needs, and the client can go on from either if a worker is lost.
         self.passes: deque = deque(maxlen=2)
         self.t = 0.0
         # Why the loop ended here: "end", "halt", "lost", "cancelled" (by the
@@ -434,11 +431,16 @@ class PeerLoop:
             self.parts.setdefault(step, {})[slot] = part
             self.cond.notify_all()
 
-    def stop(self, why: str) -> None:
+    def stop(self, why: str) -> bool:
+        """End the loop here for ``why``; False if it had ended already (a partial
+        a peer refused does not end it: the next step reports that)."""
         with self.cond:
+            if self.stopped not in (None, "unsent"):
+                return False
             self.stopped = why
             self.parts.clear()
             self.cond.notify_all()
+            return True
 
 
 class ChunkStates(WorkerPlugin):
@@ -477,7 +479,7 @@ class ChunkStates(WorkerPlugin):
     def teardown(self, worker=None):
         self.runs.clear()
         for loop in self.loops.values():
-            loop.stop("lost")
+            loop.stop("cancelled")
         self.loops.clear()
         if worker is not None:
             worker.handlers.pop(PEER_HANDLER, None)
@@ -503,7 +505,7 @@ class ChunkStates(WorkerPlugin):
             gone = [key for key in self.loops if key[0] == run]
             loops = [self.loops.pop(key) for key in gone]
         for loop in loops:
-            loop.stop("lost")
+            loop.stop("cancelled")
 
     def pool(self):
         """Threads to pass several chunks at once (None on a one-thread worker).
@@ -716,18 +718,14 @@ def worker_step(spec: PassSpec, loop: LoopSpec, chain: int, slot: int, workers: 
         parts = (ext.wait_parts(state, iteration - 1, workers, slot)
                  if state.stopped is None else None)
         if parts is None:
-            with state.cond:
-                reports = state.stopped in (None, "unsent")
-                state.stopped = "lost" if reports else state.stopped
-            if not reports:
+            if not state.stop("lost"):
                 return {"stop": True, "out": None, "worker": worker.address}
-            state.stop("lost")
             # The client goes on from the passes this worker knows.
             return {"stop": True, "worker": worker.address,
-                    "out": {"kind": "lost", "iteration": iteration - 1,
-                            "passes": list(state.passes)}}
-        part = finish(add_parts(parts), state.centers, spec, loop.sqnorm, loop.dtype)
-        out = after_pass(part, state.centers, iteration - 1, loop, state.final)
+                    "out": {"kind": "lost", "passes": list(state.passes)}}
+        _, before, was_final = state.passes[-1]
+        part = finish(add_parts(parts), before, spec, loop.sqnorm, loop.dtype)
+        out = after_pass(part, before, iteration - 1, loop, was_final)
         if out["kind"] != "iteration":
             state.stop(out["kind"])
             return {"stop": True, "out": out if lead else None, "worker": worker.address}
@@ -741,7 +739,6 @@ def worker_step(spec: PassSpec, loop: LoopSpec, chain: int, slot: int, workers: 
             out["published"] = True
         if want_centers:
             out["centers"] = centers
-    state.centers, state.final = centers, final
     state.passes.append((iteration, centers, final))
     weights = weights if weights is not None else [None] * len(indices)
     with _kernels.one_blas_thread():
@@ -1017,8 +1014,7 @@ class ClusterEngine(Engine):
             return
         loop = self.loop_spec(max_iter, tol, project)
         self.chains += 1
-        start = {"centers": np.ascontiguousarray(centers, dtype=np.float64), "final": final,
-                 "t": time.time()}
+        start = {"centers": np.ascontiguousarray(centers, dtype=np.float64), "final": final}
         page = None
         if self.page:
             page = {"run": self.spec.run, "n_rows": self.rows.n, "max_iter": max_iter,
@@ -1026,7 +1022,7 @@ class ClusterEngine(Engine):
         steps: dict[int, list] = {}
         records: dict[int, dict] = {}
         # Never past the last possible step: the one after the final pass.
-        last = first + max(0, max_iter - first) + 2
+        last = max(first, max_iter) + 2
 
         ahead = STEPS_AHEAD
 
@@ -1149,7 +1145,7 @@ class ClusterEngine(Engine):
             except TimeoutError:
                 if not set(self._workers()) & {addr for addr, _ in self.plan}:
                     # No worker of the loop is left to report: go on from its start.
-                    return {"kind": "lost", "iteration": None, "passes": []}
+                    return {"kind": "lost", "passes": []}
             for it in (it for it in sorted(steps) if it >= iteration):
                 got = self._result(steps[it][0])
                 if got is None:
@@ -1159,8 +1155,7 @@ class ClusterEngine(Engine):
                     break
             ready = records.get(iteration)
             if ready is not None and ready["out"] is not None:
-                out = ready["out"]
-                return records.pop(iteration)["out"] if out["kind"] == "lost" else None
+                return None  # the caller tells a record from a loss
             for it in sorted(steps):
                 for f in steps[it]:
                     if f.key in seen:
