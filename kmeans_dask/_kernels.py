@@ -42,7 +42,7 @@ import threading
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from kmeans_dask import _jit
+from kmeans_dask import _jit, _native
 
 DEFAULT_BLOCK_ROWS = 256
 # Up to this many centres, a ranking's best two per row are found by a
@@ -51,8 +51,11 @@ NARROW = 64
 
 
 def warm_up(dtype) -> None:
-    """Compile the bounded pass's loops for rows of ``dtype`` ahead of the first pass."""
+    """Compile the bounded pass's loops for rows of ``dtype`` ahead of the first pass
+    (and, for uint8 rows, build the integer-tile ranking where the CPU has it)."""
     _jit.warm_up(dtype, compute_dtype(dtype))
+    if np.dtype(dtype) == np.uint8:
+        _native.available()
 
 
 @functools.lru_cache(maxsize=1)
@@ -389,16 +392,63 @@ def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
     return out
 
 
+def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
+    """Labels of every uint8 row by the integer-tile ranking (:mod:`kmeans_dask._native`).
+
+    Rows whose two best ranked values are within ``2 E`` of each other go
+    to the shared rule of :class:`_Nearest`, which settles them exactly, so
+    the labels are the ones the float32 path gives.
+    """
+    m, d = X.shape
+    c = np.asarray(centers, dtype=np.float64)
+
+    def prepare():
+        return _native.Prepared(c, scale, d)
+
+    if keep_centers:
+        prep = work.memo("native", (c,), (scale, d), prepare)
+    else:
+        prep = prepare()
+    out = (work.take("native-pos", m, np.int64), work.take("native-best", m, np.float64),
+           work.take("native-second", m, np.float64))
+    pos, best, second = _native.rank(X, None, prep, out=out)
+    labels[:] = pos
+    second -= best
+    amb = np.flatnonzero(second <= 2.0 * prep.row_error(xsq))
+    if amb.size == 0:
+        return
+    near = _Nearest(c, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
+    step = min(BOUNDED_BLOCK_ROWS, amb.size)
+    g = work.take("native-ties", (step, c.shape[0]), near.dtype)
+    lab = work.take("native-tie-labels", step, np.intp)
+    for lo in range(0, amb.size, step):
+        idx = amb[lo:lo + step]
+        gb, lb = g[:idx.size], lab[:idx.size]
+        near.rank(X, idx, gb)
+        near.decide(gb, _Picked(X, idx), lb, err=near.row_error(xsq[idx]))
+        labels[idx] = lb
+
+
+def _native_rows(X) -> bool:
+    return X.dtype == np.uint8 and X.shape[0] > 0 and X.shape[1] > 0 and _native.available()
+
+
 def _assign(X, centers, scale, block_rows, labels, min_dist=None, work=None):
     """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
     step = max(1, int(block_rows))
-    near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
-    for start in range(0, X.shape[0], step):
-        stop = min(start + step, X.shape[0])
-        near.block(X, start, stop, labels[start:stop])
+    if _native_rows(X):
+        _native_labels(X, centers, scale, _row_sqnorms(X, scale, step), labels,
+                       Workspace() if work is None else work)
+        near = None
+    else:
+        near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
+        for start in range(0, X.shape[0], step):
+            stop = min(start + step, X.shape[0])
+            near.block(X, start, stop, labels[start:stop])
     if min_dist is not None:
         # Exact float64 distances to the chosen centres, row by row.
-        _jit.exact_sqdist(X, labels, near.c, float(scale), min_dist)
+        _jit.exact_sqdist(X, labels, np.asarray(centers, dtype=np.float64), float(scale),
+                          min_dist)
 
 
 def _check_chunk(X, weights):
@@ -850,7 +900,18 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     k = c.shape[0]
     dtype = compute_dtype(X.dtype)
     st = state
-    if st.centers is None or st.centers.shape != c.shape or m == 0:
+    native = _native_rows(X)
+    if native:
+        # Every row ranked against every centre: on integer tiles a full
+        # ranking costs less than moving and testing the bounds would.
+        if st.centers is not None and st.centers.shape != c.shape:
+            st.reset()
+        old = work.take("native-old", m, np.intp)
+        old[:] = st.labels
+        _native_labels(X, c, scale, st.xsq, st.labels, work, keep_centers)
+        todo = np.arange(m)
+        looked, pairs = m, m * k
+    elif st.centers is None or st.centers.shape != c.shape or m == 0 or st.lower is None:
         st.reset()
         t = min(MAX_GROUPS, k // GROUP_SIZE)
         if keep_centers:
@@ -864,24 +925,25 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     def nearest():
         return _Nearest(c, dtype, scale, st.xmax, order=st.order, work=work)
 
-    if keep_centers:
-        near = work.memo("nearest", (c, st.order), (dtype, scale, st.xmax), nearest)
-    else:
-        near = nearest()
-    err = near.row_error(st.xsq, out=work.take("row-error", m, np.float64))
-    if st.centers is None:
-        todo = np.arange(m)
-        old = st.labels.copy()
-        pairs = _rank_all(X, todo, st, near, err, work)
-        looked = m
-    else:
-        last = st.centers
+    if not native:
         if keep_centers:
-            move = work.memo("move", (last, c), None, lambda: _movement(last, c))
-            sep = work.memo("separation", (c,), None, lambda: _separation(c))
+            near = work.memo("nearest", (c, st.order), (dtype, scale, st.xmax), nearest)
         else:
-            move, sep = _movement(last, c), _separation(c)
-        todo, old, looked, pairs = _rank_open(X, st, near, err, move, sep, work)
+            near = nearest()
+        err = near.row_error(st.xsq, out=work.take("row-error", m, np.float64))
+        if st.centers is None:
+            todo = np.arange(m)
+            old = st.labels.copy()
+            pairs = _rank_all(X, todo, st, near, err, work)
+            looked = m
+        else:
+            last = st.centers
+            if keep_centers:
+                move = work.memo("move", (last, c), None, lambda: _movement(last, c))
+                sep = work.memo("separation", (c,), None, lambda: _separation(c))
+            else:
+                move, sep = _movement(last, c), _separation(c)
+            todo, old, looked, pairs = _rank_open(X, st, near, err, move, sep, work)
     st.centers = c if keep_centers and c is centers else c.copy()
     moved = st.labels[todo] != old
     changed = todo[moved]

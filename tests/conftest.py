@@ -126,6 +126,16 @@ def _compiled_loops():
         _kernels.warm_up(dtype)
 
 
+@pytest.fixture
+def float32_ranking():
+    """Rank uint8 rows by the float32 GEMM and the bounds, not the integer tiles
+    (``kmeans_dask.native``): for the tests of the bounds themselves."""
+    import dask
+
+    with dask.config.set({"kmeans_dask.native": False}):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_sources(monkeypatch, tmp_path_factory):
     """No test reads the user's cache or environment, and none reaches the network."""

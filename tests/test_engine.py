@@ -57,7 +57,7 @@ def _rows(X, w=None, chunks=250, scale=1.0):
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float64])
-def test_kept_state_equals_fresh_state_bit_for_bit(weighted, dtype):
+def test_kept_state_equals_fresh_state_bit_for_bit(weighted, dtype, float32_ranking):
     # K = 40: two groups of centres, so the Yinyang group bounds are used.
     X, _ = make_blobs(2000, 12, centers=40, random_state=1)
     if dtype == np.uint8:

@@ -32,7 +32,7 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
-def test_warm_up_compiles_every_loop_the_pass_uses(dtype):
+def test_warm_up_compiles_every_loop_the_pass_uses(dtype, float32_ranking):
     K.warm_up(dtype)
     loops = [getattr(_jit, name) for name in LOOPS]
     compiled = [len(loop.signatures) for loop in loops]
@@ -68,7 +68,8 @@ def _bounded_alongside_full_passes(X, k, seed, iterations=10):
 
 
 @pytest.mark.t10k
-def test_group_by_group_ranking_is_used_and_equals_a_full_pass(fashion_rows, calls):
+def test_group_by_group_ranking_is_used_and_equals_a_full_pass(fashion_rows, calls,
+                                                               float32_ranking):
     X = fashion_rows[:5000].compute()
     state, got = _bounded_alongside_full_passes(X, 64, seed=1)
     # 64 centres make 4 groups; once the centres settle the rows are ranked
@@ -125,6 +126,7 @@ def test_tiled_ranking_stays_within_the_rule_bound(dtype, k):
 
 
 @pytest.mark.t10k
-def test_tiled_ranking_is_used_for_few_centres_and_equals_a_full_pass(fashion_rows, calls):
+def test_tiled_ranking_is_used_for_few_centres_and_equals_a_full_pass(fashion_rows, calls,
+                                                                      float32_ranking):
     _bounded_alongside_full_passes(fashion_rows[:5000].compute(), 10, seed=2)
     assert calls["rank_rows"] >= 1

@@ -200,7 +200,7 @@ def test_labels_are_exact_nearest_on_real_images(fashion_rows):
 
 
 @pytest.mark.parametrize("k", [10, 40])
-def test_bounded_pass_equals_the_plain_pass_bit_for_bit(fashion_rows, k):
+def test_bounded_pass_equals_the_plain_pass_bit_for_bit(fashion_rows, k, float32_ranking):
     X = fashion_rows[:6000].compute()
     scale = 1 / 255
     sq = K.chunk_stats(X, scale=scale)["sqnorm"]
@@ -239,7 +239,7 @@ def test_bounded_pass_on_float_and_weighted_rows(rng, dtype, weighted):
 
 
 @pytest.mark.t10k
-def test_a_fresh_state_gives_the_same_answer_as_a_kept_one(fashion_rows):
+def test_a_fresh_state_gives_the_same_answer_as_a_kept_one(fashion_rows, float32_ranking):
     X = fashion_rows[:4000].compute()
     scale = 1 / 255
     centers = X[:20] * scale

@@ -1,0 +1,224 @@
+"""Integer-tile ranking of uint8 rows (Intel AMX), where the CPU has it.
+
+The nearest-centre rule of :class:`kmeans_dask._kernels._Nearest` needs
+ranked values ``v_j = |c_j|^2 - 2 x.c_j`` with a known error bound; the
+label itself is always settled by the exact comparison of near ties.  For
+unweighted-or-not uint8 rows, this module ranks them with AMX's int8 tiles
+(``_amx.c``) instead of a float32 GEMM:
+
+- each centre, in stored units ``w = c / scale``, is held as two int8 levels
+  ``w ~ a h + b l`` (``a`` and ``b`` per centre), so ``x.w = a (x.h) + b (x.l)
+  + x.e`` where both products are exact int32 sums;
+- the error of a ranked value is then ``2 |x.e| <= 2 |x| |e|`` (``|x|`` scaled),
+  computed per row from ``|x|^2`` and the largest ``|e_j|``, a bound as tight
+  as the float32 GEMM's (see :meth:`Prepared.row_error`), plus the float64
+  rounding of the combination.
+
+The labels are therefore the ones the float32 path gives, bit for bit; only
+the time differs (an AMX tile multiply does 16,384 multiply-adds).  The C
+source is compiled once per machine into the package's ``__pycache__`` (or
+the temporary directory where that cannot be written) by the C compiler
+(``$CC``, else ``cc``); without a compiler, without AMX, or with the
+``kmeans_dask.native`` key false, :func:`available` is false and the float32
+path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import dask
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("_amx.c")
+_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512dq"]
+_lock = threading.Lock()
+_state: dict = {}
+
+# The unit roundoff of float64, for the rounding of the combined value.
+_U64 = np.finfo(np.float64).eps / 2
+
+
+def _cpu_has_amx() -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return {"amx_tile", "amx_int8", "avx512f", "avx512dq"} <= set(flags)
+
+
+def _library_path() -> Path:
+    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    name = f"_amx-{tag}.so"
+    here = _SOURCE.parent / "__pycache__"
+    try:
+        here.mkdir(exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here / name
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"kmeans-dask-{os.getuid()}" / name
+
+
+def _build(path: Path) -> None:
+    """Compile the source to ``path``, atomically (other processes may build it too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        cc = os.environ.get("CC", "cc")
+        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    """The loaded library, or the reason it cannot be used (a string)."""
+    if not _cpu_has_amx():
+        return "the CPU has no AMX int8 tiles"
+    path = _library_path()
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not build {_SOURCE.name}: {exc}"
+    if lib.kd_amx_init() != 0:
+        return "the kernel refused the AMX tile state"
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.kd_amx_rank.restype = ctypes.c_int
+    lib.kd_amx_rank.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p, i64, p, i64, p, p, p]
+    return lib
+
+
+def _library():
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load()
+        return _state["lib"]
+
+
+def available() -> bool:
+    """Whether uint8 rows are ranked here (``kmeans_dask.native`` true and the CPU able)."""
+    if not _enabled():
+        return False
+    return not isinstance(_library(), str)
+
+
+def why_not() -> str | None:
+    """Why :func:`available` is false, or None."""
+    if not _enabled():
+        return "the dask config key kmeans_dask.native is false"
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def _enabled() -> bool:
+    value = dask.config.get("kmeans_dask.native", True)
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "auto"):
+        raise ValueError(f"dask config kmeans_dask.native must be true or false, got {value!r}")
+    return text != "false"
+
+
+def _levels(w: np.ndarray):
+    """Two int8 levels and their per-row scales: ``w ~ a h + b l``."""
+    def level(v):
+        top = np.abs(v).max(axis=1)
+        s = np.where(top > 0, top / 127.0, 1.0)
+        q = np.clip(np.rint(v / s[:, None]), -127, 127)
+        return q.astype(np.int8), s, v - q * s[:, None]
+
+    h, a, r = level(w)
+    l, b, e = level(r)
+    return h, a, l, b, e
+
+
+class Prepared:
+    """Centres made ready for :func:`rank`: their int8 tiles and coefficients.
+
+    ``centers`` (k, d) in scaled units (``scale`` times the stored values).
+    """
+
+    def __init__(self, centers: np.ndarray, scale: float, d: int):
+        c = np.asarray(centers, dtype=np.float64)
+        k = c.shape[0]
+        self.k, self.d = k, d
+        self.kb = max(1, -(-d // 64))
+        self.np = max(1, -(-k // 16))
+        kp, dp = self.np * 16, self.kb * 64
+        h, a, l, b, e = _levels(c / scale)
+        q = np.zeros((2, kp, dp), dtype=np.int8)
+        q[0, :k, :d], q[1, :k, :d] = h, l
+        # TDPBUSD's B tile: 16 rows of 4 consecutive K-values for each of 16 columns.
+        tiles = q.reshape(2, self.np, 16, self.kb, 16, 4).transpose(1, 0, 3, 4, 2, 5)
+        self.packed = np.ascontiguousarray(tiles)
+        self.ch = np.zeros(kp)
+        self.cl = np.zeros(kp)
+        # x.c = scale^2 (X.w) for stored rows X and stored-unit centres w.
+        self.ch[:k] = -2.0 * scale * scale * a
+        self.cl[:k] = -2.0 * scale * scale * b
+        self.csq = np.full(kp, np.inf)
+        self.csq[:k] = np.einsum("ij,ij->i", c, c)
+        # The error x.c - scale^2 (a X.h + b X.l) = scale^2 X.e, at most |x| scale |e|.
+        self.emax = abs(scale) * float(np.sqrt(np.einsum("ij,ij->i", e, e)).max()) if k else 0.0
+        self.cmax2 = float(self.csq[:k].max()) if k else 0.0
+
+    def row_error(self, xsq: np.ndarray) -> np.ndarray:
+        """``E`` per row: a bound on the error of each of the row's ranked values."""
+        xn = np.sqrt(xsq * (1 + 1e-9))
+        # The quantisation (with margin), and float64 rounding of the terms combined.
+        return (2.0 * xn * self.emax * 1.01
+                + 16 * _U64 * (self.cmax2 + 2.0 * xn * np.sqrt(self.cmax2)) + 1e-300)
+
+
+def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
+         fold: bool = True, out=None):
+    """Ranked values of ``X[rows]`` (``rows`` an index array, or None for all rows).
+
+    Returns ``(pos, best, second)`` (the best column, the smallest and second
+    smallest value per row, float64) when ``fold``, into ``out`` when given
+    (int64, float64, float64 arrays of the rows' length); writes the float32
+    values into ``g`` (rows x k, C order) when given.
+    """
+    lib = _library()
+    if not X.flags.c_contiguous and not (X.ndim == 2 and X.strides[1] == 1):
+        X = np.ascontiguousarray(X)
+    if X.dtype != np.uint8:
+        raise TypeError(f"the native ranking takes uint8 rows, got {X.dtype}")
+    if rows is not None:
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        n = rows.size
+    else:
+        n = X.shape[0]
+    pos = best = second = None
+    if fold:
+        pos, best, second = out if out is not None else (np.empty(n, np.int64), np.empty(n),
+                                                         np.empty(n))
+    if g is not None:
+        assert g.dtype == np.float32 and g.flags.c_contiguous and g.shape == (n, prep.k)
+
+    def ptr(a):
+        return None if a is None else a.ctypes.data
+
+    if n:
+        code = lib.kd_amx_rank(ptr(X), X.strides[0], ptr(rows), n, prep.d, ptr(prep.packed),
+                               prep.np, prep.kb, ptr(prep.ch), ptr(prep.cl), ptr(prep.csq),
+                               prep.k, ptr(g), prep.k, ptr(pos), ptr(best), ptr(second))
+        if code != 0:
+            raise RuntimeError(f"the AMX ranking failed (code {code})")
+    return pos, best, second

@@ -1,0 +1,118 @@
+"""The integer-tile ranking of uint8 rows (kmeans_dask._native) against the float32 path."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+from conftest import lloyd_step
+
+from kmeans_dask import _kernels as K
+from kmeans_dask import _native
+
+needs_amx = pytest.mark.skipif(not _native.available(),
+                               reason=f"no integer-tile ranking here: {_native.why_not()}")
+
+
+def _exact(X, rows, centers, scale):
+    x = X[rows].astype(np.float64) * scale
+    return (centers ** 2).sum(1)[None, :] - 2.0 * x @ centers.T, (x * x).sum(1)
+
+
+@needs_amx
+@pytest.mark.parametrize("k,d", [(1, 784), (10, 784), (17, 100), (64, 784), (256, 784), (5, 3)])
+def test_ranked_values_stay_within_their_error_bound(k, d):
+    rng = np.random.default_rng(k + d)
+    X = rng.integers(0, 256, (1000, d), dtype=np.uint8)
+    scale = 1 / 255
+    # Centres anywhere, not only where means of stored rows fall: negative,
+    # beyond 1, and all but zero.
+    centers = rng.normal(0.4, 0.6, (k, d))
+    centers[0] *= 1e-6
+    prep = _native.Prepared(centers, scale, d)
+    rows = np.sort(rng.choice(len(X), 777, replace=False))  # gathered, not a whole tile
+    g = np.full((rows.size, k), np.nan, dtype=np.float32)
+    pos, best, second = _native.rank(X, rows, prep, g=g)
+    exact, xsq = _exact(X, rows, centers, scale)
+    err = prep.row_error(xsq)
+    assert np.isfinite(g).all()
+    assert (np.abs(g - exact) <= err[:, None] + 1e-6 * np.abs(exact)).all()
+    assert (np.abs(best - exact[np.arange(rows.size), pos]) <= err).all()
+    srt = np.sort(exact, axis=1)
+    assert (np.abs(best - srt[:, 0]) <= err).all()
+    if k > 1:
+        assert (np.abs(second - srt[:, 1]) <= err).all()
+    else:
+        assert np.isinf(second).all()
+
+
+@needs_amx
+def test_labels_equal_the_float32_paths_on_real_rows(fashion_rows):
+    X = fashion_rows[:7000].compute()
+    scale = 1 / 255
+    rng = np.random.default_rng(0)
+    for k in (10, 64, 300):
+        centers = X[rng.choice(len(X), k, replace=False)] * scale
+        # Two copies of a centre: every row nearest to it is an exact tie,
+        # which must go to the lower index, as the float32 rule sends it.
+        centers[k - 1] = centers[3]
+        got = K.predict_chunk(X, centers, scale=scale)
+        with dask.config.set({"kmeans_dask.native": False}):
+            want = K.predict_chunk(X, centers, scale=scale)
+        np.testing.assert_array_equal(got, want)
+        assert not (got == k - 1).any() and (got == 3).any()
+        # And they are the nearest centres by |x - c|^2 in float64 (on a sample:
+        # the differences take rows x centres x pixels).
+        some = rng.choice(len(X), 300, replace=False)
+        diff = X[some, None, :].astype(np.float64) * scale - centers[None, :, :]
+        np.testing.assert_array_equal(got[some], np.einsum("ijk,ijk->ij", diff, diff).argmin(1))
+
+
+@needs_amx
+def test_native_passes_equal_the_bounded_float32_passes_bit_for_bit(fashion_rows):
+    X = fashion_rows[:6000].compute()
+    scale = 1 / 255
+    sq = K.chunk_stats(X, scale=scale)["sqnorm"]
+    centers = X[np.random.default_rng(1).choice(len(X), 40, replace=False)] * scale
+    native, bounded = K.ChunkState(X, scale=scale), K.ChunkState(X, scale=scale)
+    for i in range(10):
+        got = K.bounded_lloyd_chunk(X, native, centers, scale=scale, sqnorm=sq)
+        with dask.config.set({"kmeans_dask.native": False}):
+            want = K.bounded_lloyd_chunk(X, bounded, centers, scale=scale, sqnorm=sq)
+        assert got["pairs"] == len(X) * 40  # every row ranked, every pass
+        for key in ("sums", "counts", "raw_sums"):
+            np.testing.assert_array_equal(got[key], want[key])
+        assert got["inertia"] == want["inertia"] and got["changed"] == want["changed"]
+        np.testing.assert_array_equal(native.labels, bounded.labels)
+        centers = lloyd_step(got, centers)
+    assert want["pairs"] < got["pairs"]  # the float32 passes used their bounds
+
+
+@needs_amx
+def test_a_state_can_switch_between_the_two_rankings(fashion_rows):
+    X = fashion_rows[:3000].compute()
+    scale = 1 / 255
+    centers = X[:20] * scale
+    state = K.ChunkState(X, scale=scale)
+    for i in range(6):
+        with dask.config.set({"kmeans_dask.native": i % 2 == 0}):
+            got = K.bounded_lloyd_chunk(X, state, centers, scale=scale)
+        want = K.lloyd_chunk(X, centers, scale=scale)
+        np.testing.assert_array_equal(got["sums"], want["sums"])
+        np.testing.assert_array_equal(state.labels, K.predict_chunk(X, centers, scale=scale))
+        centers = lloyd_step(got, centers)
+
+
+def test_the_config_key_turns_it_off():
+    with dask.config.set({"kmeans_dask.native": False}):
+        assert not _native.available()
+        assert "kmeans_dask.native" in _native.why_not()
+    with dask.config.set({"kmeans_dask.native": "maybe"}):
+        with pytest.raises(ValueError, match="kmeans_dask.native"):
+            _native.available()
+
+
+def test_float_rows_are_refused():
+    prep = _native.Prepared(np.zeros((2, 4)), 1.0, 4)
+    with pytest.raises(TypeError, match="uint8"):
+        _native.rank(np.zeros((3, 4), dtype=np.float32), None, prep)
