@@ -28,6 +28,11 @@ def _result(km):
     return km.cluster_centers_, km.inertia_, km.labels_.compute(), [h["inertia"] for h in km.history_]
 
 
+def _native_ranking(client, on: bool) -> None:
+    """Turn the workers' integer-tile ranking of uint8 rows on or off (``kmeans_dask.native``)."""
+    client.run(lambda value=on: dask.config.set({"kmeans_dask.native": value}) and None)
+
+
 def _assert_same(results):
     first = results[0]
     for centers, inertia, labels, history in results[1:]:
@@ -41,13 +46,19 @@ def _assert_same(results):
 def test_lloyd_same_on_one_two_and_three_workers(dask_cluster, fashion_test_small_chunks,
                                                  persist):
     results = []
-    for n_workers in (1, 2, 3, 3):  # the last one repeats the run on the same cluster
+    # The last run repeats the one before on the same cluster, with the workers
+    # ranking by the float32 GEMM and the bounds instead of the integer tiles.
+    for n_workers, native in ((1, True), (2, True), (3, True), (3, False)):
         address = dask_cluster.workers(n_workers)
         with (Client(address, timeout=30) as client,
               dask.config.set({**SMALL_TASKS, "kmeans_dask.persist": persist})):
             assert len(client.scheduler_info()["workers"]) == n_workers
-            X = _rows(fashion_test_small_chunks)
-            km = KMeans(10, init="k-means||", random_state=0, max_iter=8, tol=0).fit(X)
+            _native_ranking(client, native)
+            try:
+                X = _rows(fashion_test_small_chunks)
+                km = KMeans(10, init="k-means||", random_state=0, max_iter=8, tol=0).fit(X)
+            finally:
+                _native_ranking(client, True)
             assert km.labels_.chunks == X.chunks[:1]
             results.append(_result(km))
     assert len(results[0][3]) == 8
@@ -64,6 +75,8 @@ def test_weighted_and_grouped_same_on_one_and_three_workers_persisted_or_streame
         address = dask_cluster.workers(n_workers)
         with Client(address, timeout=30) as client, dask.config.set(SMALL_TASKS):
             assert len(client.scheduler_info()["workers"]) == n_workers
+            # The bounds are what this test is about: the workers rank by float32.
+            _native_ranking(client, False)
             X = _rows(fashion_test_small_chunks)
             for persist in (True, False):
                 for weights in (None, w):
@@ -75,6 +88,7 @@ def test_weighted_and_grouped_same_on_one_and_three_workers_persisted_or_streame
                     # The bounds spared work by the last iterations (so they were used).
                     assert km.history_[-1]["skipped"] > 0.3, km.history_
                     runs[n_workers, persist, weights is None] = _result(km)
+            _native_ranking(client, True)
     for unweighted in (True, False):
         # Persisted and streamed rows keep the same 500-row chunks here.
         _assert_same([runs[n, p, unweighted] for n in (1, 3) for p in (True, False)])
@@ -169,8 +183,13 @@ def test_a_worker_that_refuses_partials_leaves_the_loop_to_the_client(
         handler = engine.PEER_HANDLER
         client.run(lambda dask_worker: dask_worker.handlers.pop(handler) and None,
                    workers=[victim])
-        with caplog.at_level("INFO", logger="kmeans_dask.engine"):
-            hurt = _result(KMeans(**params).fit(X))
+        try:
+            with caplog.at_level("INFO", logger="kmeans_dask.engine"):
+                hurt = _result(KMeans(**params).fit(X))
+        finally:
+            # The module's later tests may get this worker again.
+            client.run(lambda dask_worker, name=engine.EXTENSION: dask_worker.handlers.update(
+                {handler: dask_worker.plugins[name].receive}) and None, workers=[victim])
         assert any("through the client" in r.getMessage() for r in caplog.records)
         _assert_same([calm, hurt])
 
