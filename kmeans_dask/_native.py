@@ -11,7 +11,7 @@ unweighted-or-not uint8 rows, this module ranks them with AMX's int8 tiles
   + x.e`` where both products are exact int32 sums;
 - the error of a ranked value is then ``2 |x.e| <= 2 |x| |e|`` (``|x|`` scaled),
   computed per row from ``|x|^2`` and the largest ``|e_j|``, a bound as tight
-  as the float32 GEMM's (see :meth:`Prepared.row_error`), plus the float64
+  as the float32 GEMM's (see :meth:`Prepared.row_error`), plus the float32
   rounding of the combination.
 
 The labels are therefore the ones the float32 path gives, bit for bit; only
@@ -42,8 +42,8 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-
 _lock = threading.Lock()
 _state: dict = {}
 
-# The unit roundoff of float64, for the rounding of the combined value.
-_U64 = np.finfo(np.float64).eps / 2
+# The unit roundoff of float32, in which the kernel combines the products.
+_U32 = float(np.finfo(np.float32).eps) / 2
 
 
 def _cpu_has_amx() -> bool:
@@ -167,23 +167,33 @@ class Prepared:
         # TDPBUSD's B tile: 16 rows of 4 consecutive K-values for each of 16 columns.
         tiles = q.reshape(2, self.np, 16, self.kb, 16, 4).transpose(1, 0, 3, 4, 2, 5)
         self.packed = np.ascontiguousarray(tiles)
-        self.ch = np.zeros(kp)
-        self.cl = np.zeros(kp)
-        # x.c = scale^2 (X.w) for stored rows X and stored-unit centres w.
+        # x.c = scale^2 (X.w) for stored rows X and stored-unit centres w; the
+        # kernel combines the two products in float32.
+        self.ch = np.zeros(kp, dtype=np.float32)
+        self.cl = np.zeros(kp, dtype=np.float32)
         self.ch[:k] = -2.0 * scale * scale * a
         self.cl[:k] = -2.0 * scale * scale * b
-        self.csq = np.full(kp, np.inf)
-        self.csq[:k] = np.einsum("ij,ij->i", c, c)
+        csq = np.einsum("ij,ij->i", c, c)
+        self.csq = np.full(kp, np.inf, dtype=np.float32)
+        self.csq[:k] = csq
         # The error x.c - scale^2 (a X.h + b X.l) = scale^2 X.e, at most |x| scale |e|.
-        self.emax = abs(scale) * float(np.sqrt(np.einsum("ij,ij->i", e, e)).max()) if k else 0.0
-        self.cmax2 = float(self.csq[:k].max()) if k else 0.0
+        s = abs(scale)
+        self.emax = s * float(np.sqrt(np.einsum("ij,ij->i", e, e)).max()) if k else 0.0
+        self.cmax2 = float(csq.max()) if k else 0.0
+        # Largest |x.c_h| / |x| and |x.c_l| / |x| (the levels' norms, scaled):
+        # the float32 terms' magnitudes, which their rounding scales with.
+        self.levels = (s * float(np.sqrt((a * a) * np.einsum("ij,ij->i", h, h, dtype=np.float64)).max()
+                                 + np.sqrt((b * b) * np.einsum("ij,ij->i", l, l, dtype=np.float64)).max())
+                       if k else 0.0)
 
     def row_error(self, xsq: np.ndarray) -> np.ndarray:
         """``E`` per row: a bound on the error of each of the row's ranked values."""
         xn = np.sqrt(xsq * (1 + 1e-9))
-        # The quantisation (with margin), and float64 rounding of the terms combined.
+        # The quantisation (with margin), and the float32 rounding of the
+        # coefficients, the products converted and the two fused adds: a few
+        # units of roundoff of the largest magnitude the terms reach.
         return (2.0 * xn * self.emax * 1.01
-                + 16 * _U64 * (self.cmax2 + 2.0 * xn * np.sqrt(self.cmax2)) + 1e-300)
+                + 6 * _U32 * (self.cmax2 + 2.0 * xn * self.levels) + 1e-30)
 
 
 def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
