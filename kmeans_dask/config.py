@@ -57,6 +57,14 @@ minibatch-stream-round-bytes : int, default 1073741824 (1 GiB)
     The same for streamed rows: every round reads each chunk it samples
     from, so rounds are few and large.  The client holds two rounds.
 
+native : true or false, default true
+    Rank uint8 rows on the CPU's integer matrix tiles (Intel AMX) where it
+    has them (:mod:`kmeans_dask._native`): every pass then ranks every row,
+    several times faster than the float32 GEMM and the bounds.  False, or a
+    CPU or system without AMX or a C compiler, takes the float32 path.  Both
+    give the same labels, so results do not depend on it.  Read where the
+    pass runs: on a cluster, the workers' setting counts.
+
 store-codec : "lz4" or "zstd", default "lz4"
     How data stores written from now on (``ingest``, ``augment``) compress
     their rows.  LZ4 decodes about four times as fast, which every load and
@@ -73,7 +81,7 @@ from __future__ import annotations
 
 import dask
 
-DEFAULTS = {"persist": "auto", "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256,
+DEFAULTS = {"persist": "auto", "native": True, "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256,
             "split-every": 8, "peer-workers": 4, "minibatch-round-bytes": 256 * 2**20,
             "minibatch-stream-round-bytes": 2**30}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "peer-workers": 0,
