@@ -116,3 +116,22 @@ def test_float_rows_are_refused():
     prep = _native.Prepared(np.zeros((2, 4)), 1.0, 4)
     with pytest.raises(TypeError, match="uint8"):
         _native.rank(np.zeros((3, 4), dtype=np.float32), None, prep)
+
+
+def test_without_a_compiler_the_float32_path_runs(monkeypatch, tmp_path):
+    # A machine where the C source cannot be built: the reason is kept, and the
+    # passes take the float32 path with the same labels.
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(_native, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(_native, "_library_path", lambda: tmp_path / "_amx-test.so")
+    monkeypatch.setenv("CC", "false")
+    assert not _native.available()
+    assert "could not build _amx.c" in _native.why_not()
+    assert not (tmp_path / "_amx-test.so").exists()  # nothing half-written is kept
+    assert list(tmp_path.iterdir()) == []
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (500, 20), dtype=np.uint8)
+    centers = X[:7] / 255
+    with dask.config.set({"kmeans_dask.native": False}):
+        want = K.predict_chunk(X, centers, scale=1 / 255)
+    np.testing.assert_array_equal(K.predict_chunk(X, centers, scale=1 / 255), want)
