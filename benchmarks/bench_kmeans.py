@@ -278,8 +278,10 @@ def run(args, scratch):
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
+    empty = report["empty_iteration_s"]
     print(f"\nempty iteration (orchestration only: one kmeans-lloyd task per worker): "
-          f"{1e3 * report['empty_iteration_s']:.1f} ms")
+          f"{1e3 * empty['chained']:.1f} ms chained, {1e3 * empty['client']:.1f} ms through "
+          f"the client")
     print(f"worker memory for the data: RSS growth {report['data']['worker_rss_for_data'] / 2**20:.1f} MiB "
           f"= {report['data']['ratio_to_uint8']:.2f} x its uint8 size; held by Dask "
           f"{report['data']['dask_managed_bytes'] / 2**20:.1f} MiB "
