@@ -409,12 +409,19 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
         prep = work.memo("native", (c,), (scale, d), prepare)
     else:
         prep = prepare()
+    if not prep.usable:
+        near = _Nearest(c, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
+        for start in range(0, m, BOUNDED_BLOCK_ROWS):
+            stop = min(start + BOUNDED_BLOCK_ROWS, m)
+            near.block(X, start, stop, labels[start:stop])
+        return
     out = (work.take("native-pos", m, np.int64), work.take("native-best", m, np.float64),
            work.take("native-second", m, np.float64))
     pos, best, second = _native.rank(X, None, prep, out=out)
     labels[:] = pos
     second -= best
-    amb = np.flatnonzero(second <= 2.0 * prep.row_error(xsq))
+    # Not "<=": a NaN (never expected from finite centres) goes to the exact rule too.
+    amb = np.flatnonzero(~(second > 2.0 * prep.row_error(xsq)))
     if amb.size == 0:
         return
     near = _Nearest(c, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
@@ -430,7 +437,8 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
 
 
 def _native_rows(X) -> bool:
-    return X.dtype == np.uint8 and X.shape[0] > 0 and X.shape[1] > 0 and _native.available()
+    return (X.dtype == np.uint8 and X.shape[0] > 0 and 0 < X.shape[1] <= _native.MAX_D
+            and _native.available())
 
 
 def _assign(X, centers, scale, block_rows, labels, min_dist=None, work=None):
@@ -906,6 +914,8 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         # ranking costs less than moving and testing the bounds would.
         if st.centers is not None and st.centers.shape != c.shape:
             st.reset()
+        # No bounds are kept here: a float32 pass after this one starts afresh.
+        st.lower = None
         old = work.take("native-old", m, np.intp)
         old[:] = st.labels
         _native_labels(X, c, scale, st.xsq, st.labels, work, keep_centers)

@@ -17,10 +17,12 @@ unweighted-or-not uint8 rows, this module ranks them with AMX's int8 tiles
 The labels are therefore the ones the float32 path gives, bit for bit; only
 the time differs (an AMX tile multiply does 16,384 multiply-adds).  The C
 source is compiled once per machine into the package's ``__pycache__`` (or
-the temporary directory where that cannot be written) by the C compiler
-(``$CC``, else ``cc``); without a compiler, without AMX, or with the
-``kmeans_dask.native`` key false, :func:`available` is false and the float32
-path runs.
+the user's cache directory, ``$XDG_CACHE_HOME`` or ``~/.cache``, where that
+cannot be written) by the C compiler (``$CC``, else ``cc``), and loaded only
+from where no other user can write.  Without a compiler, without AMX, with
+the ``kmeans_dask.native`` key false, for rows of more than :data:`MAX_D`
+columns, or for centres so large that their float32 coefficients overflow,
+the float32 path runs; :func:`why_not` says which.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,6 +62,8 @@ def _cpu_has_amx() -> bool:
 
 
 def _library_path() -> Path:
+    """Where this machine's build lives: the package's ``__pycache__`` where it can be
+    written, otherwise the user's cache directory (never a directory others can write)."""
     tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     name = f"_amx-{tag}.so"
     here = _SOURCE.parent / "__pycache__"
@@ -68,18 +73,37 @@ def _library_path() -> Path:
             return here / name
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"kmeans-dask-{os.getuid()}" / name
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kmeans-dask"
+    return cache / name
+
+
+def _trusted(path: Path) -> bool:
+    """Whether ``path`` and its directory belong to this user (or root) and no one
+    else can write them: a library loaded from there runs in this process."""
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
+            return False
+    return True
+
+
+# At most this many columns: the int32 sums of 255 x 127 per column stay exact.
+MAX_D = (2**31 - 1) // (255 * 127)
 
 
 def _build(path: Path) -> None:
     """Compile the source to ``path``, atomically (other processes may build it too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True,
-                       capture_output=True, timeout=120)
+        cc = shlex.split(os.environ.get("CC") or "cc")
+        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise OSError(f"{' '.join(cc)} exited with {done.returncode}: "
+                          f"{done.stderr.strip()[-500:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of the cache out
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -90,10 +114,12 @@ def _load():
     """The loaded library, or the reason it cannot be used (a string)."""
     if not _cpu_has_amx():
         return "the CPU has no AMX int8 tiles"
-    path = _library_path()
     try:
+        path = _library_path()
         if not path.exists():
             _build(path)
+        if not _trusted(path):
+            return f"{path} or its directory can be written by other users; not loaded"
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"could not build {_SOURCE.name}: {exc}"
@@ -130,9 +156,9 @@ def why_not() -> str | None:
 def _enabled() -> bool:
     value = dask.config.get("kmeans_dask.native", True)
     text = str(value).strip().lower()
-    if text not in ("true", "false", "auto"):
+    if text not in ("true", "false"):
         raise ValueError(f"dask config kmeans_dask.native must be true or false, got {value!r}")
-    return text != "false"
+    return text == "true"
 
 
 def _levels(w: np.ndarray):
@@ -171,15 +197,20 @@ class Prepared:
         # kernel combines the two products in float32.
         self.ch = np.zeros(kp, dtype=np.float32)
         self.cl = np.zeros(kp, dtype=np.float32)
-        self.ch[:k] = -2.0 * scale * scale * a
-        self.cl[:k] = -2.0 * scale * scale * b
         csq = np.einsum("ij,ij->i", c, c)
         self.csq = np.full(kp, np.inf, dtype=np.float32)
-        self.csq[:k] = csq
+        with np.errstate(over="ignore"):  # overflowing centres are not usable, below
+            self.ch[:k] = -2.0 * scale * scale * a
+            self.cl[:k] = -2.0 * scale * scale * b
+            self.csq[:k] = csq
         # The error x.c - scale^2 (a X.h + b X.l) = scale^2 X.e, at most |x| scale |e|.
         s = abs(scale)
         self.emax = s * float(np.sqrt(np.einsum("ij,ij->i", e, e)).max()) if k else 0.0
         self.cmax2 = float(csq.max()) if k else 0.0
+        # Centres so large that float32 coefficients or |c|^2 overflow cannot be
+        # ranked here (the float32 path ranks them in its own way).
+        self.usable = bool(np.isfinite(self.ch).all() and np.isfinite(self.cl).all()
+                           and self.cmax2 < 1e37 and d <= MAX_D)
         # Largest |x.c_h| / |x| and |x.c_l| / |x| (the levels' norms, scaled):
         # the float32 terms' magnitudes, which their rounding scales with.
         self.levels = (s * float(np.sqrt((a * a) * np.einsum("ij,ij->i", h, h, dtype=np.float64)).max()
@@ -206,10 +237,12 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
     values into ``g`` (rows x k, C order) when given.
     """
     lib = _library()
-    if not X.flags.c_contiguous and not (X.ndim == 2 and X.strides[1] == 1):
-        X = np.ascontiguousarray(X)
     if X.dtype != np.uint8:
         raise TypeError(f"the native ranking takes uint8 rows, got {X.dtype}")
+    if X.ndim != 2 or X.strides[1] != 1 or X.strides[0] < X.shape[1]:
+        X = np.array(X, copy=True, order="C")  # broadcast, reversed or strided views
+    if not prep.usable:
+        raise ValueError("these centres cannot be ranked on integer tiles (Prepared.usable)")
     if rows is not None:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         n = rows.size

@@ -126,7 +126,7 @@ def test_without_a_compiler_the_float32_path_runs(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "_library_path", lambda: tmp_path / "_amx-test.so")
     monkeypatch.setenv("CC", "false")
     assert not _native.available()
-    assert "could not build _amx.c" in _native.why_not()
+    assert "could not build _amx.c: false exited with 1" in _native.why_not()
     assert not (tmp_path / "_amx-test.so").exists()  # nothing half-written is kept
     assert list(tmp_path.iterdir()) == []
     rng = np.random.default_rng(0)
@@ -135,3 +135,67 @@ def test_without_a_compiler_the_float32_path_runs(monkeypatch, tmp_path):
     with dask.config.set({"kmeans_dask.native": False}):
         want = K.predict_chunk(X, centers, scale=1 / 255)
     np.testing.assert_array_equal(K.predict_chunk(X, centers, scale=1 / 255), want)
+
+
+@needs_amx
+def test_rows_too_wide_for_exact_int32_sums_take_the_float32_path():
+    # 255 x 127 per column: past MAX_D columns the integer sums would wrap.
+    d = _native.MAX_D + 1000
+    X = np.full((2, d), 255, np.uint8)
+    X[1] = 200
+    centers = np.stack([np.full(d, 1.0), np.full(d, 0.5), np.full(d, 0.8)])
+    assert K.predict_chunk(X, centers, scale=1 / 255).tolist() == [0, 2]
+
+
+@needs_amx
+def test_a_float32_pass_after_a_native_one_does_not_reuse_old_bounds(fashion_rows):
+    X = fashion_rows[:3000].compute()
+    scale = 1 / 255
+    rng = np.random.default_rng(4)
+    centers = X[rng.choice(len(X), 40, replace=False)] * scale
+    state = K.ChunkState(X, scale=scale)
+    for native in (False, True, False, False, True, False):
+        with dask.config.set({"kmeans_dask.native": native}):
+            got = K.bounded_lloyd_chunk(X, state, centers, scale=scale)
+        want = K.lloyd_chunk(X, centers, scale=scale)
+        np.testing.assert_array_equal(got["counts"], want["counts"])
+        np.testing.assert_array_equal(got["sums"], want["sums"])
+        # Centres moved well away each time, as a stale bound would not survive.
+        centers = lloyd_step(got, centers) + rng.normal(0, 0.02, centers.shape)
+
+
+@needs_amx
+def test_extreme_centres_and_odd_views_give_the_float32_labels():
+    rng = np.random.default_rng(5)
+    X = rng.integers(0, 256, (64, 30), dtype=np.uint8)
+    for centers in (np.stack([np.full(30, 3e19), np.full(30, 2e19)]),
+                    np.stack([np.full(30, -1e19), np.full(30, 2e19)]),
+                    rng.normal(0, 1, (5, 30))):
+        for rows in (X, X[::-1], X[:, ::1][::2], np.broadcast_to(X[0], (7, 30)), X[0][None]):
+            got = K.predict_chunk(rows, centers, scale=1 / 255)
+            with dask.config.set({"kmeans_dask.native": False}):
+                want = K.predict_chunk(rows, centers, scale=1 / 255)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(_native, "_cpu_has_amx", lambda: True)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    planted = shared / "_amx-test.so"
+    planted.write_bytes(b"not a library")
+    shared.chmod(0o777)
+    monkeypatch.setattr(_native, "_library_path", lambda: planted)
+    assert not _native.available()
+    assert "other users" in _native.why_not()
+
+
+@needs_amx
+def test_the_built_library_is_readable_by_others(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_state", {})
+    target = tmp_path / "cache" / "_amx-test.so"
+    monkeypatch.setattr(_native, "_library_path", lambda: target)
+    assert _native.available(), _native.why_not()
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
