@@ -371,7 +371,22 @@ def connect(config: ClusterConfig):
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     with cluster, Client(cluster) as client:
-        yield client
+        try:
+            yield client
+        except KeyboardInterrupt:
+            # The shutdown that follows can race a worker's heartbeat against the
+            # scheduler's exit, which the worker would log with a traceback.
+            try:
+                client.run(_quiet_logs, on_error="ignore")
+            except Exception:  # noqa: BLE001 - the interrupt is what matters
+                pass
+            raise
+
+
+def _quiet_logs() -> None:
+    import logging
+
+    logging.disable(logging.CRITICAL)
 
 
 def _main_thread() -> bool:
