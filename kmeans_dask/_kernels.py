@@ -410,10 +410,7 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
     else:
         prep = prepare()
     if not prep.usable:
-        near = _Nearest(c, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
-        for start in range(0, m, BOUNDED_BLOCK_ROWS):
-            stop = min(start + BOUNDED_BLOCK_ROWS, m)
-            near.block(X, start, stop, labels[start:stop])
+        _float32_labels(X, c, scale, BOUNDED_BLOCK_ROWS, labels, work)
         return
     out = (work.take("native-pos", m, np.int64), work.take("native-best", m, np.float64),
            work.take("native-second", m, np.float64))
@@ -441,18 +438,22 @@ def _native_rows(X) -> bool:
             and _native.available())
 
 
+def _float32_labels(X, centers, scale, step, labels, work=None):
+    """Labels of every row by :class:`_Nearest`'s float32 ranking, ``step`` rows at a time."""
+    near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
+    for start in range(0, X.shape[0], step):
+        stop = min(start + step, X.shape[0])
+        near.block(X, start, stop, labels[start:stop])
+
+
 def _assign(X, centers, scale, block_rows, labels, min_dist=None, work=None):
     """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
     step = max(1, int(block_rows))
     if _native_rows(X):
         _native_labels(X, centers, scale, _row_sqnorms(X, scale, step), labels,
                        Workspace() if work is None else work)
-        near = None
     else:
-        near = _Nearest(centers, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
-        for start in range(0, X.shape[0], step):
-            stop = min(start + step, X.shape[0])
-            near.block(X, start, stop, labels[start:stop])
+        _float32_labels(X, centers, scale, step, labels, work)
     if min_dist is not None:
         # Exact float64 distances to the chosen centres, row by row.
         _jit.exact_sqdist(X, labels, np.asarray(centers, dtype=np.float64), float(scale),
@@ -921,21 +922,21 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
         _native_labels(X, c, scale, st.xsq, st.labels, work, keep_centers)
         todo = np.arange(m)
         looked, pairs = m, m * k
-    elif st.centers is None or st.centers.shape != c.shape or m == 0 or st.lower is None:
-        st.reset()
-        t = min(MAX_GROUPS, k // GROUP_SIZE)
-        if keep_centers:
-            # The chunks of a pass share these centres: group them once.
-            st.order, st.starts, st.group_of = work.memo("groups", (c,), t,
-                                                         lambda: group_centers(c, t))
-        else:
-            st.order, st.starts, st.group_of = group_centers(c, t)
-        st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
+    else:
+        if st.centers is None or st.centers.shape != c.shape or m == 0 or st.lower is None:
+            st.reset()
+            t = min(MAX_GROUPS, k // GROUP_SIZE)
+            if keep_centers:
+                # The chunks of a pass share these centres: group them once.
+                st.order, st.starts, st.group_of = work.memo("groups", (c,), t,
+                                                             lambda: group_centers(c, t))
+            else:
+                st.order, st.starts, st.group_of = group_centers(c, t)
+            st.lower = np.zeros((m, st.starts.size), dtype=np.float32)
 
-    def nearest():
-        return _Nearest(c, dtype, scale, st.xmax, order=st.order, work=work)
+        def nearest():
+            return _Nearest(c, dtype, scale, st.xmax, order=st.order, work=work)
 
-    if not native:
         if keep_centers:
             near = work.memo("nearest", (c, st.order), (dtype, scale, st.xmax), nearest)
         else:

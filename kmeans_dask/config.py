@@ -81,8 +81,8 @@ from __future__ import annotations
 
 import dask
 
-DEFAULTS = {"persist": "auto", "native": True, "store-codec": "lz4", "task-bytes": 32 * 2**20, "block-rows": 256,
-            "split-every": 8, "peer-workers": 4, "minibatch-round-bytes": 256 * 2**20,
+DEFAULTS = {"persist": "auto", "native": True, "store-codec": "lz4", "task-bytes": 32 * 2**20,
+            "block-rows": 256, "split-every": 8, "peer-workers": 4, "minibatch-round-bytes": 256 * 2**20,
             "minibatch-stream-round-bytes": 2**30}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "peer-workers": 0,
            "minibatch-round-bytes": 1,
