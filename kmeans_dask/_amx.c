@@ -137,3 +137,66 @@ int kd_amx_rank(const uint8_t *X, int64_t ldx, const int64_t *rows, int64_t n, i
     free(c);
     return 0;
 }
+
+/* The centres' two int8 levels in stored units, c / scale ~ a h + b l, in the
+ * layout kd_amx_rank reads: level L of centre 16 p + col at column 64 s + 4 r + t
+ * is byte ((((p * 2 + L) * kb + s) * 16 + r) * 16 + col) * 4 + t of packed,
+ * which the caller zeroes.  Each level rounds what is left to 127 steps of its
+ * largest absolute value.  e2, h2, l2: per centre, the squared norm of the
+ * second level's rounding error and of the two integer levels (their order of
+ * summation does not matter: the caller bounds with them, with margin).
+ * A mini-batch step prepares new centres every batch, so this is compiled.
+ */
+int kd_amx_levels(const double *c, int64_t k, int64_t d, double scale, int8_t *packed,
+                  int64_t kb, double *a, double *b, double *e2, double *h2, double *l2) {
+    double *restrict v = malloc((size_t)(d > 0 ? d : 1) * sizeof(double));
+    int32_t *restrict h = malloc((size_t)(d > 0 ? d : 1) * sizeof(int32_t));
+    if (!v || !h) { free(v); free(h); return -2; }
+    const double inv_scale = 1.0 / scale;
+    for (int64_t j = 0; j < k; j++) {
+        const double *restrict cj = c + j * d;
+        double top = 0.0;
+        #pragma omp simd reduction(max:top)
+        for (int64_t q = 0; q < d; q++) {
+            const double x = cj[q] * inv_scale;
+            v[q] = x;
+            const double m = x < 0 ? -x : x;
+            top = m > top ? m : top;
+        }
+        for (int level = 0; level < 2; level++) {
+            /* NaN or infinite centres give NaN steps here; the caller finds
+             * their |c|^2 or coefficients not finite and does not use them. */
+            const double s = top > 0 ? top / 127.0 : 1.0, inv = 1.0 / s;
+            double sq = 0.0, err = 0.0;
+            top = 0.0;
+            #pragma omp simd reduction(+:sq, err) reduction(max:top)
+            for (int64_t q = 0; q < d; q++) {
+                double z = __builtin_rint(v[q] * inv);
+                z = z < -127.0 ? -127.0 : z;
+                z = z > 127.0 ? 127.0 : z;
+                const double r = v[q] - z * s;
+                h[q] = (int32_t)z;  /* narrowed below: narrowing here kept the loop scalar */
+                v[q] = r;
+                sq += z * z;
+                err += r * r;
+                const double m = r < 0 ? -r : r;
+                top = m > top ? m : top;
+            }
+            int8_t *dst = packed + (((j / 16) * 2 + level) * kb) * 1024 + (j % 16) * 4;
+            int64_t q = 0;
+            for (; q + 4 <= d; q += 4) {  /* four columns, one 4-byte store */
+                const uint32_t w = (uint32_t)(uint8_t)h[q] | (uint32_t)(uint8_t)h[q + 1] << 8
+                                 | (uint32_t)(uint8_t)h[q + 2] << 16
+                                 | (uint32_t)(uint8_t)h[q + 3] << 24;
+                memcpy(dst + (q >> 6) * 1024 + ((q & 63) >> 2) * 64, &w, 4);
+            }
+            for (; q < d; q++)
+                dst[(q >> 6) * 1024 + ((q & 63) >> 2) * 64 + (q & 3)] = (int8_t)h[q];
+            if (level == 0) { a[j] = s; h2[j] = sq; }
+            else { b[j] = s; l2[j] = sq; e2[j] = err; }
+        }
+    }
+    free(v);
+    free(h);
+    return 0;
+}

@@ -442,6 +442,34 @@ def fold_batch(X, g, csq, weights, scale, labels, dist, sums, wsum):
         wsum[best] += w
 
 
+@numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def fold_labelled(X, labels, centers, weights, scale, dist, sums, wsum):
+    """The per-row half of a mini-batch step once its rows are labelled.
+
+    For every row: its squared distance to its centre, ``|scale x - c|^2``
+    in float64, and its weighted raw values added to that centre's ``sums``
+    and its weight to ``wsum``.  The distance feeds only the batch inertia,
+    so its sum may be reassociated (vectorised: a left-to-right sum is a
+    chain of dependent adds, and cost more than the rest of the step's pass).
+    The sums are float64 of the stored values, so uint8 rows with integer
+    weights add up exactly in any order.
+    """
+    d = X.shape[1]
+    for i in range(X.shape[0]):
+        j = labels[i]
+        c = centers[j]
+        w = weights[i]
+        target = sums[j]
+        acc = 0.0
+        for q in range(d):
+            x = np.float64(X[i, q])
+            v = x * scale - c[q]
+            acc += v * v
+            target[q] += w * x
+        dist[i] = acc
+        wsum[j] += w
+
+
 @numba.njit(nogil=True, cache=True)
 def update_centers(centers, counts, sums, wsum, scale):
     """Sculley's update with per-centre learning rates, in place; returns the
@@ -537,6 +565,7 @@ def warm_up(x_dtype, compute_dtype) -> None:
     exact_sqdist(X, rows, np.zeros((1, 2)), 1.0, none)
     pair_sqdist(X, rows, np.zeros((1, 2)), rows, 1.0, none)
     fold_batch(X, mat[:0], vec, none, 1.0, rows, none, np.zeros((1, 2)), f64)
+    fold_labelled(X, rows, np.zeros((1, 2)), none, 1.0, none, np.zeros((1, 2)), f64)
     update_centers(np.zeros((1, 2)), f64, np.zeros((1, 2)), f64, 1.0)
     if X.dtype.kind == "u":
         integer_stats(X, none, np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64))

@@ -345,23 +345,34 @@ class _Nearest:
         return pos, ranked, best64, second
 
     def _refine(self, g, raw, amb, best, pos, upper2, err):
-        # Candidates: every centre within 2E of the best ranked one; the true
-        # nearest centre is always among them.
-        # Widened by a float32 ulp or so: the limit itself is rounded.
-        limit = (best[amb] + 2.0 * err * 1.001 + np.abs(best[amb]) * 1e-6).astype(g.dtype)
-        rows, cand = np.nonzero(g[amb] <= limit[:, None])
         xs = np.ascontiguousarray(raw[amb])  # as stored: the few rows in a near tie
-        exact = self.work.take("refine-exact", rows.size, np.float64)
-        _jit.pair_sqdist(xs, rows, self.c, cand, float(self.scale), exact)
-        # Lowest exact distance per row; ties go to the lower centre index.
-        index = cand if self.order is None else self.order[cand]
-        order = np.lexsort((index, exact, rows))
-        sorted_rows = rows[order]
-        first = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1])))
-        pick = order[first]
-        pos[amb] = cand[pick]
+        cand, exact = _exact_nearest(g[amb], xs, best[amb], err, self.c, self.scale, self.work,
+                                     index=self.order)
+        pos[amb] = cand
         if upper2 is not None:
-            upper2[amb] = exact[pick] * (1 + 1e-12) + 1e-300
+            upper2[amb] = exact * (1 + 1e-12) + 1e-300
+
+
+def _exact_nearest(g, xs, best, err, centers, scale, work, index=None):
+    """The nearest centre of each row of ``xs`` in a near tie, by exact float64 distances.
+
+    ``g`` holds the rows' ranked values (one row each, a column per centre of
+    ``centers``), ``best`` their smallest and ``err`` their ``E``.  The
+    candidates are every column within ``2 E`` of the best: the true nearest
+    centre is always among them.  Ties go to the lower centre index
+    (``index[column]``, or the column).  Returns the chosen columns and their
+    exact squared distances.
+    """
+    # Widened by a float32 ulp or so: the limit itself is rounded.
+    limit = (best + 2.0 * err * 1.001 + np.abs(best) * 1e-6).astype(g.dtype)
+    rows, cand = np.nonzero(g <= limit[:, None])
+    exact = work.take("refine-exact", rows.size, np.float64)
+    _jit.pair_sqdist(xs, rows, centers, cand, float(scale), exact)
+    order = np.lexsort((cand if index is None else index[cand], exact, rows))
+    sorted_rows = rows[order]
+    first = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1])))
+    pick = order[first]
+    return cand[pick], exact[pick]
 
 
 def _xmax(X: np.ndarray, scale: float) -> float:
@@ -395,9 +406,9 @@ def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
 def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
     """Labels of every uint8 row by the integer-tile ranking (:mod:`kmeans_dask._native`).
 
-    Rows whose two best ranked values are within ``2 E`` of each other go
-    to the shared rule of :class:`_Nearest`, which settles them exactly, so
-    the labels are the ones the float32 path gives.
+    Rows whose two best ranked values are within ``2 E`` of each other are
+    settled by the exact comparison :class:`_Nearest` uses too
+    (:func:`_exact_nearest`), so the labels are the ones the float32 path gives.
     """
     m, d = X.shape
     c = np.asarray(centers, dtype=np.float64)
@@ -421,16 +432,21 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
     amb = np.flatnonzero(~(second > 2.0 * prep.row_error(xsq)))
     if amb.size == 0:
         return
-    near = _Nearest(c, compute_dtype(X.dtype), scale, _xmax(X, scale), work=work)
-    step = min(BOUNDED_BLOCK_ROWS, amb.size)
-    g = work.take("native-ties", (step, c.shape[0]), near.dtype)
-    lab = work.take("native-tie-labels", step, np.intp)
-    for lo in range(0, amb.size, step):
-        idx = amb[lo:lo + step]
-        gb, lb = g[:idx.size], lab[:idx.size]
-        near.rank(X, idx, gb)
-        near.decide(gb, _Picked(X, idx), lb, err=near.row_error(xsq[idx]))
-        labels[idx] = lb
+    # Their values against every centre, from the same kernel, and the exact
+    # comparison of the candidates (no float32 copy of the centres to make).
+    odd = ~np.isfinite(best[amb])
+    if odd.any():  # no finite value to take candidates from: the float32 path's rule
+        rows = amb[odd]
+        sub = np.empty(rows.size, dtype=labels.dtype)
+        _float32_labels(np.ascontiguousarray(X[rows]), c, scale, BOUNDED_BLOCK_ROWS, sub, work)
+        labels[rows] = sub
+        amb = amb[~odd]
+        if amb.size == 0:
+            return
+    g = work.take("native-ties", (amb.size, c.shape[0]), np.float32)
+    _native.rank(X, amb, prep, g=g, fold=False)
+    xs = np.ascontiguousarray(X[amb])
+    labels[amb], _ = _exact_nearest(g, xs, best[amb], prep.row_error(xsq[amb]), c, scale, work)
 
 
 def _native_rows(X) -> bool:
@@ -1026,6 +1042,41 @@ def nearest_chunk(X: np.ndarray, centers: np.ndarray, near: np.ndarray | None = 
         keep = near[:, 0] <= out[:, 0]
         out[keep] = near[keep]
     return out
+
+
+def fold_batch(X: np.ndarray, weights: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
+               work: Workspace | None = None):
+    """One mini-batch step's pass over its rows ``X`` (as stored).
+
+    Labels by the rule every pass uses (so a step labels a row as a full
+    pass would, on the integer tiles or in float32 alike), the exact float64
+    squared distance of each row to its centre, and the weighted raw
+    per-centre sums and weights, for :func:`_jit.update_centers`.
+
+    Returns
+    -------
+    labels : (m,) intp
+    dist : (m,) float64
+    sums : (k, d) float64, of the stored values
+    wsum : (k,) float64
+    With ``work``, the first three are that workspace's arrays, overwritten
+    by the next call (a fit's steps make thousands, all of one size).
+    """
+    _check_chunk(X, weights)
+    work = Workspace() if work is None else work
+    centers = np.asarray(centers, dtype=np.float64)
+    k, d = centers.shape
+    m = X.shape[0]
+    labels = work.take("fold-labels", m, np.intp)
+    dist = work.take("fold-dist", m, np.float64)
+    sums = work.take("fold-sums", (k, d), np.float64)
+    sums.fill(0.0)
+    wsum = np.zeros(k)
+    if m:
+        _assign(X, centers, scale, BOUNDED_BLOCK_ROWS, labels, work=work)
+        _jit.fold_labelled(X, labels, centers, np.asarray(weights, dtype=np.float64),
+                           float(scale), dist, sums, wsum)
+    return labels, dist, sums, wsum
 
 
 def transform_chunk(X: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,

@@ -41,7 +41,8 @@ import dask
 import numpy as np
 
 _SOURCE = Path(__file__).with_name("_amx.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512dq"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp-simd", "-mamx-tile", "-mamx-int8", "-mavx512f",
+          "-mavx512dq"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -128,6 +129,8 @@ def _load():
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.kd_amx_rank.restype = ctypes.c_int
     lib.kd_amx_rank.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p, i64, p, i64, p, p, p]
+    lib.kd_amx_levels.restype = ctypes.c_int
+    lib.kd_amx_levels.argtypes = [p, i64, i64, ctypes.c_double, p, i64, p, p, p, p, p]
     return lib
 
 
@@ -161,19 +164,6 @@ def _enabled() -> bool:
     return text == "true"
 
 
-def _levels(w: np.ndarray):
-    """Two int8 levels and their per-row scales: ``w ~ a h + b l``."""
-    def level(v):
-        top = np.abs(v).max(axis=1)
-        s = np.where(top > 0, top / 127.0, 1.0)
-        q = np.clip(np.rint(v / s[:, None]), -127, 127)
-        return q.astype(np.int8), s, v - q * s[:, None]
-
-    h, a, r = level(w)
-    l, b, e = level(r)
-    return h, a, l, b, e
-
-
 class Prepared:
     """Centres made ready for :func:`rank`: their int8 tiles and coefficients.
 
@@ -181,18 +171,25 @@ class Prepared:
     """
 
     def __init__(self, centers: np.ndarray, scale: float, d: int):
-        c = np.asarray(centers, dtype=np.float64)
+        c = np.ascontiguousarray(centers, dtype=np.float64)
+        if c.ndim != 2 or c.shape[1] != d:
+            raise ValueError(f"centres of shape {c.shape} for rows of {d} columns")
+        lib = _library()
+        if isinstance(lib, str):
+            raise RuntimeError(f"the AMX ranking is not available: {lib}")
         k = c.shape[0]
         self.k, self.d = k, d
         self.kb = max(1, -(-d // 64))
         self.np = max(1, -(-k // 16))
-        kp, dp = self.np * 16, self.kb * 64
-        h, a, l, b, e = _levels(c / scale)
-        q = np.zeros((2, kp, dp), dtype=np.int8)
-        q[0, :k, :d], q[1, :k, :d] = h, l
-        # TDPBUSD's B tile: 16 rows of 4 consecutive K-values for each of 16 columns.
-        tiles = q.reshape(2, self.np, 16, self.kb, 16, 4).transpose(1, 0, 3, 4, 2, 5)
-        self.packed = np.ascontiguousarray(tiles)
+        kp = self.np * 16
+        self.packed = np.zeros((self.np, 2, self.kb, 16, 16, 4), dtype=np.int8)
+        a, b, e2, h2, l2 = (np.empty(k) for _ in range(5))
+        code = lib.kd_amx_levels(c.ctypes.data, k, d, float(scale),
+                                        self.packed.ctypes.data, self.kb, a.ctypes.data,
+                                        b.ctypes.data, e2.ctypes.data, h2.ctypes.data,
+                                        l2.ctypes.data)
+        if code != 0:
+            raise MemoryError("the AMX kernel could not allocate its buffers")
         # x.c = scale^2 (X.w) for stored rows X and stored-unit centres w; the
         # kernel combines the two products in float32.
         self.ch = np.zeros(kp, dtype=np.float32)
@@ -205,7 +202,7 @@ class Prepared:
             self.csq[:k] = csq
         # The error x.c - scale^2 (a X.h + b X.l) = scale^2 X.e, at most |x| scale |e|.
         s = abs(scale)
-        self.emax = s * float(np.sqrt(np.einsum("ij,ij->i", e, e)).max()) if k else 0.0
+        self.emax = s * float(np.sqrt(e2.max())) if k else 0.0
         self.cmax2 = float(csq.max()) if k else 0.0
         # Centres so large that float32 coefficients or |c|^2 overflow cannot be
         # ranked here (the float32 path ranks them in its own way).
@@ -213,8 +210,7 @@ class Prepared:
                            and self.cmax2 < 1e37 and d <= MAX_D)
         # Largest |x.c_h| / |x| and |x.c_l| / |x| (the levels' norms, scaled):
         # the float32 terms' magnitudes, which their rounding scales with.
-        self.levels = (s * float(np.sqrt((a * a) * np.einsum("ij,ij->i", h, h, dtype=np.float64)).max()
-                                 + np.sqrt((b * b) * np.einsum("ij,ij->i", l, l, dtype=np.float64)).max())
+        self.levels = (s * float(np.sqrt(a * a * h2).max() + np.sqrt(b * b * l2).max())
                        if k else 0.0)
 
     def row_error(self, xsq: np.ndarray) -> np.ndarray:

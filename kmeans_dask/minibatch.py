@@ -309,7 +309,7 @@ class MiniBatchKMeans(BaseKMeans):
             xb = batches.rows(pos * b, (pos + 1) * b, out=batch)
             pos += 1
             reassign = self._random_reassign()
-            inertia, shift, relocated = _step(xb, ones, centers, self._counts, scale, dtype,
+            inertia, shift, relocated = _step(xb, ones, centers, self._counts, scale,
                                               reassign_rng, reassign, self.reassignment_ratio,
                                               work)
             record = {"iteration": step + 1, "inertia": inertia / b, "center_shift": shift,
@@ -379,7 +379,7 @@ class MiniBatchKMeans(BaseKMeans):
                 centers = self._called_init(sample, rng)
             else:
                 centers = _init_block(init, sample, None, self.n_clusters, rng)
-            _, dist = _assign(valid, centers, scale, dtype)
+            _, dist = _assign(valid, centers, scale)
             inertia = float(dist.sum())
             if best_inertia is None or inertia < best_inertia:
                 best, best_inertia = centers, inertia
@@ -450,7 +450,7 @@ class MiniBatchKMeans(BaseKMeans):
         t0 = time.perf_counter()
         reassign = self._random_reassign()
         inertia, shift, relocated = _step(block, weights, self._centers, self._counts,
-                                          self.scale_, dtype, self._random_state, reassign,
+                                          self.scale_, self._random_state, reassign,
                                           self.reassignment_ratio)
         self.cluster_centers_ = self._centers.astype(dtype)
         self.n_steps_ += 1
@@ -458,7 +458,7 @@ class MiniBatchKMeans(BaseKMeans):
                               "center_shift": shift, "seconds": time.perf_counter() - t0,
                               "relocated": relocated})
         if self.compute_labels:
-            labels, dist = _assign(block, self.cluster_centers_, self.scale_, dtype)
+            labels, dist = _assign(block, self.cluster_centers_, self.scale_)
             self.labels_ = labels.astype(np.int32)
             self.inertia_ = float(dist @ weights)
         return self
@@ -771,49 +771,21 @@ def _kmeans_plusplus(x: np.ndarray, k: int, rng, w=None) -> np.ndarray:
     return centers
 
 
-def _assign(x: np.ndarray, centers: np.ndarray, scale: float, dtype):
+def _assign(x: np.ndarray, centers: np.ndarray, scale: float):
     """Nearest centre and squared distance (float64) of every row of ``scale * x``,
     as a step computes them (:func:`_fold`)."""
-    labels, dist, _, _ = _fold(x, np.ones(len(x)), centers, scale, dtype)
+    labels, dist, _, _ = _fold(x, np.ones(len(x)), centers, scale)
     return labels, dist
 
 
-def _fold(xb, weights, centers, scale, dtype, work: _kernels.Workspace | None = None):
+def _fold(xb, weights, centers, scale, work: _kernels.Workspace | None = None):
     """Labels, squared distances, raw weighted per-centre sums and weights of the
-    rows ``xb`` (as stored) against ``centers`` (float64, scaled units).
-
-    The scale is folded into the centres (``|s x - c|^2 = s^2 |x|^2 - 2 x.(s c)
-    + |c|^2``): one GEMM in the compute dtype, then one compiled pass over the
-    rows (:func:`_jit.fold_batch`).  With ``work`` the arrays, returned ones
-    included, are that workspace's and are overwritten by the next call (a
-    fit's steps make thousands of them, all of one size).
-    """
-    dtype = np.dtype(dtype)
-    centers = np.asarray(centers, dtype=np.float64)
-    k, d = centers.shape
-    m = xb.shape[0]
-
-    def array(name, shape, kind):
-        return np.empty(shape, dtype=kind) if work is None else work.take(name, shape, kind)
-
-    if xb.dtype == dtype:
-        x = xb
-    else:
-        x = array("fold-x", (m, d), dtype)
-        x[...] = xb
-    g = np.dot(x, (centers * scale).astype(dtype).T, out=array("fold-g", (m, k), dtype))
-    csq = np.einsum("ij,ij->i", centers, centers).astype(dtype)
-    labels = array("fold-labels", m, np.intp)
-    dist = array("fold-dist", m, np.float64)
-    sums = array("fold-sums", (k, d), np.float64)
-    sums.fill(0.0)
-    wsum = np.zeros(k)
-    _jit.fold_batch(xb, g, csq, np.asarray(weights, dtype=np.float64), float(scale), labels,
-                    dist, sums, wsum)
-    return labels, dist, sums, wsum
+    rows ``xb`` (as stored) against ``centers`` (float64, scaled units):
+    :func:`kmeans_dask._kernels.fold_batch`."""
+    return _kernels.fold_batch(xb, weights, centers, scale=scale, work=work)
 
 
-def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio, work=None):
+def _step(xb, weights, centers, counts, scale, rng, reassign, ratio, work=None):
     """One of scikit-learn's ``_mini_batch_step`` on the raw rows ``xb``; updates
     ``centers`` (float64, scaled units) and ``counts`` in place.
 
@@ -822,7 +794,7 @@ def _step(xb, weights, centers, counts, scale, dtype, rng, reassign, ratio, work
     reassigned.
     """
     m = len(xb)
-    _, dist, sums, wsum = _fold(xb, weights, centers, scale, dtype, work)
+    _, dist, sums, wsum = _fold(xb, weights, centers, scale, work)
     inertia = float(dist @ weights)
     shift = _jit.update_centers(centers, counts, sums, wsum, float(scale))
     relocated = 0

@@ -196,6 +196,46 @@ def test_labels_are_exact_nearest_on_real_images(fashion_rows):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_fold_batch_labels_distances_and_sums(rng, dtype):
+    """A mini-batch step's pass: exact nearest centre and distance, weighted raw sums."""
+    X = rng.integers(0, 256, (97, 13)).astype(dtype)
+    C = rng.random((5, 13))
+    w = rng.integers(1, 4, 97).astype(np.float64)
+    labels, dist, sums, wsum = K.fold_batch(X, w, C, scale=1 / 255)
+    want, sorted_d2 = exact_labels(X, C, 1 / 255)
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_allclose(dist, sorted_d2[:, 0], rtol=1e-12, atol=1e-12)
+    for j in range(5):
+        np.testing.assert_array_equal(sums[j], (X[labels == j] * w[labels == j, None]).sum(0))
+        assert wsum[j] == w[labels == j].sum()
+
+
+@pytest.mark.t10k
+@pytest.mark.parametrize("k", [10, 256])
+def test_fold_batch_is_the_same_on_the_integer_tiles_and_in_float32(fashion_rows, k):
+    """A step's labels and sums do not depend on which ranking runs: the integer
+    tiles where the CPU has them, or the float32 GEMM (``kmeans_dask.native``)."""
+    import dask
+
+    X = fashion_rows[:1024].compute()
+    C = X[np.random.default_rng(k).choice(1024, k, replace=False)] / 255.0
+    C[1::2] = C[::2][: len(C[1::2])] + 1e-7  # pairs of centres in near ties
+    w = np.ones(len(X))
+    got = []
+    for native in (True, False):
+        with dask.config.set({"kmeans_dask.native": native}):
+            got.append([a.copy() for a in K.fold_batch(X, w, C, scale=1 / 255,
+                                                       work=K.Workspace())])
+    (l1, d1, s1, w1), (l2, d2, s2, w2) = got
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(w1, w2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-12)
+    want = np.concatenate([exact_labels(X[i:i + 64], C, 1 / 255)[0] for i in range(0, 1024, 64)])
+    np.testing.assert_array_equal(l1, want)
+
+
 # ---------------------------------------------------------------- bounded Lloyd
 
 

@@ -62,22 +62,6 @@ def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
         assert mb._Fetcher.mode_for(X) == "persisted"
 
 
-def test_fold_batch_matches_numpy():
-    """The compiled half of a step: nearest centre, distance, weighted sums."""
-    rng = np.random.default_rng(1)
-    X = rng.integers(0, 256, (97, 13), dtype=np.uint8)
-    C = rng.random((5, 13))
-    w = rng.integers(1, 4, 97).astype(np.float64)
-    labels, dist, sums, wsum = mb._fold(X, w, C, 1 / 255, np.float64)
-    x = X / 255
-    full = ((x[:, None, :] - C[None]) ** 2).sum(-1)
-    np.testing.assert_array_equal(labels, full.argmin(1))
-    np.testing.assert_allclose(dist, full.min(1), rtol=1e-9, atol=1e-12)
-    for j in range(5):
-        np.testing.assert_array_equal(sums[j], (X[labels == j] * w[labels == j, None]).sum(0))
-        assert wsum[j] == w[labels == j].sum()
-
-
 def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch):
     """One seed, one result: without a cluster, on one or two workers, with the
     rows brought whole (read here beside a LocalCluster of this process, by
