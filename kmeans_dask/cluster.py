@@ -83,12 +83,13 @@ class ManagerConfig:
 
 
 # mode -> system -> (module, class, package to install)
-# distributed's nanny sets MALLOC_TRIM_THRESHOLD_ to 64 KiB, and setting it stops
-# glibc from raising its mmap threshold: every chunk-sized array a worker makes
-# is then a fresh mapping whose pages fault in one by one, which cost more than
-# decoding the chunk (6 of 11 ms per streamed chunk of 10,000 MNIST rows).  With
-# these, the arrays reuse the heap, and at most 128 MiB of it is kept free.
-# ``distributed.nanny.environ`` still overrides them.
+# distributed's nanny starts workers with MALLOC_TRIM_THRESHOLD_ at 64 KiB, and
+# setting it stops glibc from raising its mmap threshold: every chunk-sized
+# array a worker makes is then a fresh mapping whose pages fault in one by one,
+# which cost more than decoding the chunk (6 of 11 ms per streamed chunk of
+# 10,000 MNIST rows).  With these, the arrays reuse the heap, and at most
+# 128 MiB of it is kept free.  glibc reads them when a process starts, so they
+# go in ``distributed.nanny.pre-spawn-environ`` (``environ`` is set too late).
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
                  "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20)}
 
@@ -366,15 +367,17 @@ def connect(config: ClusterConfig):
     # of every worker printing its own traceback.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
     try:
-        cluster = LocalCluster(
-            n_workers=local.n_workers,
-            threads_per_worker=local.threads_per_worker,
-            memory_limit=local.memory_limit,
-            processes=True,
-            env={**WORKER_MALLOC, **(dask.config.get("distributed.nanny.environ") or {})},
-            host="127.0.0.1",
-            dashboard_address=local.dashboard_address,
-        )
+        spawn_env = {**(dask.config.get("distributed.nanny.pre-spawn-environ") or {}),
+                     **WORKER_MALLOC}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+            cluster = LocalCluster(
+                n_workers=local.n_workers,
+                threads_per_worker=local.threads_per_worker,
+                memory_limit=local.memory_limit,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=local.dashboard_address,
+            )
     except Exception as exc:
         raise ClusterError(f"could not start the local cluster ({type(exc).__name__}: {exc}); "
                            f"check the local section of the cluster configuration") from exc

@@ -32,8 +32,10 @@ How a fit is organised:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 import time
 import uuid
 import warnings
@@ -41,6 +43,7 @@ import warnings
 import dask
 import dask.array as da
 import numpy as np
+from dask.optimization import fuse
 from sklearn.utils import check_random_state
 
 from . import _jit, _kernels, config
@@ -540,9 +543,11 @@ class _Fetcher:
       ``compute`` of one :func:`_take_chunks` task per worker, over the
       chunks it holds (each distinct row travels once), the first with
       every chunk's statistics;
-    * ``"streamed"``: the same with one task per chunk, which reads it from
-      its source, in few large rounds (each reads every chunk it samples
-      from).
+    * ``"streamed"``: one task per chunk, which reads it from its source and
+      keeps only the sampled rows (the read is fused into the task, so no
+      whole chunk waits in worker memory), in few large rounds (each reads
+      every chunk it samples from); the rows come here as each task ends
+      (:class:`_StreamedRound`), so the workers hold only the tasks in flight.
 
     With a ``distributed`` client, :meth:`submit` starts the transfer and
     returns at once, so the next round's rows travel while this round's
@@ -610,6 +615,10 @@ class _Fetcher:
         uniq, inverse = np.unique(indices, return_inverse=True)
         chunk_of = np.searchsorted(offsets, uniq, side="right") - 1
         bounds = np.searchsorted(chunk_of, np.arange(len(offsets)))
+        if self.mode == "streamed" and self.client is not None:
+            self.calls += 1
+            # The rows land in the order of ``uniq``: drawn row i is at inverse[i].
+            return _StreamedRound(self.client, self.rows, uniq, bounds, stats), inverse.ravel(), None
         parts, order = [], []
         for addr, idx in self.groups:
             idx = [i for i in idx if bounds[i + 1] > bounds[i] or stats]
@@ -658,6 +667,9 @@ class _Fetcher:
         if self.local is not None:
             return _Round(self.local, indices), None
         parts, positions, chunks = self._submit(indices, stats=True)
+        if isinstance(parts, _StreamedRound):
+            data, per_chunk = parts.wait()
+            return _Round(data, positions), total_stats(per_chunk)
         parts = self._gather(parts)
         data = np.concatenate([p["rows"] for p in parts])
         per_chunk = dict(zip(chunks, (st for p in parts for st in p["stats"])))
@@ -673,10 +685,16 @@ class _Fetcher:
         parts, positions = handle
         if parts is None:
             return _Round(self.local, positions)
+        if isinstance(parts, _StreamedRound):
+            return _Round(parts.wait()[0], positions)
         return _Round(np.concatenate([p["rows"] for p in self._gather(parts)]), positions)
 
     def cancel(self, handle) -> None:
-        if handle is not None and handle[0] is not None and self.client is not None:
+        if handle is None or handle[0] is None or self.client is None:
+            return
+        if isinstance(handle[0], _StreamedRound):
+            handle[0].cancel()
+        else:
             self.client.cancel(handle[0])
 
     def local_engine(self, stats: dict, chunks: tuple) -> LocalEngine:
@@ -688,6 +706,78 @@ class _Fetcher:
         w = None if self.weights is None else _views([w for _, w in arrays])
         rows = ChunkedRows(X, w, scale=self.rows.scale, block_rows=self.rows.block_rows)
         return LocalEngine(rows, stats, persisted=True, arrays=arrays)
+
+
+class _StreamedRound:
+    """One round of sampled rows read from their source: one task per chunk holding
+    some of them, each reading its chunk and keeping those rows.
+
+    The chunk's read is fused into its task (:func:`dask.optimization.fuse`),
+    so a whole chunk never waits in worker memory for the task that samples
+    it, and a thread here collects each task's rows as it ends into one
+    array, in the order of ``uniq``: the workers hold only what is in
+    flight, and nothing is concatenated.  :meth:`wait` returns that array
+    and the per-chunk statistics (with ``stats``, in chunk order).
+    """
+
+    def __init__(self, client, rows: ChunkedRows, uniq: np.ndarray, bounds: np.ndarray,
+                 stats: bool):
+        from distributed import as_completed
+
+        X, W = rows.X, rows.weights
+        offsets = rows.offsets
+        name = f"_take_chunks-streamed-{uuid.uuid4().hex}"
+        dsk = dict(X.__dask_graph__())
+        if W is not None:
+            dsk.update(W.__dask_graph__())
+        take = functools.partial(_take_chunks, stats=stats, scale=rows.scale)
+        keys, self._slot = [], {}
+        for i in range(len(offsets) - 1):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi == lo and not stats:
+                continue
+            local = (uniq[lo:hi] - offsets[i]).astype(np.int32)
+            key = (name, i)
+            dsk[key] = (take, [(X.name, i) + (0,) * (X.ndim - 1)],
+                        [None if W is None else (W.name, i)], [local])
+            keys.append(key)
+            self._slot[key] = (i, lo, hi)
+        dsk, _ = fuse(dsk, keys=keys)
+        self.data = np.empty((len(uniq), rows.d), dtype=X.dtype)
+        self.stats: dict = {}
+        self.error: BaseException | None = None
+        self.futures = client.get(dsk, keys, sync=False)
+        self._done = threading.Event()
+
+        def collect():
+            try:
+                for future, part in as_completed(self.futures, with_results=True):
+                    i, lo, hi = self._slot[future.key]
+                    self.data[lo:hi] = part["rows"]
+                    if stats:
+                        self.stats[i] = part["stats"][0]
+                    future.release()
+            except BaseException as exc:  # re-raised by wait(), in the fit's thread
+                self.error = exc
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=collect, name="kmeans-dask-round", daemon=True)
+        self._thread.start()
+
+    def wait(self):
+        self._done.wait()
+        self._thread.join()
+        self.futures = []
+        if self.error is not None:
+            raise self.error
+        return self.data, [self.stats[i] for i in sorted(self.stats)]
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+        self._done.wait()
+        self._thread.join()
 
 
 def _views(blocks: list) -> da.Array:
