@@ -742,7 +742,7 @@ class _StreamedRound:
                         [None if W is None else (W.name, i)], [local])
             keys.append(key)
             self._slot[key] = (i, lo, hi)
-        dsk, _ = fuse(dsk, keys=keys)
+        dsk, _ = fuse(dsk, keys=keys, rename_keys=False)
         self.data = np.empty((len(uniq), rows.d), dtype=X.dtype)
         self.stats: dict = {}
         self.error: BaseException | None = None
@@ -751,12 +751,15 @@ class _StreamedRound:
 
         def collect():
             try:
-                for future, part in as_completed(self.futures, with_results=True):
-                    i, lo, hi = self._slot[future.key]
-                    self.data[lo:hi] = part["rows"]
-                    if stats:
-                        self.stats[i] = part["stats"][0]
-                    future.release()
+                # In batches of what has ended: one hand-over per batch between
+                # the client's event loop and this thread, not one per chunk.
+                for batch in as_completed(self.futures, with_results=True).batches():
+                    for future, part in batch:
+                        i, lo, hi = self._slot[future.key]
+                        self.data[lo:hi] = part["rows"]
+                        if stats:
+                            self.stats[i] = part["stats"][0]
+                        future.release()
             except BaseException as exc:  # re-raised by wait(), in the fit's thread
                 self.error = exc
             finally:

@@ -1,7 +1,10 @@
-"""cluster.yaml parsing and validation (cluster.py), no cluster started."""
+"""cluster.yaml parsing and validation, and the local workers' settings (cluster.py)."""
 
 from __future__ import annotations
 
+import platform
+
+import numpy as np
 import pytest
 
 from kmeans_dask import cluster
@@ -68,3 +71,35 @@ def test_tls_paths_must_exist(tmp_path):
     tls = cluster.TLSConfig(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
     with pytest.raises(ConfigError, match=r"remote.tls.ca_file: .*ca.pem does not exist"):
         cluster.security_for(tls)
+
+
+@pytest.mark.skipif(not platform.libc_ver()[0] == "glibc",
+                    reason="the malloc settings are glibc's; this C library has its own")
+def test_local_workers_reuse_the_heap_for_chunk_sized_arrays():
+    """Arrays of a streamed chunk's size, made and freed by task after task, reuse the
+    workers' heap: distributed's 64 KiB trim threshold alone would map (and fault
+    in) fresh pages for each of them."""
+    config = cluster.parse_config({"mode": "local",
+                                   "local": {"n_workers": 1, "dashboard_address": ":0"}})
+
+    def faults():
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def churn(i):
+        a = np.full((10_000, 784), i % 7, dtype=np.uint8)  # 7.5 MiB, every page written
+        return int(a[::997, ::97].sum())
+
+    with cluster.connect(config) as client:
+        env = client.run(lambda: {k: __import__("os").environ.get(k)
+                                  for k in cluster.WORKER_MALLOC})
+        assert list(env.values()) == [cluster.WORKER_MALLOC]
+        client.gather([client.submit(churn, i, pure=False) for i in range(5)])
+        before = next(iter(client.run(faults).values()))
+        for i in range(40):  # one after another, as a worker's tasks run
+            client.submit(churn, i, pure=False).result()
+        after = next(iter(client.run(faults).values()))
+    pages = 10_000 * 784 // 4096
+    print(f"{(after - before) / 40:.0f} minor faults per task of {pages} pages")
+    assert after - before < 40 * pages // 10

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import dask
 import dask.array as da
 import numpy as np
@@ -53,6 +55,36 @@ def test_fetcher_takes_rows_from_every_chunk_in_one_compute(mode):
     np.testing.assert_array_equal(fetch.result(fetch.submit(more)).rows(0, 4), X[more])
     assert fetch.calls == (1 if mode == "whole" else 2)
     assert mode != "streamed" or fetch.round_bytes > mb.config.get("minibatch-round-bytes")
+
+
+def test_streamed_rounds_read_and_sample_each_chunk_in_one_task(fashion_t10k):
+    """On a cluster, a streamed round is one task per chunk that reads the chunk from
+    the store and keeps the sampled rows (no whole chunk is a task result); the rows
+    come in the order drawn, with every chunk's statistics, and nothing is left on
+    the workers once they have come, or once a round is cancelled."""
+    X = fashion_t10k.compute()
+    rows = ChunkedRows(fashion_t10k, None, scale=1 / 255)
+    rng = np.random.default_rng(0)
+    idx, more = rng.integers(0, len(X), 3000), rng.integers(0, len(X), 5000)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=":0") as lc, Client(lc) as client:
+        fetch = mb._Fetcher(rows, "streamed")
+        with get_task_stream(client) as ts:
+            got, stats = fetch.first(idx)
+            nxt = fetch.result(fetch.submit(more))
+        np.testing.assert_array_equal(got.rows(0, len(idx)), X[idx])
+        np.testing.assert_array_equal(nxt.rows(0, len(more)), X[more])
+        assert stats["n"] == len(X)
+        assert stats["sqnorm"] == pytest.approx(float((X.astype(np.float64) ** 2).sum()) / 255**2,
+                                                rel=1e-12)
+        keys = [str(t["key"]) for t in ts.data]
+        assert len(keys) == 2 * fashion_t10k.numblocks[0], keys
+        assert all("_take_chunks-streamed" in k for k in keys), keys
+        assert not lc.scheduler.tasks  # every result came here and was released
+        handle = fetch.submit(rng.integers(0, len(X), 20_000))
+        fetch.cancel(handle)
+        client.sync(lambda: asyncio.sleep(0.2))
+        assert not lc.scheduler.tasks
 
 
 def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
