@@ -1091,26 +1091,58 @@ def _rows_codec():
 
 
 def _compute(tasks: list, progress=None) -> list:
-    """Compute ``tasks`` on the active scheduler, calling ``progress(done, total)``."""
+    """Compute ``tasks`` on the active scheduler, calling ``progress(done, total)``.
+
+    When one task fails, the others that are already writing are waited for before
+    the error is raised: the caller then removes what was written, and a write still
+    under way would otherwise land after that removal.
+    """
     from .cluster import active_client
 
     client = active_client()
     total = len(tasks)
-    if client is None or progress is None:
-        out = list(dask.compute(*tasks))
+    if client is None:
+        out = _compute_here(tasks)
         if progress is not None:
             progress(total, total)
         return out
-    from distributed import as_completed
+    from distributed import as_completed, wait
 
     futures = client.compute(tasks)
     try:
         for done, _ in enumerate(as_completed(futures), 1):
-            progress(done, total)
+            if progress is not None:
+                progress(done, total)
         return client.gather(futures)
+    except Exception:
+        with contextlib.suppress(Exception):
+            wait(futures, timeout=_SETTLE_TIMEOUT)
+        raise
     finally:
         for f in futures:
             f.release()
+
+
+# How long a failed write waits for its other tasks (seconds): a chunk write
+# takes well under this, and a hung store must not hang the error too.
+_SETTLE_TIMEOUT = 120
+
+
+def _compute_here(tasks: list) -> list:
+    """``dask.compute`` without a client; on the threaded scheduler, a failure is raised
+    only once the tasks already running have ended (queued ones are dropped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask.threaded
+
+    if dask.base.get_scheduler(collections=tasks) is not dask.threaded.get:
+        return list(dask.compute(*tasks))
+    workers = dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return list(dask.compute(*tasks, scheduler="threads", pool=pool))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_data(path, *, dataset: str, splits: dict, attrs: dict | None = None,

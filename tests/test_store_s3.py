@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import dask
@@ -53,15 +54,18 @@ def _objects(url: str) -> list[str]:
         return []
 
 
-def _labels(n: int, value: int, *, fail_at=None, hook=None):
-    """A Dask array of ``n`` labels in 4 chunks; chunk ``fail_at`` raises, and ``hook``
-    runs inside every chunk's task (while the store is being written)."""
+def _labels(n: int, value: int, *, fail_at=None, hook=None, after=None):
+    """A Dask array of ``n`` labels in 4 chunks; chunk ``fail_at`` raises (once the
+    event ``after``, if given, is set), and ``hook`` runs inside every chunk's task
+    (while the store is being written)."""
     step = -(-n // 4)
 
     def block(i, a, b):
         if hook is not None:
             hook()
         if i == fail_at:
+            if after is not None:
+                after.wait(10)
             raise RuntimeError(f"chunk {i} failed on purpose")
         return np.full(b - a, value, dtype=np.int32)
 
@@ -133,11 +137,27 @@ def test_checkpoint_at_s3_round_trips(s3_env, bucket):
         store.read_checkpoint(ckpt)
 
 
-def test_failed_write_leaves_no_object_and_the_old_store_readable(s3_env, bucket):
+def test_failed_write_leaves_no_object_and_the_old_store_readable(s3_env, bucket, monkeypatch):
     url = f"{bucket}/res.zarr"
     with pytest.raises(RuntimeError, match="failed on purpose"):
         store.write_result(url, np.ones((2, 3), np.float32), _labels(100, 1, fail_at=2), _attrs())
     assert _objects(url) == []
+    # A chunk still being written when another fails is waited for before the
+    # clean-up (its object used to land after it).
+    writing, store_chunk = threading.Event(), store._store_chunk
+
+    def slow_first_chunk(start, *args):
+        if start == 0:
+            writing.set()
+            time.sleep(1.0)
+        return store_chunk(start, *args)
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="failed on purpose"):
+        patch.setattr(store, "_store_chunk", slow_first_chunk)
+        store.write_result(url, np.ones((2, 3), np.float32),
+                           _labels(100, 1, fail_at=2, after=writing), _attrs())
+    time.sleep(1.5)
+    assert writing.is_set() and _objects(url) == []
     store.write_result(url, np.ones((2, 3), np.float32), _labels(100, 1), _attrs())
     before = _objects(url)
     with pytest.raises(RuntimeError, match="failed on purpose"):
