@@ -1,10 +1,11 @@
-"""Integer-tile ranking of uint8 rows (Intel AMX), where the CPU has it.
+"""Integer ranking of uint8 rows (Intel AMX tiles or AVX-512 VNNI), where the CPU has it.
 
 The nearest-centre rule of :class:`kmeans_dask._kernels._Nearest` needs
 ranked values ``v_j = |c_j|^2 - 2 x.c_j`` with a known error bound; the
 label itself is always settled by the exact comparison of near ties.  For
-unweighted-or-not uint8 rows, this module ranks them with AMX's int8 tiles
-(``_amx.c``) instead of a float32 GEMM:
+unweighted-or-not uint8 rows, this module ranks them with the CPU's int8
+dot products (``_int8_rank.c``: AMX's tiles, else AVX-512 VNNI) instead of a
+float32 GEMM:
 
 - each centre, in stored units ``w = c / scale``, is held as two int8 levels
   ``w ~ a h + b l`` (``a`` and ``b`` per centre), so ``x.w = a (x.h) + b (x.l)
@@ -15,11 +16,14 @@ unweighted-or-not uint8 rows, this module ranks them with AMX's int8 tiles
   rounding of the combination.
 
 The labels are therefore the ones the float32 path gives, bit for bit; only
-the time differs (an AMX tile multiply does 16,384 multiply-adds).  The C
+the time differs (an AMX tile multiply does 16,384 multiply-adds, a VNNI
+instruction 64, against a float32 FMA's 16).  The two kernels give the same
+values, bit for bit (the same exact sums, combined alike).  The C
 source is compiled once per machine into the package's ``__pycache__`` (or
 the user's cache directory, ``$XDG_CACHE_HOME`` or ``~/.cache``, where that
 cannot be written) by the C compiler (``$CC``, else ``cc``), and loaded only
-from where no other user can write.  Without a compiler, without AMX, with
+from where no other user can write.  Without a compiler, without AMX or
+AVX-512 VNNI, with
 the ``kmeans_dask.native`` key false, for rows of more than :data:`MAX_D`
 columns, or for centres so large that their float32 coefficients overflow,
 the float32 path runs; :func:`why_not` says which.
@@ -40,9 +44,10 @@ from pathlib import Path
 import dask
 import numpy as np
 
-_SOURCE = Path(__file__).with_name("_amx.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp-simd", "-mamx-tile", "-mamx-int8", "-mavx512f",
-          "-mavx512dq"]
+_SOURCE = Path(__file__).with_name("_int8_rank.c")
+# No CPU-specific flags: each kernel carries its instruction set as a target
+# attribute, so one build loads anywhere and only what the CPU has is called.
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp-simd"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -50,23 +55,29 @@ _state: dict = {}
 _U32 = float(np.finfo(np.float32).eps) / 2
 
 
-def _cpu_has_amx() -> bool:
+# The kernels, fastest first, and the CPU flags each needs.
+_KERNELS = {"amx": {"amx_tile", "amx_int8", "avx512f", "avx512dq"},
+            "avx512-vnni": {"avx512f", "avx512dq", "avx512bw", "avx512_vnni"}}
+
+
+def _cpu_kernels() -> list[str]:
+    """The kernels this CPU can run, fastest first."""
     if sys.platform != "linux":
-        return False
+        return []
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return {"amx_tile", "amx_int8", "avx512f", "avx512dq"} <= set(flags)
+        return []
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    return [name for name, need in _KERNELS.items() if need <= flags]
 
 
 def _library_path() -> Path:
     """Where this machine's build lives: the package's ``__pycache__`` where it can be
     written, otherwise the user's cache directory (never a directory others can write)."""
     tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    name = f"_amx-{tag}.so"
+    name = f"_int8_rank-{tag}.so"
     here = _SOURCE.parent / "__pycache__"
     try:
         here.mkdir(exist_ok=True)
@@ -112,9 +123,11 @@ def _build(path: Path) -> None:
 
 
 def _load():
-    """The loaded library, or the reason it cannot be used (a string)."""
-    if not _cpu_has_amx():
-        return "the CPU has no AMX int8 tiles"
+    """The loaded library, its ``rank`` and ``kernel`` set, or the reason it cannot be
+    used (a string)."""
+    kernels = _cpu_kernels()
+    if not kernels:
+        return "the CPU has neither AMX int8 tiles nor AVX-512 VNNI"
     try:
         path = _library_path()
         if not path.exists():
@@ -124,13 +137,18 @@ def _load():
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"could not build {_SOURCE.name}: {exc}"
-    if lib.kd_amx_init() != 0:
-        return "the kernel refused the AMX tile state"
+    if kernels[0] == "amx" and lib.kd_amx_init() != 0:
+        kernels = kernels[1:]  # the OS refused the tile state
+        if not kernels:
+            return "the kernel refused the AMX tile state"
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.kd_amx_rank.restype = ctypes.c_int
-    lib.kd_amx_rank.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p, i64, p, i64, p, p, p]
-    lib.kd_amx_levels.restype = ctypes.c_int
-    lib.kd_amx_levels.argtypes = [p, i64, i64, ctypes.c_double, p, i64, p, p, p, p, p]
+    for fn in (lib.kd_amx_rank, lib.kd_vnni_rank):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p, i64, p, i64, p, p, p]
+    lib.kd_int8_levels.restype = ctypes.c_int
+    lib.kd_int8_levels.argtypes = [p, i64, i64, ctypes.c_double, p, i64, p, p, p, p, p]
+    lib.rank = lib.kd_amx_rank if kernels[0] == "amx" else lib.kd_vnni_rank
+    lib.kernel = kernels[0]
     return lib
 
 
@@ -139,6 +157,12 @@ def _library():
         if "lib" not in _state:
             _state["lib"] = _load()
         return _state["lib"]
+
+
+def kernel() -> str | None:
+    """The kernel uint8 rows are ranked with here (``"amx"`` or ``"avx512-vnni"``), or
+    None where they are not (see :func:`why_not`)."""
+    return _library().kernel if available() else None
 
 
 def available() -> bool:
@@ -176,7 +200,7 @@ class Prepared:
             raise ValueError(f"centres of shape {c.shape} for rows of {d} columns")
         lib = _library()
         if isinstance(lib, str):
-            raise RuntimeError(f"the AMX ranking is not available: {lib}")
+            raise RuntimeError(f"the integer ranking is not available: {lib}")
         k = c.shape[0]
         self.k, self.d = k, d
         self.kb = max(1, -(-d // 64))
@@ -184,12 +208,12 @@ class Prepared:
         kp = self.np * 16
         self.packed = np.zeros((self.np, 2, self.kb, 16, 16, 4), dtype=np.int8)
         a, b, e2, h2, l2 = (np.empty(k) for _ in range(5))
-        code = lib.kd_amx_levels(c.ctypes.data, k, d, float(scale),
+        code = lib.kd_int8_levels(c.ctypes.data, k, d, float(scale),
                                         self.packed.ctypes.data, self.kb, a.ctypes.data,
                                         b.ctypes.data, e2.ctypes.data, h2.ctypes.data,
                                         l2.ctypes.data)
         if code != 0:
-            raise MemoryError("the AMX kernel could not allocate its buffers")
+            raise MemoryError("the integer kernel could not allocate its buffers")
         # x.c = scale^2 (X.w) for stored rows X and stored-unit centres w; the
         # kernel combines the two products in float32.
         self.ch = np.zeros(kp, dtype=np.float32)
@@ -255,9 +279,9 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
         return None if a is None else a.ctypes.data
 
     if n:
-        code = lib.kd_amx_rank(ptr(X), X.strides[0], ptr(rows), n, prep.d, ptr(prep.packed),
+        code = lib.rank(ptr(X), X.strides[0], ptr(rows), n, prep.d, ptr(prep.packed),
                                prep.np, prep.kb, ptr(prep.ch), ptr(prep.cl), ptr(prep.csq),
                                prep.k, ptr(g), prep.k, ptr(pos), ptr(best), ptr(second))
         if code != 0:
-            raise RuntimeError(f"the AMX ranking failed (code {code})")
+            raise RuntimeError(f"the {lib.kernel} ranking failed (code {code})")
     return pos, best, second

@@ -1,4 +1,4 @@
-"""The integer-tile ranking of uint8 rows (kmeans_dask._native) against the float32 path."""
+"""The integer ranking of uint8 rows (kmeans_dask._native) against the float32 path."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from conftest import lloyd_step
 from kmeans_dask import _kernels as K
 from kmeans_dask import _native
 
-needs_amx = pytest.mark.skipif(not _native.available(),
-                               reason=f"no integer-tile ranking here: {_native.why_not()}")
+needs_int8 = pytest.mark.skipif(not _native.available(),
+                               reason=f"no integer ranking here: {_native.why_not()}")
 
 
 def _exact(X, rows, centers, scale):
@@ -19,7 +19,7 @@ def _exact(X, rows, centers, scale):
     return (centers ** 2).sum(1)[None, :] - 2.0 * x @ centers.T, (x * x).sum(1)
 
 
-@needs_amx
+@needs_int8
 @pytest.mark.parametrize("k,d", [(1, 784), (10, 784), (17, 100), (64, 784), (256, 784), (5, 3)])
 def test_ranked_values_stay_within_their_error_bound(k, d):
     rng = np.random.default_rng(k + d)
@@ -46,7 +46,7 @@ def test_ranked_values_stay_within_their_error_bound(k, d):
         assert np.isinf(second).all()
 
 
-@needs_amx
+@needs_int8
 def test_labels_equal_the_float32_paths_on_real_rows(fashion_rows):
     X = fashion_rows[:7000].compute()
     scale = 1 / 255
@@ -68,7 +68,7 @@ def test_labels_equal_the_float32_paths_on_real_rows(fashion_rows):
         np.testing.assert_array_equal(got[some], np.einsum("ijk,ijk->ij", diff, diff).argmin(1))
 
 
-@needs_amx
+@needs_int8
 def test_native_passes_equal_the_bounded_float32_passes_bit_for_bit(fashion_rows):
     X = fashion_rows[:6000].compute()
     scale = 1 / 255
@@ -88,7 +88,7 @@ def test_native_passes_equal_the_bounded_float32_passes_bit_for_bit(fashion_rows
     assert want["pairs"] < got["pairs"]  # the float32 passes used their bounds
 
 
-@needs_amx
+@needs_int8
 def test_a_state_can_switch_between_the_two_rankings(fashion_rows):
     X = fashion_rows[:3000].compute()
     scale = 1 / 255
@@ -122,12 +122,12 @@ def test_without_a_compiler_the_float32_path_runs(monkeypatch, tmp_path):
     # A machine where the C source cannot be built: the reason is kept, and the
     # passes take the float32 path with the same labels.
     monkeypatch.setattr(_native, "_state", {})
-    monkeypatch.setattr(_native, "_cpu_has_amx", lambda: True)
-    monkeypatch.setattr(_native, "_library_path", lambda: tmp_path / "_amx-test.so")
+    monkeypatch.setattr(_native, "_cpu_kernels", lambda: ["avx512-vnni"])
+    monkeypatch.setattr(_native, "_library_path", lambda: tmp_path / "_int8_rank-test.so")
     monkeypatch.setenv("CC", "false")
     assert not _native.available()
-    assert "could not build _amx.c: false exited with 1" in _native.why_not()
-    assert not (tmp_path / "_amx-test.so").exists()  # nothing half-written is kept
+    assert "could not build _int8_rank.c: false exited with 1" in _native.why_not()
+    assert not (tmp_path / "_int8_rank-test.so").exists()  # nothing half-written is kept
     assert list(tmp_path.iterdir()) == []
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, (500, 20), dtype=np.uint8)
@@ -137,7 +137,7 @@ def test_without_a_compiler_the_float32_path_runs(monkeypatch, tmp_path):
     np.testing.assert_array_equal(K.predict_chunk(X, centers, scale=1 / 255), want)
 
 
-@needs_amx
+@needs_int8
 def test_rows_too_wide_for_exact_int32_sums_take_the_float32_path():
     # 255 x 127 per column: past MAX_D columns the integer sums would wrap.
     d = _native.MAX_D + 1000
@@ -147,7 +147,7 @@ def test_rows_too_wide_for_exact_int32_sums_take_the_float32_path():
     assert K.predict_chunk(X, centers, scale=1 / 255).tolist() == [0, 2]
 
 
-@needs_amx
+@needs_int8
 def test_a_float32_pass_after_a_native_one_does_not_reuse_old_bounds(fashion_rows):
     X = fashion_rows[:3000].compute()
     scale = 1 / 255
@@ -164,7 +164,7 @@ def test_a_float32_pass_after_a_native_one_does_not_reuse_old_bounds(fashion_row
         centers = lloyd_step(got, centers) + rng.normal(0, 0.02, centers.shape)
 
 
-@needs_amx
+@needs_int8
 # The float32 path warns as |c|^2 of such centres overflows its float32 copy.
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_extreme_centres_and_odd_views_give_the_float32_labels():
@@ -182,10 +182,10 @@ def test_extreme_centres_and_odd_views_give_the_float32_labels():
 
 def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "_state", {})
-    monkeypatch.setattr(_native, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(_native, "_cpu_kernels", lambda: ["avx512-vnni"])
     shared = tmp_path / "shared"
     shared.mkdir()
-    planted = shared / "_amx-test.so"
+    planted = shared / "_int8_rank-test.so"
     planted.write_bytes(b"not a library")
     shared.chmod(0o777)
     monkeypatch.setattr(_native, "_library_path", lambda: planted)
@@ -193,10 +193,10 @@ def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path):
     assert "other users" in _native.why_not()
 
 
-@needs_amx
+@needs_int8
 def test_the_built_library_is_readable_by_others(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "_state", {})
-    target = tmp_path / "cache" / "_amx-test.so"
+    target = tmp_path / "cache" / "_int8_rank-test.so"
     monkeypatch.setattr(_native, "_library_path", lambda: target)
     assert _native.available(), _native.why_not()
     assert target.stat().st_mode & 0o777 == 0o755
