@@ -403,50 +403,126 @@ def _row_sqnorms(X: np.ndarray, scale: float, block_rows: int) -> np.ndarray:
     return out
 
 
-def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False):
-    """Labels of every uint8 row by the integer-tile ranking (:mod:`kmeans_dask._native`).
-
-    Rows whose two best ranked values are within ``2 E`` of each other are
-    settled by the exact comparison :class:`_Nearest` uses too
-    (:func:`_exact_nearest`), so the labels are the ones the float32 path gives.
-    """
-    m, d = X.shape
-    c = np.asarray(centers, dtype=np.float64)
+def _native_prepared(c, scale, d, work, keep_centers=False):
+    """The centres made ready for the integer ranking; with ``keep_centers`` made once
+    per set of centres in ``work`` (the chunks of a pass share them)."""
 
     def prepare():
         return _native.Prepared(c, scale, d)
 
-    if keep_centers:
-        prep = work.memo("native", (c,), (scale, d), prepare)
-    else:
-        prep = prepare()
+    return work.memo("native", (c,), (scale, d), prepare) if keep_centers else prepare()
+
+
+def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False, rows=None,
+                   prep=None):
+    """Labels of uint8 rows by the integer ranking (:mod:`kmeans_dask._native`).
+
+    ``prep``: the centres as :func:`_native_prepared` makes them (made here
+    if not given).  ``rows``: the rows to label (an index array; ``labels`` and ``xsq`` are
+    then theirs), or None for all.  Rows whose two best ranked values are
+    within ``2 E`` of each other are settled by the exact comparison
+    :class:`_Nearest` uses too (:func:`_exact_nearest`), so the labels are the
+    ones the float32 path gives.
+
+    Returns ``(best, second, err, settled)`` per row (the two smallest ranked
+    values, their ``E``, and the positions of the rows the exact comparison
+    or the float32 path settled), or None where the centres cannot be ranked
+    on integers and the float32 path labelled every row.
+    """
+    m, d = X.shape
+    c = np.asarray(centers, dtype=np.float64)
+    if prep is None:
+        prep = _native_prepared(c, scale, d, work, keep_centers)
     if not prep.usable:
-        _float32_labels(X, c, scale, BOUNDED_BLOCK_ROWS, labels, work)
-        return
-    out = (work.take("native-pos", m, np.int64), work.take("native-best", m, np.float64),
-           work.take("native-second", m, np.float64))
-    pos, best, second = _native.rank(X, None, prep, out=out)
+        sub = X if rows is None else np.ascontiguousarray(X[rows])
+        _float32_labels(sub, c, scale, BOUNDED_BLOCK_ROWS, labels, work)
+        return None
+    n = m if rows is None else rows.size
+    out = (work.take("native-pos", n, np.int64), work.take("native-best", n, np.float64),
+           work.take("native-second", n, np.float64))
+    pos, best, second = _native.rank(X, rows, prep, out=out)
     labels[:] = pos
-    second -= best
+    err = prep.row_error(xsq)
     # Not "<=": a NaN (never expected from finite centres) goes to the exact rule too.
-    amb = np.flatnonzero(~(second > 2.0 * prep.row_error(xsq)))
+    amb = np.flatnonzero(~(second - best > 2.0 * err))
+    settled = amb
     if amb.size == 0:
-        return
+        return best, second, err, settled
+
+    def where(i):  # positions among the ranked rows -> rows of X
+        return i if rows is None else rows[i]
+
     # Their values against every centre, from the same kernel, and the exact
     # comparison of the candidates (no float32 copy of the centres to make).
     odd = ~np.isfinite(best[amb])
     if odd.any():  # no finite value to take candidates from: the float32 path's rule
-        rows = amb[odd]
-        sub = np.empty(rows.size, dtype=labels.dtype)
-        _float32_labels(np.ascontiguousarray(X[rows]), c, scale, BOUNDED_BLOCK_ROWS, sub, work)
-        labels[rows] = sub
+        sub = np.empty(int(odd.sum()), dtype=labels.dtype)
+        _float32_labels(np.ascontiguousarray(X[where(amb[odd])]), c, scale, BOUNDED_BLOCK_ROWS,
+                        sub, work)
+        labels[amb[odd]] = sub
         amb = amb[~odd]
         if amb.size == 0:
-            return
+            return best, second, err, settled
     g = work.take("native-ties", (amb.size, c.shape[0]), np.float32)
-    _native.rank(X, amb, prep, g=g, fold=False)
-    xs = np.ascontiguousarray(X[amb])
-    labels[amb], _ = _exact_nearest(g, xs, best[amb], prep.row_error(xsq[amb]), c, scale, work)
+    _native.rank(X, where(amb), prep, g=g, fold=False)
+    xs = np.ascontiguousarray(X[where(amb)])
+    labels[amb], _ = _exact_nearest(g, xs, best[amb], err[amb], c, scale, work)
+    return best, second, err, settled
+
+
+def _native_bounded(X, st: ChunkState, c, scale, work, keep_centers):
+    """Hamerly's bounds around the integer ranking: re-rank only the rows they leave open.
+
+    Each row keeps an upper bound on its distance to its centre and a lower
+    bound on its distance to every other centre (``st.upper``,
+    ``st.native_lower``), set from the ranked values less or plus their
+    ``E``.  As the centres move, the upper bound grows by its centre's move
+    and the lower bound shrinks by the largest move of another centre.  A row
+    is left alone while the two squared bounds stay more than ``4 E`` apart
+    (the margin the float32 path's bounds keep, so the shared rule would pick
+    the same centre); every other row is ranked whole again.  Rows settled by
+    the exact comparison get no bounds and are ranked every pass.
+
+    Returns what :func:`_rank_open` returns, or None where the centres cannot
+    be ranked on integers (the state is then reset for the float32 path).
+    """
+    m, d = X.shape
+    k = c.shape[0]
+    st.lower = None  # the float32 path's group bounds are not kept up to date here
+    prep = _native_prepared(c, scale, d, work, keep_centers)
+    if not prep.usable:
+        st.reset()
+        return None
+    if st.centers is None or st.centers.shape != c.shape or st.native_lower is None:
+        st.reset()
+        st.native_lower = np.zeros(m)
+        todo = np.arange(m)
+    else:
+        last = st.centers
+        move = (work.memo("move", (last, c), None, lambda: _movement(last, c))
+                if keep_centers else _movement(last, c))
+        top = int(np.argmax(move))
+        first = move[top]
+        runner = float(np.max(np.delete(move, top))) if k > 1 else 0.0
+        st.upper += move[st.labels]
+        st.native_lower -= np.where(st.labels == top, runner, first)
+        # The margin uses this pass's E, which the shared rule uses too.
+        err = prep.row_error(st.xsq)
+        up, low = st.upper, st.native_lower
+        keep = (low > up) & (low * low - up * up > 4.0 * err)
+        todo = np.flatnonzero(~keep)
+    old = st.labels[todo]
+    lab = work.take("native-labels", todo.size, np.intp)
+    best, second, err, settled = _native_labels(X, c, scale, st.xsq[todo], lab, work,
+                                                rows=todo, prep=prep)
+    st.labels[todo] = lab
+    xsq = st.xsq[todo]
+    # Rounded outwards: a bound moved by too little would no longer be a bound.
+    st.upper[todo] = np.sqrt(xsq + best + err) * (1 + 1e-12)
+    st.native_lower[todo] = np.sqrt(np.maximum(xsq + second - err, 0.0)) * (1 - 1e-12)
+    st.upper[todo[settled]] = np.inf
+    st.native_lower[todo[settled]] = 0.0
+    return todo, old, todo.size, todo.size * k
 
 
 def _native_rows(X) -> bool:
@@ -708,6 +784,7 @@ class ChunkState:
         self.labels = np.full(m, -1, dtype=np.intp)
         self.upper = np.full(m, np.inf)
         self.lower = None  # (m, t) float32, made with the groups
+        self.native_lower = None  # (m,) float64, Hamerly's bound of the integer ranking
         self.xsq = _row_sqnorms(X, scale, block_rows) if m else np.zeros(0)
         self.xmax = _xmax(X, scale)
         self.exact = weights is None and _is_exact(X)
@@ -720,6 +797,7 @@ class ChunkState:
         self.labels[:] = -1
         self.upper[:] = np.inf
         self.lower = None
+        self.native_lower = None
         self.centers = self.raw_sums = self.counts = None
         self.order = self.starts = self.group_of = None
 
@@ -925,20 +1003,14 @@ def bounded_lloyd_chunk(X: np.ndarray, state: ChunkState, centers: np.ndarray, w
     k = c.shape[0]
     dtype = compute_dtype(X.dtype)
     st = state
-    native = _native_rows(X)
-    if native:
-        # Every row ranked against every centre: on integer tiles a full
-        # ranking costs less than moving and testing the bounds would.
-        if st.centers is not None and st.centers.shape != c.shape:
-            st.reset()
-        # No bounds are kept here: a float32 pass after this one starts afresh.
-        st.lower = None
-        old = work.take("native-old", m, np.intp)
-        old[:] = st.labels
-        _native_labels(X, c, scale, st.xsq, st.labels, work, keep_centers)
-        todo = np.arange(m)
-        looked, pairs = m, m * k
+    # uint8 rows on the integer ranking: whole rows, where Hamerly's bounds
+    # leave them open (its cost per row leaves too little for Yinyang's
+    # group-by-group ranking to save).
+    ranked = _native_bounded(X, st, c, scale, work, keep_centers) if _native_rows(X) else None
+    if ranked is not None:
+        todo, old, looked, pairs = ranked
     else:
+        st.native_lower = None
         if st.centers is None or st.centers.shape != c.shape or m == 0 or st.lower is None:
             st.reset()
             t = min(MAX_GROUPS, k // GROUP_SIZE)
