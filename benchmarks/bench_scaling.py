@@ -231,11 +231,16 @@ def main(argv=None):
     from distributed import Client, LocalCluster, wait
     from threadpoolctl import threadpool_info
 
-    from kmeans_dask import store
+    from kmeans_dask import _native, store
 
     base = fashion(args.source)
-    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "blas": [i["internal_api"] for i in threadpool_info()]},
+    print(f"uint8 rows ranked on: {_native.kernel() or 'float32 (' + str(_native.why_not()) + ')'}",
+          flush=True)
+    report = {"machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(),
+                          "python": platform.python_version(),
+                          "blas": [i["internal_api"] for i in threadpool_info()],
+                          # The integer kernel uint8 rows are ranked with, or why none.
+                          "int8_kernel": _native.kernel() or f"none: {_native.why_not()}"},
               "iters": args.iters, "repeats": args.repeats, "results": []}
     for n in [int(v) for v in args.sizes.split(",")]:
         path = build_store(Path(args.scratch) / f"n{n}", base, n, args.chunk_rows)
@@ -292,6 +297,15 @@ def main(argv=None):
             report["results"].append(res)
             print(json.dumps(res))
             Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                platform.processor())
 
 
 def print_row(res):
