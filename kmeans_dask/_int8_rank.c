@@ -50,6 +50,8 @@ int kd_amx_init(void) {
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512dq")))
 #define VNNI_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vnni")))
+/* What both kernels' CPUs have, for the code they share. */
+#define COMMON_TARGET __attribute__((target("avx512f,avx512dq")))
 
 AMX_TARGET static void configure(void) {
     tile_config c;
@@ -418,8 +420,10 @@ VNNI_TARGET int kd_vnni_rank(const uint8_t *X, int64_t ldx, const int64_t *rows,
  * second level's rounding error and of the two integer levels (their order of
  * summation does not matter: the caller bounds with them, with margin).
  * A mini-batch step prepares new centres every batch, so this is compiled.
+ * Only called where one of the kernels runs, so it may use their instruction
+ * set (without it, rint is a library call per value: ten times slower).
  */
-int kd_int8_levels(const double *c, int64_t k, int64_t d, double scale, int8_t *packed,
+COMMON_TARGET int kd_int8_levels(const double *c, int64_t k, int64_t d, double scale, int8_t *packed,
                   int64_t kb, double *a, double *b, double *e2, double *h2, double *l2) {
     double *restrict v = malloc((size_t)(d > 0 ? d : 1) * sizeof(double));
     int32_t *restrict h = malloc((size_t)(d > 0 ? d : 1) * sizeof(int32_t));

@@ -414,11 +414,11 @@ def _native_prepared(c, scale, d, work, keep_centers=False):
 
 
 def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False, rows=None,
-                   prep=None):
+                   prep=None, threads=1):
     """Labels of uint8 rows by the integer ranking (:mod:`kmeans_dask._native`).
 
     ``prep``: the centres as :func:`_native_prepared` makes them (made here
-    if not given).  ``rows``: the rows to label (an index array; ``labels`` and ``xsq`` are
+    if not given).  ``threads``: for :func:`kmeans_dask._native.rank`.  ``rows``: the rows to label (an index array; ``labels`` and ``xsq`` are
     then theirs), or None for all.  Rows whose two best ranked values are
     within ``2 E`` of each other are settled by the exact comparison
     :class:`_Nearest` uses too (:func:`_exact_nearest`), so the labels are the
@@ -440,7 +440,7 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False, row
     n = m if rows is None else rows.size
     out = (work.take("native-pos", n, np.int64), work.take("native-best", n, np.float64),
            work.take("native-second", n, np.float64))
-    pos, best, second = _native.rank(X, rows, prep, out=out)
+    pos, best, second = _native.rank(X, rows, prep, out=out, threads=threads)
     labels[:] = pos
     err = prep.row_error(xsq)
     # Not "<=": a NaN (never expected from finite centres) goes to the exact rule too.
@@ -538,12 +538,13 @@ def _float32_labels(X, centers, scale, step, labels, work=None):
         near.block(X, start, stop, labels[start:stop])
 
 
-def _assign(X, centers, scale, block_rows, labels, min_dist=None, work=None):
-    """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre)."""
+def _assign(X, centers, scale, block_rows, labels, min_dist=None, work=None, threads=1):
+    """Fill ``labels`` (and, if given, ``min_dist`` = squared distance to the nearest centre);
+    ``threads``: threads the integer ranking may use."""
     step = max(1, int(block_rows))
     if _native_rows(X):
         _native_labels(X, centers, scale, _row_sqnorms(X, scale, step), labels,
-                       Workspace() if work is None else work)
+                       Workspace() if work is None else work, threads=threads)
     else:
         _float32_labels(X, centers, scale, step, labels, work)
     if min_dist is not None:
@@ -775,6 +776,8 @@ class ChunkState:
     Memory per row: 24 bytes plus 4 per group (one group per 16 centres, at
     most 16 groups: 88 bytes at K = 256, 11 % of a 784-pixel uint8 image),
     plus k x d integer sums per chunk where they are kept (``keep_sums``).
+    uint8 rows ranked by the integer kernel keep Hamerly's bounds instead
+    (:func:`_native_bounded`): 32 bytes per row whatever K.
     """
 
     def __init__(self, X: np.ndarray, weights=None, *, scale: float = 1.0,
@@ -1117,7 +1120,7 @@ def nearest_chunk(X: np.ndarray, centers: np.ndarray, near: np.ndarray | None = 
 
 
 def fold_batch(X: np.ndarray, weights: np.ndarray, centers: np.ndarray, *, scale: float = 1.0,
-               work: Workspace | None = None):
+               work: Workspace | None = None, threads: int = 1):
     """One mini-batch step's pass over its rows ``X`` (as stored).
 
     Labels by the rule every pass uses (so a step labels a row as a full
@@ -1133,6 +1136,7 @@ def fold_batch(X: np.ndarray, weights: np.ndarray, centers: np.ndarray, *, scale
     wsum : (k,) float64
     With ``work``, the first three are that workspace's arrays, overwritten
     by the next call (a fit's steps make thousands, all of one size).
+    ``threads``: threads the integer ranking may share the rows out to.
     """
     _check_chunk(X, weights)
     work = Workspace() if work is None else work
@@ -1145,7 +1149,7 @@ def fold_batch(X: np.ndarray, weights: np.ndarray, centers: np.ndarray, *, scale
     sums.fill(0.0)
     wsum = np.zeros(k)
     if m:
-        _assign(X, centers, scale, BOUNDED_BLOCK_ROWS, labels, work=work)
+        _assign(X, centers, scale, BOUNDED_BLOCK_ROWS, labels, work=work, threads=threads)
         _jit.fold_labelled(X, labels, centers, np.asarray(weights, dtype=np.float64),
                            float(scale), dist, sums, wsum)
     return labels, dist, sums, wsum

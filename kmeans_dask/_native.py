@@ -248,13 +248,15 @@ class Prepared:
 
 
 def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
-         fold: bool = True, out=None):
+         fold: bool = True, out=None, threads: int = 1):
     """Ranked values of ``X[rows]`` (``rows`` an index array, or None for all rows).
 
     Returns ``(pos, best, second)`` (the best column, the smallest and second
     smallest value per row, float64) when ``fold``, into ``out`` when given
     (int64, float64, float64 arrays of the rows' length); writes the float32
-    values into ``g`` (rows x k, C order) when given.
+    values into ``g`` (rows x k, C order) when given.  ``threads``: rows are
+    shared out between up to this many threads (each row's values do not
+    depend on it).
     """
     lib = _library()
     if X.dtype != np.uint8:
@@ -275,13 +277,41 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
     if g is not None:
         assert g.dtype == np.float32 and g.flags.c_contiguous and g.shape == (n, prep.k)
 
-    def ptr(a):
-        return None if a is None else a.ctypes.data
+    def ptr(a, at=0):
+        return None if a is None else a.ctypes.data + at * a.strides[0]
 
-    if n:
-        code = lib.rank(ptr(X), X.strides[0], ptr(rows), n, prep.d, ptr(prep.packed),
-                               prep.np, prep.kb, ptr(prep.ch), ptr(prep.cl), ptr(prep.csq),
-                               prep.k, ptr(g), prep.k, ptr(pos), ptr(best), ptr(second))
-        if code != 0:
-            raise RuntimeError(f"the {lib.kernel} ranking failed (code {code})")
+    def part(lo, hi):  # rows lo:hi of the request; ctypes lets go of the GIL
+        src = (X, lo) if rows is None else (X, 0)
+        return lib.rank(ptr(*src), X.strides[0], ptr(rows, lo), hi - lo, prep.d,
+                        ptr(prep.packed), prep.np, prep.kb, ptr(prep.ch), ptr(prep.cl),
+                        ptr(prep.csq), prep.k, ptr(g, lo), prep.k, ptr(pos, lo),
+                        ptr(best, lo), ptr(second, lo))
+
+    # Below a few hundred rows a thread costs more than it saves.
+    parts = max(1, min(int(threads), n // _MIN_ROWS_PER_THREAD))
+    if parts == 1:
+        codes = [part(0, n)] if n else []
+    else:
+        cuts = [n * i // parts for i in range(parts + 1)]
+        codes = list(_pool(parts).map(part, cuts[:-1], cuts[1:]))
+    bad = [c for c in codes if c != 0]
+    if bad:
+        raise RuntimeError(f"the {lib.kernel} ranking failed (code {bad[0]})")
     return pos, best, second
+
+
+_MIN_ROWS_PER_THREAD = 256
+
+
+def _pool(threads: int):
+    """A thread pool of at least ``threads`` threads, made once per process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _lock:
+        pool, size = _state.get("pool", (None, 0))
+        if size < threads:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="kd-rank")
+            _state["pool"] = (pool, threads)
+        return pool

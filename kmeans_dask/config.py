@@ -61,13 +61,20 @@ minibatch-stream-round-bytes : int, default 2147483648 (2 GiB)
     hold only the tasks in flight; the client holds up to two rounds (the
     one its steps use and the next).
 
+minibatch-threads : int, default 0
+    Threads a mini-batch step ranks its batch on, where uint8 rows are
+    ranked by the integer kernel (the steps run in the client, while the
+    workers wait or read the next round).  0: the cores this process may
+    use.
+
 native : true or false, default true
-    Rank uint8 rows on the CPU's integer matrix tiles (Intel AMX) where it
-    has them (:mod:`kmeans_dask._native`): every pass then ranks every row,
-    several times faster than the float32 GEMM and the bounds.  False, or a
-    CPU or system without AMX or a C compiler, takes the float32 path.  Both
-    give the same labels, so results do not depend on it.  Read where the
-    pass runs: on a cluster, the workers' setting counts.
+    Rank uint8 rows on the CPU's integer dot-product units (Intel AMX tiles,
+    else AVX-512 VNNI) where it has them (:mod:`kmeans_dask._native`): whole
+    rows, within Hamerly's bounds, several times faster than the float32
+    GEMM.  False, or a CPU or system without either or without a C compiler,
+    takes the float32 path.  Both give the same labels, so results do not
+    depend on it.  Read where the pass runs: on a cluster, the workers'
+    setting counts.
 
 store-codec : "lz4" or "zstd", default "lz4"
     How data stores written from now on (``ingest``, ``augment``) compress
@@ -87,10 +94,10 @@ import dask
 
 DEFAULTS = {"persist": "auto", "native": True, "store-codec": "lz4", "task-bytes": 32 * 2**20,
             "block-rows": 256, "split-every": 8, "peer-workers": 4, "minibatch-round-bytes": 256 * 2**20,
-            "minibatch-stream-round-bytes": 2 * 2**30}
+            "minibatch-stream-round-bytes": 2 * 2**30, "minibatch-threads": 0}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "peer-workers": 0,
            "minibatch-round-bytes": 1,
-           "minibatch-stream-round-bytes": 1}
+           "minibatch-stream-round-bytes": 1, "minibatch-threads": 0}
 
 dask.config.update_defaults({"kmeans_dask": dict(DEFAULTS)})
 
@@ -131,3 +138,13 @@ def get(key: str) -> int:
         raise ValueError(f"dask config kmeans_dask.{key} must be an integer >= {MINIMUM[key]}, "
                          f"got {value!r}")
     return number
+
+
+def minibatch_threads() -> int:
+    """``kmeans_dask.minibatch-threads``, 0 resolved to the cores this process may use."""
+    import os
+
+    n = get("minibatch-threads")
+    if n == 0:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(n or 1))

@@ -294,6 +294,7 @@ class MiniBatchKMeans(BaseKMeans):
         ones = np.ones(b)
         # One batch's buffers, reused by every step.
         work = _kernels.Workspace()
+        threads = config.minibatch_threads()
         batch = np.empty((b, d), dtype=X.dtype)
 
         def prefetch():
@@ -314,7 +315,7 @@ class MiniBatchKMeans(BaseKMeans):
             reassign = self._random_reassign()
             inertia, shift, relocated = _step(xb, ones, centers, self._counts, scale,
                                               reassign_rng, reassign, self.reassignment_ratio,
-                                              work)
+                                              work, threads)
             record = {"iteration": step + 1, "inertia": inertia / b, "center_shift": shift,
                       "seconds": time.perf_counter() - t0, "relocated": relocated}
             history.append(record)
@@ -454,7 +455,8 @@ class MiniBatchKMeans(BaseKMeans):
         reassign = self._random_reassign()
         inertia, shift, relocated = _step(block, weights, self._centers, self._counts,
                                           self.scale_, self._random_state, reassign,
-                                          self.reassignment_ratio)
+                                          self.reassignment_ratio,
+                                          threads=config.minibatch_threads())
         self.cluster_centers_ = self._centers.astype(dtype)
         self.n_steps_ += 1
         self.history_.append({"iteration": self.n_steps_, "inertia": inertia / block.shape[0],
@@ -871,14 +873,14 @@ def _assign(x: np.ndarray, centers: np.ndarray, scale: float):
     return labels, dist
 
 
-def _fold(xb, weights, centers, scale, work: _kernels.Workspace | None = None):
+def _fold(xb, weights, centers, scale, work: _kernels.Workspace | None = None, threads=1):
     """Labels, squared distances, raw weighted per-centre sums and weights of the
     rows ``xb`` (as stored) against ``centers`` (float64, scaled units):
     :func:`kmeans_dask._kernels.fold_batch`."""
-    return _kernels.fold_batch(xb, weights, centers, scale=scale, work=work)
+    return _kernels.fold_batch(xb, weights, centers, scale=scale, work=work, threads=threads)
 
 
-def _step(xb, weights, centers, counts, scale, rng, reassign, ratio, work=None):
+def _step(xb, weights, centers, counts, scale, rng, reassign, ratio, work=None, threads=1):
     """One of scikit-learn's ``_mini_batch_step`` on the raw rows ``xb``; updates
     ``centers`` (float64, scaled units) and ``counts`` in place.
 
@@ -887,7 +889,7 @@ def _step(xb, weights, centers, counts, scale, rng, reassign, ratio, work=None):
     reassigned.
     """
     m = len(xb)
-    _, dist, sums, wsum = _fold(xb, weights, centers, scale, work)
+    _, dist, sums, wsum = _fold(xb, weights, centers, scale, work, threads)
     inertia = float(dist @ weights)
     shift = _jit.update_centers(centers, counts, sums, wsum, float(scale))
     relocated = 0

@@ -207,3 +207,27 @@ def test_the_built_library_is_readable_by_others(monkeypatch, tmp_path):
     assert _native.available(), _native.why_not()
     assert target.stat().st_mode & 0o777 == 0o755
     assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+@needs_int8
+def test_rows_shared_out_between_threads_rank_alike(fashion_rows):
+    # A mini-batch step ranks its batch on several threads: each row's values,
+    # and so the labels, must not depend on how the rows were shared out.
+    X = fashion_rows[:3000].compute()
+    rng = np.random.default_rng(6)
+    prep = _native.Prepared(X[rng.choice(len(X), 37, replace=False)] / 255, 1 / 255, X.shape[1])
+    rows = np.sort(rng.choice(len(X), 2001, replace=False))
+    for idx in (None, rows):
+        n = len(X) if idx is None else idx.size
+        one, many = (np.empty((n, 37), np.float32) for _ in range(2))
+        want = _native.rank(X, idx, prep, g=one)
+        got = _native.rank(X, idx, prep, g=many, threads=3)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(many, one)
+    with dask.config.set({"kmeans_dask.minibatch-threads": 3}):
+        from kmeans_dask import config
+        assert config.minibatch_threads() == 3
+    with dask.config.set({"kmeans_dask.minibatch-threads": -1}), \
+            pytest.raises(ValueError, match="minibatch-threads"):
+        config.minibatch_threads()
