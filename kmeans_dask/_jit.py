@@ -533,6 +533,54 @@ def integer_sqnorms(X, out):
         out[i] = np.float64(row)
 
 
+@numba.njit(nogil=True, cache=True)
+def hamerly_open(labels, upper, lower, move, top, first, runner, err, todo):
+    """Move Hamerly's bounds with the centres and list the rows they leave open.
+
+    A row's upper bound grows by its centre's move, its lower bound shrinks
+    by the largest move of another centre (``runner`` for the rows of centre
+    ``top``, which moved most, ``first`` for the others).  A row stays closed
+    while its bounds are more than ``4 E`` apart in squared distance.
+    Writes the open rows into ``todo``; returns their number.  One loop, no
+    temporaries: this runs over every row of every chunk each pass.
+    """
+    n = 0
+    for i in range(labels.shape[0]):
+        a = labels[i]
+        u = upper[i] + move[a]
+        low = lower[i] - (runner if a == top else first)
+        upper[i] = u
+        lower[i] = low
+        if not (low > u and low * low - u * u > 4.0 * err[i]):
+            todo[n] = i
+            n += 1
+    return n
+
+
+@numba.njit(nogil=True, cache=True)
+def hamerly_set(todo, xsq, best, second, err, upper, lower):
+    """Hamerly's bounds of the ranked rows ``todo`` from their best and second ranked
+    values and ``E``, rounded outwards (distances, from squared ones)."""
+    for j in range(todo.shape[0]):
+        i = todo[j]
+        up = xsq[i] + best[j] + err[j]
+        low = xsq[i] + second[j] - err[j]
+        upper[i] = np.sqrt(up if up > 0.0 else 0.0) * (1.0 + 1e-12)
+        lower[i] = np.sqrt(low) * (1.0 - 1e-12) if low > 0.0 else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def near_ties(best, second, err, out):
+    """Positions whose two best ranked values are not more than ``2 E`` apart (NaN
+    included) into ``out``; returns their number."""
+    n = 0
+    for i in range(best.shape[0]):
+        if not (second[i] - best[i] > 2.0 * err[i]):
+            out[n] = i
+            n += 1
+    return n
+
+
 def warm_up(x_dtype, compute_dtype) -> None:
     """Compile (or load from the cache) every loop here for rows of ``x_dtype``.
 
@@ -567,6 +615,9 @@ def warm_up(x_dtype, compute_dtype) -> None:
     fold_batch(X, mat[:0], vec, none, 1.0, rows, none, np.zeros((1, 2)), f64)
     fold_labelled(X, rows, np.zeros((1, 2)), none, 1.0, none, np.zeros((1, 2)), f64)
     update_centers(np.zeros((1, 2)), f64, np.zeros((1, 2)), f64, 1.0)
+    hamerly_open(ints, f64, f64, f64, 0, 0.0, 0.0, f64, ints)
+    hamerly_set(rows, none, none, none, none, f64, f64)
+    near_ties(none, none, none, ints)
     if X.dtype.kind == "u":
         integer_stats(X, none, np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64))
         integer_sqnorms(X, none)

@@ -442,9 +442,10 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False, row
            work.take("native-second", n, np.float64))
     pos, best, second = _native.rank(X, rows, prep, out=out, threads=threads)
     labels[:] = pos
-    err = prep.row_error(xsq)
-    # Not "<=": a NaN (never expected from finite centres) goes to the exact rule too.
-    amb = np.flatnonzero(~(second - best > 2.0 * err))
+    err = prep.row_error(xsq, out=work.take("native-err", n, np.float64))
+    # A NaN gap (never expected from finite centres) goes to the exact rule too.
+    amb = work.take("native-ties-rows", n, np.intp)
+    amb = amb[:_jit.near_ties(best, second, err, amb)]
     settled = amb
     if amb.size == 0:
         return best, second, err, settled
@@ -493,33 +494,31 @@ def _native_bounded(X, st: ChunkState, c, scale, work, keep_centers):
     if not prep.usable:
         st.reset()
         return None
+    # Scratch from the workspace, filled in place: a pass over every row must not
+    # map fresh arrays (see Workspace).
+    todo = work.take("native-todo", m, np.intp)
     if st.centers is None or st.centers.shape != c.shape or st.native_lower is None:
         st.reset()
         st.native_lower = np.zeros(m)
-        todo = np.arange(m)
+        todo[:] = np.arange(m)
     else:
         last = st.centers
         move = (work.memo("move", (last, c), None, lambda: _movement(last, c))
                 if keep_centers else _movement(last, c))
         top = int(np.argmax(move))
-        first = move[top]
-        runner = float(np.max(np.delete(move, top))) if k > 1 else 0.0
-        st.upper += move[st.labels]
-        st.native_lower -= np.where(st.labels == top, runner, first)
+        runner = float(np.max(move[np.arange(k) != top])) if k > 1 else 0.0
         # The margin uses this pass's E, which the shared rule uses too.
-        err = prep.row_error(st.xsq)
-        up, low = st.upper, st.native_lower
-        keep = (low > up) & (low * low - up * up > 4.0 * err)
-        todo = np.flatnonzero(~keep)
+        err = prep.row_error(st.xsq, out=work.take("native-row-error", m, np.float64))
+        todo = todo[:_jit.hamerly_open(st.labels, st.upper, st.native_lower, move, top,
+                                       float(move[top]), runner, err, todo)]
     old = st.labels[todo]
     lab = work.take("native-labels", todo.size, np.intp)
-    best, second, err, settled = _native_labels(X, c, scale, st.xsq[todo], lab, work,
-                                                rows=todo, prep=prep)
+    xsq = np.take(st.xsq, todo, out=work.take("native-xsq", todo.size, np.float64))
+    best, second, err, settled = _native_labels(X, c, scale, xsq, lab, work, rows=todo,
+                                                prep=prep)
     st.labels[todo] = lab
-    xsq = st.xsq[todo]
     # Rounded outwards: a bound moved by too little would no longer be a bound.
-    st.upper[todo] = np.sqrt(xsq + best + err) * (1 + 1e-12)
-    st.native_lower[todo] = np.sqrt(np.maximum(xsq + second - err, 0.0)) * (1 - 1e-12)
+    _jit.hamerly_set(todo, st.xsq, best, second, err, st.upper, st.native_lower)
     st.upper[todo[settled]] = np.inf
     st.native_lower[todo[settled]] = 0.0
     return todo, old, todo.size, todo.size * k

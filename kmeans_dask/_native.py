@@ -237,14 +237,18 @@ class Prepared:
         self.levels = (s * float(np.sqrt(a * a * h2).max() + np.sqrt(b * b * l2).max())
                        if k else 0.0)
 
-    def row_error(self, xsq: np.ndarray) -> np.ndarray:
-        """``E`` per row: a bound on the error of each of the row's ranked values."""
-        xn = np.sqrt(xsq * (1 + 1e-9))
-        # The quantisation (with margin), and the float32 rounding of the
-        # coefficients, the products converted and the two fused adds: a few
-        # units of roundoff of the largest magnitude the terms reach.
-        return (2.0 * xn * self.emax * 1.01
-                + 6 * _U32 * (self.cmax2 + 2.0 * xn * self.levels) + 1e-30)
+    def row_error(self, xsq: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``E`` per row: a bound on the error of each of the row's ranked values
+        (into ``out`` when given: it runs over every row of a chunk each pass)."""
+        # The quantisation (with margin), 2 |x| emax, and the float32 rounding
+        # of the coefficients, the products converted and the two fused adds:
+        # a few units of roundoff of the largest magnitude the terms reach,
+        # 6 u (cmax2 + 2 |x| levels).
+        xn = np.multiply(xsq, 1 + 1e-9, out=out)
+        np.sqrt(xn, out=xn)
+        xn *= 2.0 * self.emax * 1.01 + 12 * _U32 * self.levels
+        xn += 6 * _U32 * self.cmax2 + 1e-30
+        return xn
 
 
 def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
