@@ -90,8 +90,30 @@ class ManagerConfig:
 # 10,000 MNIST rows).  With these, the arrays reuse the heap, and at most
 # 128 MiB of it is kept free.  glibc reads them when a process starts, so they
 # go in ``distributed.nanny.pre-spawn-environ`` (``environ`` is set too late).
+# The nanny lets a variable already in this process's environment win over
+# that setting, and leaves its own pre-spawn values there after spawning, so
+# any LocalCluster started earlier in the process (its 64 KiB trim threshold
+# included) would override these: they are put in the environment too while
+# the workers spawn (:func:`_environ`).
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
                  "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20)}
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    """``os.environ`` updated with ``values`` inside, as it was afterwards."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 MANAGERS = {
     "jobqueue": {name.lower().removesuffix("cluster"): ("dask_jobqueue", name, "dask-jobqueue")
@@ -369,7 +391,8 @@ def connect(config: ClusterConfig):
     try:
         spawn_env = {**(dask.config.get("distributed.nanny.pre-spawn-environ") or {}),
                      **WORKER_MALLOC}
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}), \
+                _environ(WORKER_MALLOC):
             cluster = LocalCluster(
                 n_workers=local.n_workers,
                 threads_per_worker=local.threads_per_worker,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import numpy as np
@@ -75,12 +76,16 @@ def test_tls_paths_must_exist(tmp_path):
 
 @pytest.mark.skipif(not platform.libc_ver()[0] == "glibc",
                     reason="the malloc settings are glibc's; this C library has its own")
-def test_local_workers_reuse_the_heap_for_chunk_sized_arrays():
+def test_local_workers_reuse_the_heap_for_chunk_sized_arrays(monkeypatch):
     """Arrays of a streamed chunk's size, made and freed by task after task, reuse the
     workers' heap: distributed's 64 KiB trim threshold alone would map (and fault
     in) fresh pages for each of them."""
     config = cluster.parse_config({"mode": "local",
                                    "local": {"n_workers": 1, "dashboard_address": ":0"}})
+    # distributed's nanny leaves its own 64 KiB trim threshold in the process's
+    # environment once any plain LocalCluster has started, and a variable there
+    # wins over its configuration: the job's cluster must not inherit it.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
 
     def faults():
         import resource
@@ -103,3 +108,4 @@ def test_local_workers_reuse_the_heap_for_chunk_sized_arrays():
     pages = 10_000 * 784 // 4096
     print(f"{(after - before) / 40:.0f} minor faults per task of {pages} pages")
     assert after - before < 40 * pages // 10
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # the process's own is left as it was
