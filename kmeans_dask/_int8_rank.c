@@ -64,7 +64,7 @@ AMX_TARGET static void configure(void) {
 /* What both kernels share: the float32 combination of one row's two exact
  * sums for 16 centres (pair p), folded into the row's running per-lane best,
  * second best and column; and the row's result from those. */
-#define FOLD_TARGET __attribute__((target("avx512f,avx512dq"), always_inline))
+#define FOLD_TARGET COMMON_TARGET __attribute__((always_inline))
 
 typedef struct { __m512 b1, b2; __m512i q; } lanes;
 
@@ -248,25 +248,21 @@ VNNI_TARGET int kd_vnni_rank(const uint8_t *X, int64_t ldx, const int64_t *rows,
             if (has_tail) memcpy(&tail[i], xr[i] + 4 * nfull, (size_t)(d - 4 * nfull));
             state[i] = lanes_start();
         }
-        int64_t p = 0;
-        for (; p + 2 <= np_; p += 2)
-            for (int i0 = 0; i0 < nr; i0 += 6) {
-                vnni_6x2(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
-                for (int r = 0; r < 6 && i0 + r < nr; r++) {
+        for (int64_t p = 0; p < np_;) {
+            /* Two pairs of centres at a time on 6 rows; a last odd pair on 12. */
+            const int P = np_ - p >= 2 ? 2 : 1, R = 12 / P;
+            for (int i0 = 0; i0 < nr; i0 += R) {
+                if (P == 2) vnni_6x2(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
+                else vnni_12x1(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
+                for (int r = 0; r < R && i0 + r < nr; r++) {
                     float *grow = g ? g + (r0 + i0 + r) * ldg : NULL;
-                    fold(&state[i0 + r], out[r * 4], out[r * 4 + 1], p, ch, cl, csq, k, grow);
-                    fold(&state[i0 + r], out[r * 4 + 2], out[r * 4 + 3], p + 1, ch, cl, csq, k,
-                         grow);
+                    for (int t = 0; t < P; t++)
+                        fold(&state[i0 + r], out[(r * P + t) * 2], out[(r * P + t) * 2 + 1],
+                             p + t, ch, cl, csq, k, grow);
                 }
             }
-        if (p < np_)
-            for (int i0 = 0; i0 < nr; i0 += 12) {
-                vnni_12x1(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
-                for (int r = 0; r < 12 && i0 + r < nr; r++) {
-                    float *grow = g ? g + (r0 + i0 + r) * ldg : NULL;
-                    fold(&state[i0 + r], out[r * 2], out[r * 2 + 1], p, ch, cl, csq, k, grow);
-                }
-            }
+            p += P;
+        }
         if (pos)
             for (int i = 0; i < nr; i++)
                 finish(&state[i], pos + r0 + i, best + r0 + i, second + r0 + i);

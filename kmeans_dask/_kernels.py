@@ -413,8 +413,7 @@ def _native_prepared(c, scale, d, work, keep_centers=False):
     return work.memo("native", (c,), (scale, d), prepare) if keep_centers else prepare()
 
 
-def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False, rows=None,
-                   prep=None, threads=1):
+def _native_labels(X, centers, scale, xsq, labels, work, rows=None, prep=None, threads=1):
     """Labels of uint8 rows by the integer ranking (:mod:`kmeans_dask._native`).
 
     ``prep``: the centres as :func:`_native_prepared` makes them (made here
@@ -432,7 +431,7 @@ def _native_labels(X, centers, scale, xsq, labels, work, keep_centers=False, row
     m, d = X.shape
     c = np.asarray(centers, dtype=np.float64)
     if prep is None:
-        prep = _native_prepared(c, scale, d, work, keep_centers)
+        prep = _native_prepared(c, scale, d, work)
     if not prep.usable:
         sub = X if rows is None else np.ascontiguousarray(X[rows])
         _float32_labels(sub, c, scale, BOUNDED_BLOCK_ROWS, labels, work)

@@ -285,8 +285,8 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
         return None if a is None else a.ctypes.data + at * a.strides[0]
 
     def part(lo, hi):  # rows lo:hi of the request; ctypes lets go of the GIL
-        src = (X, lo) if rows is None else (X, 0)
-        return lib.rank(ptr(*src), X.strides[0], ptr(rows, lo), hi - lo, prep.d,
+        return lib.rank(ptr(X, lo if rows is None else 0), X.strides[0], ptr(rows, lo), hi - lo,
+                        prep.d,
                         ptr(prep.packed), prep.np, prep.kb, ptr(prep.ch), ptr(prep.cl),
                         ptr(prep.csq), prep.k, ptr(g, lo), prep.k, ptr(pos, lo),
                         ptr(best, lo), ptr(second, lo))
