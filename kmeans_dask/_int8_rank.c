@@ -271,19 +271,162 @@ VNNI_TARGET int kd_vnni_rank(const uint8_t *X, int64_t ldx, const int64_t *rows,
     return 0;
 }
 
+/* kd_vnni_rank's best column, smallest and second smallest values, from one
+ * level first: the first level's products alone rank every centre (half
+ * the work), and only the centres they cannot rule out get the second.
+ *
+ * The first-level value u = csq + ch (x.h) is within e1[i] of the exact
+ * ranked value, so a centre whose u exceeds the row's smallest u by more
+ * than 2 e1[i] is not the nearest; on MNIST's K=256 about 1.4 centres a row
+ * are left.  Each of those gets x.l from lrow (the second level, row by row,
+ * dp bytes a centre, zero past d) and the value kd_vnni_rank gives it, from
+ * the same exact sums by the same float32 operations.  best and pos are the
+ * smallest of those values and its column; second is the second smallest,
+ * or for a ruled-out centre u - e1[i] + e[i] if lower (e[i]: the two-level
+ * value's bound), so that second - e[i] still bounds every other centre's
+ * exact value from below.  Where kd_vnni_rank would pick a ruled-out centre
+ * (within its bounds of a tie), second - best <= 2 e[i] here, so the
+ * caller settles the row by the exact comparison either way.
+ */
+#define VNNI1_BLOCK(NAME, R, P)                                                        \
+static VNNI_TARGET void NAME(const uint8_t *const *xr, const uint32_t *tail,           \
+                             int64_t nfull, int has_tail, const int8_t *packed,        \
+                             int64_t kb, int64_t p, __m512i *out) {                    \
+    const int64_t pair = kb * 2048;                                                    \
+    const int8_t *b0 = packed + p * pair;                                              \
+    __m512i acc[R * P];                                                                \
+    _Pragma("GCC unroll 64")                                                           \
+    for (int t = 0; t < R * P; t++) acc[t] = _mm512_setzero_si512();                   \
+    for (int64_t gi = 0; gi < nfull + has_tail; gi++) {                                \
+        const int8_t *bp = b0 + (gi >> 4) * 1024 + (gi & 15) * 64;                     \
+        __m512i B[P];                                                                  \
+        _Pragma("GCC unroll 8")                                                        \
+        for (int t = 0; t < P; t++) B[t] = _mm512_loadu_si512(bp + t * pair);          \
+        _Pragma("GCC unroll 32")                                                       \
+        for (int r = 0; r < R; r++) {                                                  \
+            const __m512i xb = _mm512_set1_epi32(gi < nfull ? piece(xr[r] + 4 * gi)    \
+                                                            : (int32_t)tail[r]);       \
+            _Pragma("GCC unroll 8")                                                    \
+            for (int t = 0; t < P; t++)                                                \
+                acc[r * P + t] = _mm512_dpbusd_epi32(acc[r * P + t], xb, B[t]);        \
+        }                                                                              \
+    }                                                                                  \
+    _Pragma("GCC unroll 64")                                                           \
+    for (int t = 0; t < R * P; t++) _mm512_store_si512(out + t, acc[t]);               \
+}
+
+VNNI1_BLOCK(vnni1_6x4, 6, 4)
+VNNI1_BLOCK(vnni1_12x2, 12, 2)
+VNNI1_BLOCK(vnni1_24x1, 24, 1)
+
+/* x.l for one centre's second level (row-major, zero past d). */
+static inline VNNI_TARGET int32_t level_dot(const uint8_t *x, const int8_t *l, int64_t d) {
+    __m512i acc = _mm512_setzero_si512();
+    int64_t q = 0;
+    for (; q + 64 <= d; q += 64)
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(x + q), _mm512_loadu_si512(l + q));
+    if (q < d) {
+        const __mmask64 m = ((__mmask64)1 << (d - q)) - 1;
+        acc = _mm512_dpbusd_epi32(acc, _mm512_maskz_loadu_epi8(m, x + q),
+                                  _mm512_maskz_loadu_epi8(m, l + q));
+    }
+    return _mm512_reduce_add_epi32(acc);
+}
+
+VNNI_TARGET int kd_vnni_rank1(const uint8_t *X, int64_t ldx, const int64_t *rows, int64_t n,
+                              int64_t d, const int8_t *packed, int64_t np_, int64_t kb,
+                              const float *ch, const float *cl, const float *csq, int64_t k,
+                              const int8_t *lrow, const double *e1, const double *e,
+                              int64_t *pos, double *best, double *second) {
+    if (kb * 64 < d || ldx < d) return -1;
+    const int64_t nfull = d / 4, dp = kb * 64, kp = np_ * 16;
+    const int has_tail = (d % 4) != 0;
+    int32_t *hs = aligned_alloc(64, sizeof(int32_t) * VROWS * kp);
+    float *u = aligned_alloc(64, sizeof(float) * kp);
+    if (!hs || !u) { free(hs); free(u); return -2; }
+    const uint8_t *xr[VROWS];
+    uint32_t tail[VROWS];
+    __m512i out[24] __attribute__((aligned(64)));
+    for (int64_t r0 = 0; r0 < n; r0 += VROWS) {
+        const int nr = (int)(n - r0 < VROWS ? n - r0 : VROWS);
+        for (int i = 0; i < VROWS; i++) {
+            const int64_t src = i < nr ? (rows ? rows[r0 + i] : r0 + i) : (rows ? rows[r0] : r0);
+            xr[i] = X + src * ldx;
+            tail[i] = 0;
+            if (has_tail) memcpy(&tail[i], xr[i] + 4 * nfull, (size_t)(d - 4 * nfull));
+        }
+        /* The first level's sums of the block's rows against every centre. */
+        for (int64_t p = 0; p < np_;) {
+            const int P = np_ - p >= 4 ? 4 : (np_ - p >= 2 ? 2 : 1), R = 24 / P;
+            for (int i0 = 0; i0 < nr; i0 += R) {
+                if (P == 4) vnni1_6x4(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
+                else if (P == 2) vnni1_12x2(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
+                else vnni1_24x1(xr + i0, tail + i0, nfull, has_tail, packed, kb, p, out);
+                for (int r = 0; r < R && i0 + r < nr; r++)
+                    for (int t = 0; t < P; t++)
+                        _mm512_store_si512(hs + (int64_t)(i0 + r) * kp + (p + t) * 16,
+                                           out[r * P + t]);
+            }
+            p += P;
+        }
+        for (int i = 0; i < nr; i++) {
+            const int32_t *hi = hs + (int64_t)i * kp;
+            __m512 lo = _mm512_set1_ps(INFINITY);
+            for (int64_t p = 0; p < np_; p++) {
+                const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(ch + p * 16),
+                                                 _mm512_cvtepi32_ps(_mm512_load_si512(hi + p * 16)),
+                                                 _mm512_loadu_ps(csq + p * 16));
+                _mm512_store_ps(u + p * 16, v);
+                lo = _mm512_min_ps(lo, v);
+            }
+            const double ei = e1[r0 + i], limit = (double)_mm512_reduce_min_ps(lo) + 2.0 * ei;
+            float lim = (float)limit;
+            if ((double)lim < limit) lim = nextafterf(lim, INFINITY);
+            const __m512 vlim = _mm512_set1_ps(lim);
+            float b1 = INFINITY, b2 = INFINITY, rest = INFINITY;
+            int64_t col = 0;
+            for (int64_t p = 0; p < np_; p++) {
+                const __m512 v = _mm512_load_ps(u + p * 16);
+                __mmask16 m = _mm512_cmp_ps_mask(v, vlim, _CMP_LE_OQ);
+                rest = fminf(rest, _mm512_mask_reduce_min_ps((__mmask16)~m, v));
+                while (m) {
+                    const int t = __builtin_ctz(m);
+                    m &= m - 1;
+                    const int64_t j = p * 16 + t;
+                    if (j >= k) break;
+                    const float l = (float)level_dot(xr[i], lrow + j * dp, d);
+                    const float val = fmaf(ch[j], (float)hi[j], fmaf(cl[j], l, csq[j]));
+                    if (val < b1) { b2 = b1; b1 = val; col = j; }
+                    else if (val < b2) b2 = val;
+                }
+            }
+            pos[r0 + i] = col;
+            best[r0 + i] = b1;
+            const double other = (double)rest - ei + e[r0 + i];
+            second[r0 + i] = other < (double)b2 ? other : (double)b2;
+        }
+    }
+    free(hs);
+    free(u);
+    return 0;
+}
+
 /* The centres' two int8 levels in stored units, c / scale ~ a h + b l, in the
  * layout both kernels read: level L of centre 16 p + col at column 64 s + 4 r + t
  * is byte ((((p * 2 + L) * kb + s) * 16 + r) * 16 + col) * 4 + t of packed,
  * which the caller zeroes.  Each level rounds what is left to 127 steps of its
  * largest absolute value.  e2, h2, l2: per centre, the squared norm of the
  * second level's rounding error and of the two integer levels (their order of
- * summation does not matter: the caller bounds with them, with margin).
- * A mini-batch step prepares new centres every batch, so this is compiled.
+ * summation does not matter: the caller bounds with them, with margin); e1,
+ * the squared norm of what the first level leaves (kd_vnni_rank1's bound).
+ * lrow (NULL to skip): the second level again, row by row, kb * 64 bytes a
+ * centre, for kd_vnni_rank1 (the caller zeroes it).  A mini-batch step prepares new centres every batch, so this is compiled.
  * Only called where one of the kernels runs, so it may use their instruction
  * set (without it, rint is a library call per value: ten times slower).
  */
 COMMON_TARGET int kd_int8_levels(const double *c, int64_t k, int64_t d, double scale, int8_t *packed,
-                  int64_t kb, double *a, double *b, double *e2, double *h2, double *l2) {
+                  int64_t kb, double *a, double *b, double *e2, double *h2, double *l2,
+                  double *e1, int8_t *lrow) {
     double *restrict v = malloc((size_t)(d > 0 ? d : 1) * sizeof(double));
     int32_t *restrict h = malloc((size_t)(d > 0 ? d : 1) * sizeof(int32_t));
     if (!v || !h) { free(v); free(h); return -2; }
@@ -327,8 +470,12 @@ COMMON_TARGET int kd_int8_levels(const double *c, int64_t k, int64_t d, double s
             }
             for (; q < d; q++)
                 dst[(q >> 6) * 1024 + ((q & 63) >> 2) * 64 + (q & 3)] = (int8_t)h[q];
-            if (level == 0) { a[j] = s; h2[j] = sq; }
-            else { b[j] = s; l2[j] = sq; e2[j] = err; }
+            if (level == 0) { a[j] = s; h2[j] = sq; e1[j] = err; }
+            else {
+                b[j] = s; l2[j] = sq; e2[j] = err;
+                if (lrow)
+                    for (int64_t q2 = 0; q2 < d; q2++) lrow[j * kb * 64 + q2] = (int8_t)h[q2];
+            }
         }
     }
     free(v);

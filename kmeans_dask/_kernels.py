@@ -413,6 +413,12 @@ def _native_prepared(c, scale, d, work, keep_centers=False):
     return work.memo("native", (c,), (scale, d), prepare) if keep_centers else prepare()
 
 
+# Above this many centres the first int8 level alone ranks (where the kernel
+# allows, see kmeans_dask._native.rank): with one group of 16 centres the
+# refinement costs what the second level saves.
+ONE_LEVEL_MIN_K = 16
+
+
 def _native_labels(X, centers, scale, xsq, labels, work, rows=None, prep=None, threads=1):
     """Labels of uint8 rows by the integer ranking (:mod:`kmeans_dask._native`).
 
@@ -439,9 +445,12 @@ def _native_labels(X, centers, scale, xsq, labels, work, rows=None, prep=None, t
     n = m if rows is None else rows.size
     out = (work.take("native-pos", n, np.int64), work.take("native-best", n, np.float64),
            work.take("native-second", n, np.float64))
-    pos, best, second = _native.rank(X, rows, prep, out=out, threads=threads)
-    labels[:] = pos
     err = prep.row_error(xsq, out=work.take("native-err", n, np.float64))
+    bounds = None
+    if c.shape[0] > ONE_LEVEL_MIN_K:
+        bounds = (prep.first_level_error(xsq, out=work.take("native-err1", n, np.float64)), err)
+    pos, best, second = _native.rank(X, rows, prep, out=out, threads=threads, bounds=bounds)
+    labels[:] = pos
     # A NaN gap (never expected from finite centres) goes to the exact rule too.
     amb = work.take("native-ties-rows", n, np.intp)
     amb = amb[:_jit.near_ties(best, second, err, amb)]

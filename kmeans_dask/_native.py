@@ -145,9 +145,14 @@ def _load():
     for fn in (lib.kd_amx_rank, lib.kd_vnni_rank):
         fn.restype = ctypes.c_int
         fn.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p, i64, p, i64, p, p, p]
+    lib.kd_vnni_rank1.restype = ctypes.c_int
+    lib.kd_vnni_rank1.argtypes = [p, i64, p, i64, i64, p, i64, i64, p, p, p, i64, p, p, p, p, p, p]
     lib.kd_int8_levels.restype = ctypes.c_int
-    lib.kd_int8_levels.argtypes = [p, i64, i64, ctypes.c_double, p, i64, p, p, p, p, p]
+    lib.kd_int8_levels.argtypes = [p, i64, i64, ctypes.c_double, p, i64, p, p, p, p, p, p, p]
     lib.rank = lib.kd_amx_rank if kernels[0] == "amx" else lib.kd_vnni_rank
+    # AMX's tiles make the second level nearly free; on VNNI it costs as much
+    # as the first, so the first alone ranks and the second only refines.
+    lib.rank1 = None if kernels[0] == "amx" else lib.kd_vnni_rank1
     lib.kernel = kernels[0]
     return lib
 
@@ -207,11 +212,15 @@ class Prepared:
         self.np = max(1, -(-k // 16))
         kp = self.np * 16
         self.packed = np.zeros((self.np, 2, self.kb, 16, 16, 4), dtype=np.int8)
-        a, b, e2, h2, l2 = (np.empty(k) for _ in range(5))
+        a, b, e1, e2, h2, l2 = (np.empty(k) for _ in range(6))
+        # The second level row by row, for the one-level ranking's refinement.
+        self.lrow = (np.zeros((k, self.kb * 64), dtype=np.int8) if lib.rank1 is not None
+                     else None)
         code = lib.kd_int8_levels(c.ctypes.data, k, d, float(scale),
-                                        self.packed.ctypes.data, self.kb, a.ctypes.data,
-                                        b.ctypes.data, e2.ctypes.data, h2.ctypes.data,
-                                        l2.ctypes.data)
+                                  self.packed.ctypes.data, self.kb, a.ctypes.data,
+                                  b.ctypes.data, e2.ctypes.data, h2.ctypes.data,
+                                  l2.ctypes.data, e1.ctypes.data,
+                                  None if self.lrow is None else self.lrow.ctypes.data)
         if code != 0:
             raise MemoryError("the integer kernel could not allocate its buffers")
         # x.c = scale^2 (X.w) for stored rows X and stored-unit centres w; the
@@ -227,6 +236,8 @@ class Prepared:
         # The error x.c - scale^2 (a X.h + b X.l) = scale^2 X.e, at most |x| scale |e|.
         s = abs(scale)
         self.emax = s * float(np.sqrt(e2.max())) if k else 0.0
+        # What the first level alone leaves: x.c - scale^2 a X.h = scale^2 X.(b l + e).
+        self.emax1 = s * float(np.sqrt(e1.max())) if k else 0.0
         self.cmax2 = float(csq.max()) if k else 0.0
         # Centres so large that float32 coefficients or |c|^2 overflow cannot be
         # ranked here (the float32 path ranks them in its own way).
@@ -250,9 +261,18 @@ class Prepared:
         xn += 6 * _U32 * self.cmax2 + 1e-30
         return xn
 
+    def first_level_error(self, xsq: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Like :meth:`row_error`, for the values of the first level alone
+        (``csq + ch (x.h)``), which the one-level ranking rules centres out with."""
+        xn = np.multiply(xsq, 1 + 1e-9, out=out)
+        np.sqrt(xn, out=xn)
+        xn *= 2.0 * self.emax1 * 1.01 + 12 * _U32 * self.levels
+        xn += 6 * _U32 * self.cmax2 + 1e-30
+        return xn
+
 
 def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
-         fold: bool = True, out=None, threads: int = 1):
+         fold: bool = True, out=None, threads: int = 1, bounds=None):
     """Ranked values of ``X[rows]`` (``rows`` an index array, or None for all rows).
 
     Returns ``(pos, best, second)`` (the best column, the smallest and second
@@ -261,6 +281,15 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
     values into ``g`` (rows x k, C order) when given.  ``threads``: rows are
     shared out between up to this many threads (each row's values do not
     depend on it).
+
+    ``bounds``: the rows' ``(first_level_error, row_error)`` (float64 arrays
+    of the rows' length).  Given, and where the kernel has it (VNNI, not
+    AMX), the first level alone ranks and only centres it cannot rule out
+    get their full value (``kd_vnni_rank1``): ``pos`` and ``best`` are then
+    the full values' smallest among those, and ``second`` may be lower than
+    the second smallest full value (never higher), so that ``second - E``
+    still bounds every other centre and a row where the two kernels could
+    differ is within ``2 E`` of a tie.
     """
     lib = _library()
     if X.dtype != np.uint8:
@@ -284,7 +313,17 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
     def ptr(a, at=0):
         return None if a is None else a.ctypes.data + at * a.strides[0]
 
+    one_level = bounds is not None and fold and g is None and lib.rank1 is not None
+    if one_level:
+        e1, e = (np.ascontiguousarray(b, dtype=np.float64) for b in bounds)
+        assert e1.shape == (n,) and e.shape == (n,)
+
     def part(lo, hi):  # rows lo:hi of the request; ctypes lets go of the GIL
+        if one_level:
+            return lib.rank1(ptr(X, lo if rows is None else 0), X.strides[0], ptr(rows, lo),
+                             hi - lo, prep.d, ptr(prep.packed), prep.np, prep.kb, ptr(prep.ch),
+                             ptr(prep.cl), ptr(prep.csq), prep.k, ptr(prep.lrow), ptr(e1, lo),
+                             ptr(e, lo), ptr(pos, lo), ptr(best, lo), ptr(second, lo))
         return lib.rank(ptr(X, lo if rows is None else 0), X.strides[0], ptr(rows, lo), hi - lo,
                         prep.d,
                         ptr(prep.packed), prep.np, prep.kb, ptr(prep.ch), ptr(prep.cl),

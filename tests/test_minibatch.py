@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import dask
 import dask.array as da
@@ -57,11 +58,12 @@ def test_fetcher_takes_rows_from_every_chunk_in_one_compute(mode):
     assert mode != "streamed" or fetch.round_bytes > mb.config.get("minibatch-round-bytes")
 
 
-def test_streamed_rounds_read_and_sample_each_chunk_in_one_task(fashion_t10k):
-    """On a cluster, a streamed round is one task per chunk that reads the chunk from
-    the store and keeps the sampled rows (no whole chunk is a task result); the rows
-    come in the order drawn, with every chunk's statistics, and nothing is left on
-    the workers once they have come, or once a round is cancelled."""
+def test_streamed_rounds_read_and_sample_runs_of_chunks_in_one_task(fashion_t10k, monkeypatch):
+    """On a cluster, a streamed round is one task per run of chunks that reads them
+    from the store and keeps the sampled rows (no whole chunk is a task result); the
+    rows come in the order drawn, with every chunk's statistics, and nothing is left
+    on the workers once they have come, or once a round is cancelled."""
+    monkeypatch.setattr(mb, "STREAM_CHUNKS_PER_TASK", 3)
     X = fashion_t10k.compute()
     rows = ChunkedRows(fashion_t10k, None, scale=1 / 255)
     rng = np.random.default_rng(0)
@@ -78,8 +80,9 @@ def test_streamed_rounds_read_and_sample_each_chunk_in_one_task(fashion_t10k):
         assert stats["sqnorm"] == pytest.approx(float((X.astype(np.float64) ** 2).sum()) / 255**2,
                                                 rel=1e-12)
         keys = [str(t["key"]) for t in ts.data]
-        assert len(keys) == 2 * fashion_t10k.numblocks[0], keys
-        assert all("_take_chunks-streamed" in k for k in keys), keys
+        assert fashion_t10k.numblocks[0] > 3
+        assert len(keys) == 2 * math.ceil(fashion_t10k.numblocks[0] / 3), keys
+        assert all("kmeans-minibatch-rows" in k for k in keys), keys
         assert not lc.scheduler.tasks  # every result came here and was released
         handle = fetch.submit(rng.integers(0, len(X), 20_000))
         fetch.cancel(handle)
@@ -114,7 +117,8 @@ def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch
                                  "kmeans_dask.minibatch-stream-round-bytes": 3 * 2**20}):
             with get_task_stream(client) as ts:
                 km = MiniBatchKMeans(**params).fit(fashion_t10k)
-            read_by_workers = any("_take_chunks" in str(t["key"]) for t in ts.data)
+            read_by_workers = any(("_take_chunks" in str(t["key"])
+                                   or "kmeans-minibatch-rows" in str(t["key"])) for t in ts.data)
             assert read_by_workers == (mode != "whole" or by_address), (mode, by_address)
             results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
     for centers, inertia, labels in results:

@@ -231,3 +231,45 @@ def test_rows_shared_out_between_threads_rank_alike(fashion_rows):
     with dask.config.set({"kmeans_dask.minibatch-threads": -1}), \
             pytest.raises(ValueError, match="minibatch-threads"):
         config.minibatch_threads()
+
+
+@needs_int8
+@pytest.mark.parametrize("k,d", [(17, 100), (37, 784), (64, 30), (256, 784), (300, 129)])
+def test_the_one_level_ranking_keeps_the_two_level_answer_and_valid_bounds(k, d):
+    """kd_vnni_rank1: ranked by the first level, refined by the second only where
+    the first cannot rule a centre out.  Its best column and value are the
+    two-level kernel's wherever that one is sure (outside 2 E of a tie), its
+    second value is never above the two-level one, and ``second - E`` still
+    bounds every other centre's exact value from below."""
+    rng = np.random.default_rng(k * d)
+    # Rows near the centres, as in a fit, and random ones far from all of them.
+    centers = rng.uniform(0, 1, (k, d))
+    near = np.clip(centers[rng.integers(0, k, 1500)] * 255 + rng.normal(0, 40, (1500, d)), 0, 255)
+    X = np.vstack([near.astype(np.uint8), rng.integers(0, 256, (500, d), dtype=np.uint8)])
+    scale = 1 / 255
+    prep = _native.Prepared(centers, scale, d)
+    if prep.lrow is None:
+        pytest.skip(f"the {_native.kernel()} kernel has no one-level ranking")
+    rows = np.sort(rng.choice(len(X), 1777, replace=False))
+    exact, xsq = _exact(X, rows, centers, scale)
+    err, err1 = prep.row_error(xsq), prep.first_level_error(xsq)
+    assert (err1 > err).all()
+    pos2, best2, second2 = _native.rank(X, rows, prep)
+    pos1, best1, second1 = _native.rank(X, rows, prep, bounds=(err1, err))
+    sure = second2 - best2 > 2 * err
+    assert sure.mean() > 0.5  # the comparison means something
+    np.testing.assert_array_equal(pos1[sure], pos2[sure])
+    np.testing.assert_array_equal(best1[sure], best2[sure])
+    assert (second1 <= second2).all()
+    at = np.arange(rows.size)
+    assert (np.abs(best1 - exact[at, pos1]) <= err).all()
+    others = exact.copy()
+    others[at, pos1] = np.inf
+    assert (others.min(1) >= second1 - err).all()
+    # Where the two differ, the row is within 2 E of a tie for the caller to settle.
+    differ = pos1 != pos2
+    assert (second1[differ] - best1[differ] <= 2 * err[differ]).all()
+    # Shared out between threads, the same values.
+    got = _native.rank(X, rows, prep, bounds=(err1, err), threads=2)
+    for a, b in zip(got, (pos1, best1, second1)):
+        np.testing.assert_array_equal(a, b)
