@@ -52,6 +52,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import zarr
 from dask.base import tokenize
@@ -923,7 +924,9 @@ def _read_chunk(arr: zarr.Array, i: int, start: int, stop: int, expected: int,
     """Task body: chunk ``i`` (rows ``start``..``stop``) of ``arr``, checked against its CRC-32C."""
     label = f"{where} chunk {i} (rows {start}\u2013{stop - 1})"
     try:
-        block = arr[start:stop]
+        block = _local_blosc_chunk(arr, i, stop - start)
+        if block is None:
+            block = arr[start:stop]
     except Exception as exc:  # a codec error on damaged bytes; zarr has no common type
         raise StoreError(f"{label}: unreadable ({type(exc).__name__}: {exc})") from None
     if crc32c(block) != expected:
@@ -932,6 +935,36 @@ def _read_chunk(arr: zarr.Array, i: int, start: int, stop: int, expected: int,
         raise StoreError(f"{label}: " + ("chunk missing (it would read as zeros)" if missing
                                          else "checksum mismatch"))
     return block
+
+
+def _local_blosc_chunk(arr: zarr.Array, i: int, rows: int) -> np.ndarray | None:
+    """Row chunk ``i`` (its first ``rows`` rows) decoded straight from its file, or
+    None where zarr must read it.
+
+    zarr's read of a whole chunk (its event loop, two thread hand-offs and a
+    copy of the decoded chunk into the result) costs about 2 ms beside the
+    2.5 ms Blosc's LZ4 takes for 10,000 MNIST images, and a streamed
+    mini-batch fit of MNIST8M reads its 810 chunks four times.  Only the
+    layout this package's stores have takes this path: a local zarr v3
+    array of single bytes, whole rows per chunk, the bytes codec then one
+    Blosc codec.  A missing file also goes to zarr, which reads the fill
+    value (and the checksum then says the chunk is missing).
+    """
+    meta = arr.metadata
+    if (not isinstance(arr.store, zarr.storage.LocalStore) or meta.zarr_format != 3
+            or arr.ndim != 2 or arr.dtype.itemsize != 1 or arr.chunks[1] != arr.shape[1]
+            or len(meta.codecs) != 2 or not isinstance(meta.codecs[0], zarr.codecs.BytesCodec)
+            or not isinstance(meta.codecs[1], zarr.codecs.BloscCodec)):
+        return None
+    path = Path(arr.store.root) / arr.path / meta.encode_chunk_key((i, 0))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    # Edge chunks are stored whole (zarr pads them), so decode the whole chunk.
+    out = np.empty(arr.chunks, dtype=arr.dtype)
+    numcodecs.blosc.decompress(raw, out)
+    return out if rows == out.shape[0] else out[:rows]
 
 
 def _missing(arr: zarr.Array, key: str) -> bool:

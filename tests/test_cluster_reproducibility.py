@@ -228,9 +228,9 @@ def test_every_iteration_is_a_task_on_every_worker(dask_cluster, fashion_test_sm
         for it in range(1, passes + 2):
             mine = [t for t in lloyd if str(t["key"]).startswith(f"('kmeans-lloyd-{it}-")]
             assert len(mine) == 2 and {t["worker"] for t in mine} == workers, it
-        # The labels come from the states the final pass left: one small task a chunk.
+        # The labels come from the states the final pass left: one task a worker.
         labels = [t for t in ts.data if str(t["key"]).startswith("('kmeans-labels-")]
-        assert len(labels) == X.numblocks[0]
+        assert len(labels) == 2 and {t["worker"] for t in labels} == workers
 
 
 def test_two_workers_with_two_threads_equal_one_thread_each(dask_cluster,

@@ -58,18 +58,22 @@ def test_fetcher_takes_rows_from_every_chunk_in_one_compute(mode):
     assert mode != "streamed" or fetch.round_bytes > mb.config.get("minibatch-round-bytes")
 
 
-def test_streamed_rounds_read_and_sample_runs_of_chunks_in_one_task(fashion_t10k, monkeypatch):
-    """On a cluster, a streamed round is one task per run of chunks that reads them
-    from the store and keeps the sampled rows (no whole chunk is a task result); the
-    rows come in the order drawn, with every chunk's statistics, and nothing is left
-    on the workers once they have come, or once a round is cancelled."""
+@pytest.mark.parametrize("by_address", [True, False], ids=["workers-read", "read-here"])
+def test_streamed_rounds_read_and_sample_runs_of_chunks(fashion_t10k, monkeypatch, by_address):
+    """A streamed round reads runs of chunks and keeps the sampled rows (no whole
+    chunk is a task result): on the workers, one task per run, for a client of the
+    scheduler's address; here, on this process's threads, beside a LocalCluster it
+    started.  Either way the rows come in the order drawn, with every chunk's
+    statistics, and nothing is left on the workers once they have come, or once a
+    round is cancelled."""
     monkeypatch.setattr(mb, "STREAM_CHUNKS_PER_TASK", 3)
     X = fashion_t10k.compute()
     rows = ChunkedRows(fashion_t10k, None, scale=1 / 255)
     rng = np.random.default_rng(0)
     idx, more = rng.integers(0, len(X), 3000), rng.integers(0, len(X), 5000)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
-                      host="127.0.0.1", dashboard_address=":0") as lc, Client(lc) as client:
+                      host="127.0.0.1", dashboard_address=":0") as lc, \
+            Client(lc.scheduler_address if by_address else lc) as client:
         fetch = mb._Fetcher(rows, "streamed")
         with get_task_stream(client) as ts:
             got, stats = fetch.first(idx)
@@ -81,8 +85,11 @@ def test_streamed_rounds_read_and_sample_runs_of_chunks_in_one_task(fashion_t10k
                                                 rel=1e-12)
         keys = [str(t["key"]) for t in ts.data]
         assert fashion_t10k.numblocks[0] > 3
-        assert len(keys) == 2 * math.ceil(fashion_t10k.numblocks[0] / 3), keys
-        assert all("kmeans-minibatch-rows" in k for k in keys), keys
+        if by_address:
+            assert len(keys) == 2 * math.ceil(fashion_t10k.numblocks[0] / 3), keys
+            assert all("kmeans-minibatch-rows" in k for k in keys), keys
+        else:
+            assert fetch.here == 2 and keys == []
         assert not lc.scheduler.tasks  # every result came here and was released
         handle = fetch.submit(rng.integers(0, len(X), 20_000))
         fetch.cancel(handle)
@@ -99,16 +106,16 @@ def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
 
 def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch):
     """One seed, one result: without a cluster, on one or two workers, with the
-    rows brought whole (read here beside a LocalCluster of this process, by
-    the workers for a client of its address), sampled from worker memory in
-    small rounds, or streamed from the store."""
+    rows brought whole or streamed from the store (read here beside a
+    LocalCluster of this process, by the workers for a client of its
+    address), or sampled from worker memory in small rounds."""
     params = dict(n_clusters=10, batch_size=512, random_state=3, max_no_improvement=None,
                   max_iter=8)
     local = MiniBatchKMeans(**params).fit(fashion_t10k)
     results = []
     for n_workers, mode, by_address in ((1, "whole", False), (2, "whole", False),
                                         (2, "whole", True), (2, "persisted", False),
-                                        (1, "streamed", False)):
+                                        (1, "streamed", False), (2, "streamed", True)):
         monkeypatch.setattr(mb._Fetcher, "mode_for", staticmethod(lambda X, mode=mode: mode))
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False,
                           protocol="tcp://", host="127.0.0.1", dashboard_address=":0") as lc, \
@@ -119,7 +126,7 @@ def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch
                 km = MiniBatchKMeans(**params).fit(fashion_t10k)
             read_by_workers = any(("_take_chunks" in str(t["key"])
                                    or "kmeans-minibatch-rows" in str(t["key"])) for t in ts.data)
-            assert read_by_workers == (mode != "whole" or by_address), (mode, by_address)
+            assert read_by_workers == (mode == "persisted" or by_address), (mode, by_address)
             results.append((km.cluster_centers_, km.inertia_, km.labels_.compute()))
     for centers, inertia, labels in results:
         np.testing.assert_array_equal(centers, local.cluster_centers_)
