@@ -15,7 +15,8 @@ How a fit is organised:
   many batches travel together;
 * one ``compute`` per round trip fetches those rows, as stored, by one task
   per worker (persisted rows) or per run of chunks (streamed rows) holding
-  some of them (each distinct row travels once); ``R`` is
+  some of them (each distinct row travels once), or reads streamed rows in
+  this process beside a LocalCluster it started; ``R`` is
   set by the ``kmeans_dask.minibatch-*`` keys (:mod:`kmeans_dask.config`):
   small rounds for persisted rows, few large ones for streamed rows, each
   of which reads the chunks it samples from;
@@ -555,6 +556,8 @@ class _Fetcher:
       waits in worker memory), in few large rounds (each reads every chunk
       it samples from); the rows come here as each task ends
       (:class:`_StreamedRound`), so the workers hold only the tasks in flight.
+      Beside a LocalCluster of this process the same runs are read here
+      instead (:class:`_LocalRound`).
 
     With a ``distributed`` client, :meth:`submit` starts the transfer and
     returns at once, so the next round's rows travel while this round's
