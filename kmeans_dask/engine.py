@@ -70,6 +70,8 @@ EXTENSION = "kmeans-dask"
 # A chunk's graph up to this size (pickled) is sent with its labels task; a
 # larger one holds the rows themselves (rows from client memory).
 SOURCE_BYTES = 64 * 1024
+# Arguments of a pass larger than this travel as one key its tasks share.
+SHARED_ARG_BYTES = 2**20
 # Chained steps the client keeps submitted ahead of the one it reads, and
 # submits at a time: enough to cover STEPS_AHEAD_SECONDS of steps (new ones
 # take tens of milliseconds to reach the workers when the client and the
@@ -1239,6 +1241,11 @@ class ClusterEngine(Engine):
         batching interval (10 ms).
         """
         fn = dask.delayed(fn, pure=False)
+        # A large array (k-means||'s candidates: megabytes at MNIST8M's size)
+        # goes into the graph once, as its own key, rather than once per task.
+        head = tuple(dask.delayed(a, name=f"{name}-arg-{i}", traverse=False)
+                     if isinstance(a, np.ndarray) and a.nbytes > SHARED_ARG_BYTES else a
+                     for i, a in enumerate(head))
         tasks = []
         for j, (addr, idx) in enumerate(self.plan):
             pin = {"workers": [addr], "allow_other_workers": True} if addr else {}

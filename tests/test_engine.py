@@ -221,6 +221,34 @@ def test_chunks_held_twice_are_shared_out_between_workers():
             eng.close()
 
 
+def test_a_large_pass_argument_is_one_key_of_the_graph(monkeypatch):
+    """An array argument of a pass above SHARED_ARG_BYTES (k-means||'s candidates at
+    MNIST8M's size are megabytes) goes into the graph once, as a key every
+    worker's task depends on, not once per task; the pass gives the same sums."""
+    from distributed import Client, LocalCluster
+
+    X = np.arange(8000 * 4, dtype=np.float64).reshape(8000, 4)
+    centers = X[[0, 4000, 7000]]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=":0") as lc, Client(lc) as client:
+        rows = ChunkedRows(da.from_array(X, chunks=(1000, 4)).persist(), None, scale=1.0)
+        eng = engine.ClusterEngine(client, rows, rows.stats(), persisted=True)
+        try:
+            want = eng.lloyd(centers)
+            monkeypatch.setattr(engine, "SHARED_ARG_BYTES", centers.nbytes - 1)
+            tasks = eng._tasks("probe", engine.worker_pass, (centers,), publish=False)
+            graph = {}
+            for t in tasks:
+                graph.update(t.__dask_graph__())
+            shared = [k for k in graph if "probe-arg-0" in str(k)]
+            assert len(tasks) == 2 and len(shared) == 1
+            assert all(shared[0] in graph[t.key].dependencies for t in tasks)
+            got = eng.lloyd(centers)
+            np.testing.assert_array_equal(got["sums"], want["sums"])
+        finally:
+            eng.close()
+
+
 def test_worker_passes_run_blas_on_one_thread(monkeypatch):
     """A worker thread stands for one core: its passes and k-means|| steps run
     inside :func:`_kernels.one_blas_thread` (what that does to BLAS is
