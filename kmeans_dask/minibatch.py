@@ -793,6 +793,10 @@ class _StreamedRound:
                         future.release()
             except BaseException as exc:  # re-raised by wait(), in the fit's thread
                 self.error = exc
+                # The error's traceback holds the failed future: let the scheduler
+                # forget the round now rather than when the error is dropped.
+                for future in self.futures:
+                    future.release()
             finally:
                 self._done.set()
 
@@ -839,16 +843,20 @@ class _LocalRound:
         self._stop = threading.Event()
 
         def read(chunks):
-            for i in chunks:
-                if self._stop.is_set():
-                    return
-                lo, hi = int(bounds[i]), int(bounds[i + 1])
-                X = load(xs[i])
-                local = uniq[lo:hi] - offsets[i]
-                np.take(X, local, axis=0, out=self.data[lo:hi], mode="clip")
-                if stats:
-                    w = None if ws is None else load(ws[i])
-                    self.stats[i] = _kernels.chunk_stats(X, w, scale=rows.scale)
+            try:
+                for i in chunks:
+                    if self._stop.is_set():
+                        return
+                    lo, hi = int(bounds[i]), int(bounds[i + 1])
+                    X = load(xs[i])
+                    local = uniq[lo:hi] - offsets[i]
+                    np.take(X, local, axis=0, out=self.data[lo:hi], mode="clip")
+                    if stats:
+                        w = None if ws is None else load(ws[i])
+                        self.stats[i] = _kernels.chunk_stats(X, w, scale=rows.scale)
+            except BaseException:
+                self._stop.set()  # the other threads need not read on
+                raise
 
         threads = max(1, min(int(threads), len(wanted)))
         # Contiguous shares: each thread reads its chunks in file order.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import dask
 import dask.array as da
@@ -94,6 +95,34 @@ def test_streamed_rounds_read_and_sample_runs_of_chunks(fashion_t10k, monkeypatc
         handle = fetch.submit(rng.integers(0, len(X), 20_000))
         fetch.cancel(handle)
         client.sync(lambda: asyncio.sleep(0.2))
+        assert not lc.scheduler.tasks
+
+
+@pytest.mark.parametrize("by_address", [True, False], ids=["workers-read", "read-here"])
+def test_a_damaged_chunk_ends_a_streamed_fit_naming_it(fashion_t10k_store, tmp_path,
+                                                        monkeypatch, by_address):
+    """A chunk whose bytes changed ends a streamed fit with the store's error, whether
+    the workers or this process read the round, and nothing is left running."""
+    import shutil
+
+    from kmeans_dask.errors import StoreError
+
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(fashion_t10k_store, path)
+    chunk = path / "test" / "images" / "c" / "2" / "0"
+    twin = (path / "test" / "images" / "c" / "1" / "0").read_bytes()
+    chunk.write_bytes(twin)  # another chunk's valid bytes: only the checksum can tell
+    monkeypatch.setattr(mb._Fetcher, "mode_for", staticmethod(lambda X: "streamed"))
+    X = store.open_data(path, "test").images
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=":0") as lc, \
+            Client(lc.scheduler_address if by_address else lc):
+        with pytest.raises(StoreError, match=r"images chunk 2 \(rows 5000.7499\): checksum "
+                                             r"mismatch"):
+            MiniBatchKMeans(10, batch_size=512, random_state=0).fit(X)
+        deadline = time.monotonic() + 5
+        while lc.scheduler.tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not lc.scheduler.tasks
 
 
