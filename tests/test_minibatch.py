@@ -126,6 +126,24 @@ def test_a_damaged_chunk_ends_a_streamed_fit_naming_it(fashion_t10k_store, tmp_p
         assert not lc.scheduler.tasks
 
 
+def test_weighted_streamed_fits_equal_the_whole_one(fashion_t10k, monkeypatch):
+    """Sample weights in a streamed fit (read here, or by the workers for a client of
+    the scheduler's address): the statistics come with the first round and the
+    centres and inertia are those of the fit with every row here."""
+    w = da.from_array(np.random.default_rng(0).integers(0, 3, fashion_t10k.shape[0])
+                      .astype(np.float64), chunks=fashion_t10k.chunks[:1])
+    params = dict(n_clusters=10, batch_size=512, random_state=0, max_iter=3)
+    ref = MiniBatchKMeans(**params).fit(fashion_t10k, sample_weight=w)
+    monkeypatch.setattr(mb._Fetcher, "mode_for", staticmethod(lambda X: "streamed"))
+    for by_address in (False, True):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                          host="127.0.0.1", dashboard_address=":0") as lc, \
+                Client(lc.scheduler_address if by_address else lc):
+            km = MiniBatchKMeans(**params).fit(fashion_t10k, sample_weight=w)
+        np.testing.assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
+        assert km.inertia_ == ref.inertia_
+
+
 def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
     X = da.zeros((1000, 10), dtype=np.uint8, chunks=(100, 10))
     assert mb._Fetcher.mode_for(X) == "whole"
