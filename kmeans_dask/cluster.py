@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import signal
+import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -456,13 +457,41 @@ def active_client():
 
 
 def local_threads(client) -> int | None:
-    """The worker threads of ``client``'s cluster when it is a LocalCluster this
-    process started (its workers share this machine's files and cores), else None."""
+    """The worker threads of ``client``'s cluster when its workers all share this
+    machine's files and cores (a LocalCluster this process started, or workers at
+    this machine's addresses), else None."""
     from distributed import LocalCluster
+    from distributed.comm import get_address_host
 
+    threads = client.nthreads()
     if not isinstance(getattr(client, "cluster", None), LocalCluster):
-        return None
-    return sum(client.nthreads().values()) or None
+        try:
+            hosts = {get_address_host(addr) for addr in threads}
+        except ValueError:  # an address of a kind that names no host
+            return None
+        if not hosts or not all(_this_machine(h) for h in hosts):
+            return None
+    return sum(threads.values()) or None
+
+
+def _this_machine(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine: a loopback address,
+    or one of its network interfaces' addresses."""
+    import ipaddress
+
+    import psutil
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.ip_address(socket.gethostbyname(host))
+        except OSError:
+            return False
+    if ip.is_loopback:
+        return True
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return str(ip) in mine
 
 
 def worker_info(client) -> dict:

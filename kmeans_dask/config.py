@@ -61,6 +61,15 @@ minibatch-stream-round-bytes : int, default 2147483648 (2 GiB)
     hold only the tasks in flight; the client holds up to two rounds (the
     one its steps use and the next).
 
+minibatch-read-here : "auto", true or false, default "auto"
+    Who reads the rows :class:`~kmeans_dask.MiniBatchKMeans` brings whole
+    or streams in rounds: the client itself (true), or the workers, which
+    send them (false).  "auto" reads in the client when its cluster's
+    workers all run on this machine (a LocalCluster it started, or
+    ``dask worker`` processes at this machine's addresses): the same files
+    and cores, without the rows' trip over TCP, which costs the client more
+    than reading them.  Elsewhere the workers read, near the data.
+
 minibatch-threads : int, default 1
     Threads a mini-batch step ranks its batch on, where uint8 rows are
     ranked by the integer kernel (the steps run in the client, while the
@@ -94,7 +103,7 @@ from __future__ import annotations
 
 import dask
 
-DEFAULTS = {"persist": "auto", "native": True, "store-codec": "lz4", "task-bytes": 32 * 2**20,
+DEFAULTS = {"persist": "auto", "native": True, "minibatch-read-here": "auto", "store-codec": "lz4", "task-bytes": 32 * 2**20,
             "block-rows": 256, "split-every": 8, "peer-workers": 4, "minibatch-round-bytes": 256 * 2**20,
             "minibatch-stream-round-bytes": 2 * 2**30, "minibatch-threads": 1}
 MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "peer-workers": 0,
@@ -140,6 +149,16 @@ def get(key: str) -> int:
         raise ValueError(f"dask config kmeans_dask.{key} must be an integer >= {MINIMUM[key]}, "
                          f"got {value!r}")
     return number
+
+
+def minibatch_read_here():
+    """``kmeans_dask.minibatch-read-here``: "auto", True or False."""
+    value = dask.config.get("kmeans_dask.minibatch-read-here", "auto")
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise ValueError(f"dask config kmeans_dask.minibatch-read-here must be 'auto', true or "
+                     f"false, got {value!r}")
 
 
 def minibatch_threads() -> int:

@@ -637,11 +637,7 @@ class _Fetcher:
                                 None if W is None else [Source(W.blocks[i])
                                                         for i in range(W.numblocks[0])])
             if self.here is None:
-                from .cluster import local_threads
-
-                threads = local_threads(self.client)
-                self.here = (threads if threads is not None
-                             and not _holds_futures(self.rows.X, self.rows.weights) else 0)
+                self.here = self.threads_here()
             if self.here:
                 # The first round has nothing to overlap with: every thread reads
                 # it.  Later ones are read while the steps run; one thread keeps
@@ -672,20 +668,36 @@ class _Fetcher:
         chunks = [i for idx, _ in order for i in idx]
         return self._compute(parts), where[inverse.ravel()], chunks
 
+    def threads_here(self) -> int:
+        """Threads this process reads the rows on, or 0 where the workers read them
+        (``kmeans_dask.minibatch-read-here``; "auto": when every worker is on this
+        machine).  Rows held on the workers are always read there."""
+        import os
+
+        from .cluster import local_threads
+
+        if self.client is None or _holds_futures(self.rows.X, self.rows.weights):
+            return 0
+        choice = config.minibatch_read_here()
+        if choice is False:
+            return 0
+        threads = local_threads(self.client)
+        if threads is None and choice is True:
+            threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else os.cpu_count())
+        return int(threads or 0)
+
     def load(self) -> dict:
         """All rows (and weights) here, in one round trip; their statistics.
 
-        With a LocalCluster of this process, the rows are read here, on as many
-        threads as it has: the same files and cores, without the rows' trip
-        from the workers' memory to this one, which costs as much as the read.
-        A graph that holds results on the workers is computed there.
+        Where :meth:`threads_here` says so, the rows are read here: the same
+        files and cores, without the rows' trip from the workers' memory to
+        this one, which costs as much as the read.
         """
-        from .cluster import local_threads
-
         parts = [self.take([x], [w], [None], stats=True, scale=self.rows.scale)
                  for x, w in zip(self.blocks, self.wblocks)]
-        threads = local_threads(self.client) if self.client is not None else None
-        if threads is not None and not _holds_futures(self.rows.X, self.rows.weights):
+        threads = self.threads_here()
+        if threads:
             self.calls += 1
             parts = dask.compute(*parts, scheduler="threads", num_workers=threads)
         else:

@@ -109,3 +109,19 @@ def test_local_workers_reuse_the_heap_for_chunk_sized_arrays(monkeypatch):
     print(f"{(after - before) / 40:.0f} minor faults per task of {pages} pages")
     assert after - before < 40 * pages // 10
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # the process's own is left as it was
+
+
+def test_local_threads_know_workers_on_this_machine():
+    """The client's own LocalCluster, and a scheduler's workers at 127.0.0.1, share
+    this machine's files and cores; an address of another machine does not."""
+    from distributed import Client, LocalCluster
+
+    assert cluster._this_machine("127.0.0.1") and cluster._this_machine("localhost")
+    assert not cluster._this_machine("192.0.2.1")  # TEST-NET-1: never assigned
+    assert not cluster._this_machine("no-such-host.invalid")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=":0") as lc:
+        with Client(lc) as client:
+            assert cluster.local_threads(client) == 2
+        with Client(lc.scheduler_address) as client:
+            assert cluster.local_threads(client) == 2

@@ -59,14 +59,20 @@ def test_fetcher_takes_rows_from_every_chunk_in_one_compute(mode):
     assert mode != "streamed" or fetch.round_bytes > mb.config.get("minibatch-round-bytes")
 
 
-@pytest.mark.parametrize("by_address", [True, False], ids=["workers-read", "read-here"])
-def test_streamed_rounds_read_and_sample_runs_of_chunks(fashion_t10k, monkeypatch, by_address):
+@pytest.mark.parametrize("by_address,read_here", [(True, False), (False, "auto"),
+                                                   (True, "auto")],
+                         ids=["workers-read", "read-here", "same-machine"])
+def test_streamed_rounds_read_and_sample_runs_of_chunks(fashion_t10k, monkeypatch, by_address,
+                                                        read_here):
     """A streamed round reads runs of chunks and keeps the sampled rows (no whole
-    chunk is a task result): on the workers, one task per run, for a client of the
-    scheduler's address; here, on this process's threads, beside a LocalCluster it
-    started.  Either way the rows come in the order drawn, with every chunk's
-    statistics, and nothing is left on the workers once they have come, or once a
-    round is cancelled."""
+    chunk is a task result): on the workers, one task per run
+    (``minibatch-read-here: false``); here, on this process's threads, where
+    every worker is on this machine ("auto": beside a LocalCluster it started,
+    or for a client of a scheduler whose workers are at 127.0.0.1).  Either way
+    the rows come in the order drawn, with every chunk's statistics, and
+    nothing is left on the workers once they have come, or once a round is
+    cancelled."""
+    monkeypatch.setitem(dask.config.config["kmeans_dask"], "minibatch-read-here", read_here)
     monkeypatch.setattr(mb, "STREAM_CHUNKS_PER_TASK", 3)
     X = fashion_t10k.compute()
     rows = ChunkedRows(fashion_t10k, None, scale=1 / 255)
@@ -86,7 +92,7 @@ def test_streamed_rounds_read_and_sample_runs_of_chunks(fashion_t10k, monkeypatc
                                                 rel=1e-12)
         keys = [str(t["key"]) for t in ts.data]
         assert fashion_t10k.numblocks[0] > 3
-        if by_address:
+        if read_here is False:
             assert len(keys) == 2 * math.ceil(fashion_t10k.numblocks[0] / 3), keys
             assert all("kmeans-minibatch-rows" in k for k in keys), keys
         else:
@@ -116,7 +122,8 @@ def test_a_damaged_chunk_ends_a_streamed_fit_naming_it(fashion_t10k_store, tmp_p
     X = store.open_data(path, "test").images
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
                       host="127.0.0.1", dashboard_address=":0") as lc, \
-            Client(lc.scheduler_address if by_address else lc):
+            Client(lc.scheduler_address if by_address else lc), \
+            dask.config.set({"kmeans_dask.minibatch-read-here": not by_address}):
         with pytest.raises(StoreError, match=r"images chunk 2 \(rows 5000.7499\): checksum "
                                              r"mismatch"):
             MiniBatchKMeans(10, batch_size=512, random_state=0).fit(X)
@@ -138,10 +145,24 @@ def test_weighted_streamed_fits_equal_the_whole_one(fashion_t10k, monkeypatch):
     for by_address in (False, True):
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
                           host="127.0.0.1", dashboard_address=":0") as lc, \
-                Client(lc.scheduler_address if by_address else lc):
+                Client(lc.scheduler_address if by_address else lc), \
+                dask.config.set({"kmeans_dask.minibatch-read-here": not by_address}):
             km = MiniBatchKMeans(**params).fit(fashion_t10k, sample_weight=w)
         np.testing.assert_array_equal(km.cluster_centers_, ref.cluster_centers_)
         assert km.inertia_ == ref.inertia_
+
+
+def test_read_here_key_and_bad_values():
+    """``minibatch-read-here`` takes "auto", true or false (YAML or environment text
+    too); anything else is an error naming the key."""
+    from kmeans_dask import config
+
+    for value, want in (("auto", "auto"), (True, True), ("false", False), ("TRUE", True)):
+        with dask.config.set({"kmeans_dask.minibatch-read-here": value}):
+            assert config.minibatch_read_here() == want
+    with dask.config.set({"kmeans_dask.minibatch-read-here": "sometimes"}), \
+            pytest.raises(ValueError, match="kmeans_dask.minibatch-read-here must be"):
+        config.minibatch_read_here()
 
 
 def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
@@ -154,8 +175,9 @@ def test_small_rows_come_whole_and_large_ones_in_rounds(monkeypatch):
 def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch):
     """One seed, one result: without a cluster, on one or two workers, with the
     rows brought whole or streamed from the store (read here beside a
-    LocalCluster of this process, by the workers for a client of its
-    address), or sampled from worker memory in small rounds."""
+    LocalCluster of this process, or by the workers with
+    ``minibatch-read-here: false``), or sampled from worker memory in small
+    rounds."""
     params = dict(n_clusters=10, batch_size=512, random_state=3, max_no_improvement=None,
                   max_iter=8)
     local = MiniBatchKMeans(**params).fit(fashion_t10k)
@@ -168,7 +190,9 @@ def test_same_seed_same_centres_on_one_and_two_workers(fashion_t10k, monkeypatch
                           protocol="tcp://", host="127.0.0.1", dashboard_address=":0") as lc, \
                 Client(lc.scheduler_address if by_address else lc) as client, \
                 dask.config.set({"kmeans_dask.minibatch-round-bytes": 2**20,
-                                 "kmeans_dask.minibatch-stream-round-bytes": 3 * 2**20}):
+                                 "kmeans_dask.minibatch-stream-round-bytes": 3 * 2**20,
+                                 "kmeans_dask.minibatch-read-here": "auto" if not by_address
+                                 else False}):
             with get_task_stream(client) as ts:
                 km = MiniBatchKMeans(**params).fit(fashion_t10k)
             read_by_workers = any(("_take_chunks" in str(t["key"])
