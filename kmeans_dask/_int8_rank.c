@@ -190,6 +190,20 @@ static inline int32_t piece(const uint8_t *x) {
     return v;
 }
 
+/* The VROWS rows of the block starting at r0 (nr of them real): where each
+ * starts, and its last, partial group of four columns zero-padded.  Rows past
+ * the end repeat the block's first; their sums are dropped. */
+static inline void block_rows(const uint8_t *X, int64_t ldx, const int64_t *rows, int64_t r0,
+                              int nr, int64_t d, int64_t nfull, int has_tail,
+                              const uint8_t **xr, uint32_t *tail) {
+    for (int i = 0; i < VROWS; i++) {
+        const int64_t src = i < nr ? (rows ? rows[r0 + i] : r0 + i) : (rows ? rows[r0] : r0);
+        xr[i] = X + src * ldx;
+        tail[i] = 0;
+        if (has_tail) memcpy(&tail[i], xr[i] + 4 * nfull, (size_t)(d - 4 * nfull));
+    }
+}
+
 /* R rows by P pairs: the sums of every column group into out (row by row,
  * then pair, then level): per group of four columns, 2 P centre vectors
  * loaded, one broadcast per row, 2 P products with it.  The sizes are
@@ -240,14 +254,8 @@ VNNI_TARGET int kd_vnni_rank(const uint8_t *X, int64_t ldx, const int64_t *rows,
     __m512i out[24] __attribute__((aligned(64)));
     for (int64_t r0 = 0; r0 < n; r0 += VROWS) {
         const int nr = (int)(n - r0 < VROWS ? n - r0 : VROWS);
-        for (int i = 0; i < VROWS; i++) {
-            /* Rows past the end repeat the block's first; their sums are dropped. */
-            const int64_t src = i < nr ? (rows ? rows[r0 + i] : r0 + i) : (rows ? rows[r0] : r0);
-            xr[i] = X + src * ldx;
-            tail[i] = 0;
-            if (has_tail) memcpy(&tail[i], xr[i] + 4 * nfull, (size_t)(d - 4 * nfull));
-            state[i] = lanes_start();
-        }
+        block_rows(X, ldx, rows, r0, nr, d, nfull, has_tail, xr, tail);
+        for (int i = 0; i < VROWS; i++) state[i] = lanes_start();
         for (int64_t p = 0; p < np_;) {
             /* Two pairs of centres at a time on 6 rows; a last odd pair on 12. */
             const int P = np_ - p >= 2 ? 2 : 1, R = 12 / P;
@@ -349,12 +357,7 @@ VNNI_TARGET int kd_vnni_rank1(const uint8_t *X, int64_t ldx, const int64_t *rows
     __m512i out[24] __attribute__((aligned(64)));
     for (int64_t r0 = 0; r0 < n; r0 += VROWS) {
         const int nr = (int)(n - r0 < VROWS ? n - r0 : VROWS);
-        for (int i = 0; i < VROWS; i++) {
-            const int64_t src = i < nr ? (rows ? rows[r0 + i] : r0 + i) : (rows ? rows[r0] : r0);
-            xr[i] = X + src * ldx;
-            tail[i] = 0;
-            if (has_tail) memcpy(&tail[i], xr[i] + 4 * nfull, (size_t)(d - 4 * nfull));
-        }
+        block_rows(X, ldx, rows, r0, nr, d, nfull, has_tail, xr, tail);
         /* The first level's sums of the block's rows against every centre. */
         for (int64_t p = 0; p < np_;) {
             const int P = np_ - p >= 4 ? 4 : (np_ - p >= 2 ? 2 : 1), R = 24 / P;

@@ -423,7 +423,8 @@ def _native_labels(X, centers, scale, xsq, labels, work, rows=None, prep=None, t
     """Labels of uint8 rows by the integer ranking (:mod:`kmeans_dask._native`).
 
     ``prep``: the centres as :func:`_native_prepared` makes them (made here
-    if not given).  ``threads``: for :func:`kmeans_dask._native.rank`.  ``rows``: the rows to label (an index array; ``labels`` and ``xsq`` are
+    if not given).  ``threads``: for :func:`kmeans_dask._native.rank`.
+    ``rows``: the rows to label (an index array; ``labels`` and ``xsq`` are
     then theirs), or None for all.  Rows whose two best ranked values are
     within ``2 E`` of each other are settled by the exact comparison
     :class:`_Nearest` uses too (:func:`_exact_nearest`), so the labels are the

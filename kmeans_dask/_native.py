@@ -44,6 +44,8 @@ from pathlib import Path
 import dask
 import numpy as np
 
+from ._pools import shared_pool
+
 _SOURCE = Path(__file__).with_name("_int8_rank.c")
 # No CPU-specific flags: each kernel carries its instruction set as a target
 # attribute, so one build loads anywhere and only what the CPU has is called.
@@ -251,22 +253,21 @@ class Prepared:
     def row_error(self, xsq: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``E`` per row: a bound on the error of each of the row's ranked values
         (into ``out`` when given: it runs over every row of a chunk each pass)."""
+        return self._error(xsq, self.emax, out)
+
+    def first_level_error(self, xsq: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Like :meth:`row_error`, for the values of the first level alone
+        (``csq + ch (x.h)``), which the one-level ranking rules centres out with."""
+        return self._error(xsq, self.emax1, out)
+
+    def _error(self, xsq, emax: float, out):
         # The quantisation (with margin), 2 |x| emax, and the float32 rounding
         # of the coefficients, the products converted and the two fused adds:
         # a few units of roundoff of the largest magnitude the terms reach,
         # 6 u (cmax2 + 2 |x| levels).
         xn = np.multiply(xsq, 1 + 1e-9, out=out)
         np.sqrt(xn, out=xn)
-        xn *= 2.0 * self.emax * 1.01 + 12 * _U32 * self.levels
-        xn += 6 * _U32 * self.cmax2 + 1e-30
-        return xn
-
-    def first_level_error(self, xsq: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Like :meth:`row_error`, for the values of the first level alone
-        (``csq + ch (x.h)``), which the one-level ranking rules centres out with."""
-        xn = np.multiply(xsq, 1 + 1e-9, out=out)
-        np.sqrt(xn, out=xn)
-        xn *= 2.0 * self.emax1 * 1.01 + 12 * _U32 * self.levels
+        xn *= 2.0 * emax * 1.01 + 12 * _U32 * self.levels
         xn += 6 * _U32 * self.cmax2 + 1e-30
         return xn
 
@@ -336,7 +337,7 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
         codes = [part(0, n)] if n else []
     else:
         cuts = [n * i // parts for i in range(parts + 1)]
-        codes = list(_pool(parts).map(part, cuts[:-1], cuts[1:]))
+        codes = list(shared_pool("kd-rank", parts).map(part, cuts[:-1], cuts[1:]))
     bad = [c for c in codes if c != 0]
     if bad:
         raise RuntimeError(f"the {lib.kernel} ranking failed (code {bad[0]})")
@@ -344,17 +345,3 @@ def rank(X: np.ndarray, rows, prep: Prepared, *, g: np.ndarray | None = None,
 
 
 _MIN_ROWS_PER_THREAD = 256
-
-
-def _pool(threads: int):
-    """A thread pool of at least ``threads`` threads, made once per process."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _lock:
-        pool, size = _state.get("pool", (None, 0))
-        if size < threads:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="kd-rank")
-            _state["pool"] = (pool, threads)
-        return pool

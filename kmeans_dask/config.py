@@ -113,14 +113,19 @@ MINIMUM = {"task-bytes": 1, "block-rows": 1, "split-every": 2, "peer-workers": 0
 dask.config.update_defaults({"kmeans_dask": dict(DEFAULTS)})
 
 
-def persist():
-    """``kmeans_dask.persist``: "auto", True or False (also from YAML or environment text)."""
-    value = dask.config.get("kmeans_dask.persist", "auto")
+def _auto_or_bool(key: str):
+    """``kmeans_dask.<key>``: "auto", True or False (also from YAML or environment text)."""
+    value = dask.config.get(f"kmeans_dask.{key}", "auto")
     text = str(value).strip().lower()
     if text in ("auto", "true", "false"):
         return "auto" if text == "auto" else text == "true"
-    raise ValueError(f"dask config kmeans_dask.persist must be 'auto', true or false, "
+    raise ValueError(f"dask config kmeans_dask.{key} must be 'auto', true or false, "
                      f"got {value!r}")
+
+
+def persist():
+    """``kmeans_dask.persist``: "auto", True or False."""
+    return _auto_or_bool("persist")
 
 
 CODECS = ("lz4", "zstd")
@@ -153,19 +158,18 @@ def get(key: str) -> int:
 
 def minibatch_read_here():
     """``kmeans_dask.minibatch-read-here``: "auto", True or False."""
-    value = dask.config.get("kmeans_dask.minibatch-read-here", "auto")
-    text = str(value).strip().lower()
-    if text in ("auto", "true", "false"):
-        return "auto" if text == "auto" else text == "true"
-    raise ValueError(f"dask config kmeans_dask.minibatch-read-here must be 'auto', true or "
-                     f"false, got {value!r}")
+    return _auto_or_bool("minibatch-read-here")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(n or 1))
 
 
 def minibatch_threads() -> int:
-    """``kmeans_dask.minibatch-threads``, 0 resolved to the cores this process may use."""
-    import os
-
+    """``kmeans_dask.minibatch-threads``, 0 resolved to :func:`usable_cores`."""
     n = get("minibatch-threads")
-    if n == 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, int(n or 1))
+    return usable_cores() if n == 0 else n

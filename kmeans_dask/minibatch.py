@@ -51,6 +51,7 @@ from . import _jit, _kernels, config
 from ._base import BaseKMeans
 from ._params import ARRAY, BOOLEAN, CALLABLE, NONE, RANDOM_STATE, VERBOSE, Number, Options
 from ._passes import ChunkedRows, task, total_stats
+from ._pools import shared_pool
 from .engine import Engine, LocalEngine, Source, load
 from .init import INITS
 from .kmeans import KMeans, _check_stats, _memory_budget, _persist
@@ -642,8 +643,9 @@ class _Fetcher:
                 # The first round has nothing to overlap with: every thread reads
                 # it.  Later ones are read while the steps run; one thread keeps
                 # up with them and leaves the steps a core.
-                round_ = _LocalRound(_read_pool(self.here), self.rows, self.sources, uniq,
-                                     bounds, stats, threads=self.here if stats else 1)
+                round_ = _LocalRound(shared_pool("kmeans-dask-read", self.here), self.rows,
+                                     self.sources, uniq, bounds, stats,
+                                     threads=self.here if stats else 1)
             else:
                 round_ = _StreamedRound(self.client, self.rows, self.sources, uniq, bounds,
                                         stats)
@@ -672,8 +674,6 @@ class _Fetcher:
         """Threads this process reads the rows on, or 0 where the workers read them
         (``kmeans_dask.minibatch-read-here``; "auto": when every worker is on this
         machine).  Rows held on the workers are always read there."""
-        import os
-
         from .cluster import local_threads
 
         if self.client is None or _holds_futures(self.rows.X, self.rows.weights):
@@ -683,8 +683,7 @@ class _Fetcher:
             return 0
         threads = local_threads(self.client)
         if threads is None and choice is True:
-            threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                       else os.cpu_count())
+            threads = config.usable_cores()
         return int(threads or 0)
 
     def load(self) -> dict:
@@ -712,7 +711,7 @@ class _Fetcher:
         if self.local is not None:
             return _Round(self.local, indices), None
         parts, positions, chunks = self._submit(indices, stats=True)
-        if isinstance(parts, (_StreamedRound, _LocalRound)):
+        if isinstance(parts, _ROUNDS):
             data, per_chunk = parts.wait()
             return _Round(data, positions), total_stats(per_chunk)
         parts = self._gather(parts)
@@ -730,14 +729,14 @@ class _Fetcher:
         parts, positions = handle
         if parts is None:
             return _Round(self.local, positions)
-        if isinstance(parts, (_StreamedRound, _LocalRound)):
+        if isinstance(parts, _ROUNDS):
             return _Round(parts.wait()[0], positions)
         return _Round(np.concatenate([p["rows"] for p in self._gather(parts)]), positions)
 
     def cancel(self, handle) -> None:
         if handle is None or handle[0] is None or self.client is None:
             return
-        if isinstance(handle[0], (_StreamedRound, _LocalRound)):
+        if isinstance(handle[0], _ROUNDS):
             handle[0].cancel()
         else:
             self.client.cancel(handle[0])
@@ -783,7 +782,8 @@ class _StreamedRound:
             locals_ = [(uniq[bounds[i]:bounds[i + 1]] - offsets[i]).astype(np.int32) for i in run]
             futures.append(client.submit(
                 _take_sources, [xs[i] for i in run], None if ws is None else [ws[i] for i in run],
-                locals_, stats=stats, scale=rows.scale, key=(name, j), pure=False))
+                locals_, stats=stats, scale=rows.scale, width=rows.d, dtype=rows.X.dtype,
+                key=(name, j), pure=False))
             self._slot[(name, j)] = run
         self.data = np.empty((len(uniq), rows.d), dtype=rows.X.dtype)
         self.stats: dict = {}
@@ -860,12 +860,11 @@ class _LocalRound:
                     if self._stop.is_set():
                         return
                     lo, hi = int(bounds[i]), int(bounds[i + 1])
-                    X = load(xs[i])
-                    local = uniq[lo:hi] - offsets[i]
-                    np.take(X, local, axis=0, out=self.data[lo:hi], mode="clip")
+                    st = _read_sampled(xs[i], None if ws is None else ws[i],
+                                       uniq[lo:hi] - offsets[i], self.data[lo:hi],
+                                       stats=stats, scale=rows.scale)
                     if stats:
-                        w = None if ws is None else load(ws[i])
-                        self.stats[i] = _kernels.chunk_stats(X, w, scale=rows.scale)
+                        self.stats[i] = st
             except BaseException:
                 self._stop.set()  # the other threads need not read on
                 raise
@@ -885,47 +884,39 @@ class _LocalRound:
         self._wait_all(self.futures)
 
 
-def _read_pool(threads: int):
-    """A thread pool of at least ``threads`` threads for :class:`_LocalRound`, made
-    once per process."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _POOL_LOCK:
-        pool, size = _POOL.get("pool", (None, 0))
-        if size < threads:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="kmeans-dask-read")
-            _POOL["pool"] = (pool, threads)
-        return pool
+# What a streamed round's handle is, read on the workers or here.
+_ROUNDS = (_StreamedRound, _LocalRound)
 
 
-_POOL: dict = {}
-_POOL_LOCK = threading.Lock()
+def _read_sampled(src, wsrc, local: np.ndarray, out: np.ndarray, *, stats: bool,
+                  scale: float):
+    """Read one chunk (a :class:`kmeans_dask.engine.Source` or an array) and put its
+    rows at ``local`` into ``out``; with ``stats``, return the chunk's
+    :func:`_kernels.chunk_stats` (``wsrc``: its weights) while it is in memory."""
+    X = load(src)
+    # mode="clip": with "raise", NumPy buffers the output instead of writing to it.
+    np.take(X, local, axis=0, out=out, mode="clip")
+    if stats:
+        return _kernels.chunk_stats(X, None if wsrc is None else load(wsrc), scale=scale)
+    return None
 
 
-def _take_sources(xs: list, ws, locals_: list, *, stats: bool, scale: float) -> dict:
-    """A task: the rows at ``locals_[j]`` of chunk ``xs[j]`` (a
-    :class:`kmeans_dask.engine.Source`, read here and dropped before the next),
-    one chunk after another, into one array; with ``stats``, each chunk's
-    :func:`_kernels.chunk_stats` while it is in memory."""
-    out = {"rows": None, "stats": []}
-    rows = None
+def _take_sources(xs: list, ws, locals_: list, *, stats: bool, scale: float, width: int,
+                  dtype) -> dict:
+    """A task: the rows at ``locals_[j]`` of chunk ``xs[j]`` (read here and dropped
+    before the next, :func:`_read_sampled`), one chunk after another, into one
+    array of rows of ``width`` values; with ``stats``, each chunk's statistics."""
+    rows = np.empty((sum(len(v) for v in locals_), width), dtype=dtype)
+    out = {"rows": rows, "stats": []}
     at = 0
     for j, (src, local) in enumerate(zip(xs, locals_)):
         if not stats and len(local) == 0:
             continue
-        X = load(src)
-        if rows is None:
-            rows = np.empty((sum(len(v) for v in locals_),) + X.shape[1:], dtype=X.dtype)
-        # mode="clip": with "raise", NumPy buffers the output instead of writing to it.
-        np.take(X, local, axis=0, out=rows[at:at + len(local)], mode="clip")
+        st = _read_sampled(src, None if ws is None else ws[j], local, rows[at:at + len(local)],
+                           stats=stats, scale=scale)
         at += len(local)
         if stats:
-            w = None if ws is None else load(ws[j])
-            out["stats"].append(_kernels.chunk_stats(X, w, scale=scale))
-        del X
-    out["rows"] = rows
+            out["stats"].append(st)
     return out
 
 
